@@ -1,0 +1,13 @@
+"""Samplers and their gradients, in plain torch: every sampler takes an eps(x, t) callable."""
+from .backprop import BACKPROPS, SAMPLERS, ReversibleDriftWarning, check_sampler, sample
+from .ddim import ddim_step, sample_ddim
+from .denoiser import Denoiser
+from .edict import Inversion, edict_invert, edict_step, edict_step_inverse, relative_error, sample_edict
+from .one_step import OneStepGuidance
+from .schedule import Schedule
+
+__all__ = [
+    "BACKPROPS", "SAMPLERS", "Denoiser", "Inversion", "OneStepGuidance", "ReversibleDriftWarning", "Schedule",
+    "check_sampler", "ddim_step", "edict_invert", "edict_step", "edict_step_inverse", "relative_error",
+    "sample", "sample_ddim", "sample_edict",
+]

@@ -1,0 +1,226 @@
+"""d(loss)/d(x_T) through a whole sampling chain, three interchangeable ways.
+
+``autograd``    plain autograd through every step: the reference; memory grows with the steps.
+``checkpoint``  keep each step's input latents only, recompute the step's UNet calls with grad in
+                backward: exact in any precision, memory one latent (pair) per step.
+``reversible``  EDICT only: keep nothing per step; rebuild each step's inputs by the exact inverse,
+                fused with the recomputation (2 forwards-with-graph + 2 VJPs per step). The rebuilt x_T
+                is compared with the true one and, past ``drift_tolerance``, the gradient is recomputed
+                with ``checkpoint``: never a silently wrong gradient.
+
+Gradients flow to the latents only; the denoiser's weights are frozen.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .ddim import ddim_step, sample_ddim
+from .edict import check_mix_weight, edict_step, relative_error, sample_edict
+from .schedule import Schedule
+
+Eps = Callable[[Tensor, int], Tensor]
+SAMPLERS = ("ddim", "edict")
+BACKPROPS = ("autograd", "checkpoint", "reversible")
+
+
+class ReversibleDriftWarning(UserWarning):
+    """The exact inverse drifted (low precision or an ill-conditioned model); the gradient was recomputed."""
+
+
+def check_sampler(sampler: str, backprop: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if backprop not in BACKPROPS:
+        raise ValueError(f"unknown backprop {backprop!r}; choose one of {', '.join(BACKPROPS)}")
+    if backprop == "reversible" and sampler != "edict":
+        raise ValueError("backprop 'reversible' needs sampler 'edict' (DDIM is not exactly invertible); "
+                         "use 'checkpoint' or 'autograd' with 'ddim'")
+
+
+def sample(
+    eps: Eps,
+    x: Tensor,
+    schedule: Schedule,
+    *,
+    sampler: str = "ddim",
+    backprop: str = "checkpoint",
+    y: Tensor | None = None,
+    mix_weight: float = 0.93,
+    drift_tolerance: float = 1e-3,
+    info: dict | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Run ``sampler`` from x_T (and y_T for EDICT; default y_T = x_T) with a differentiable chain.
+
+    Returns x_0 for ``ddim`` and (x_0, y_0) for ``edict``. ``info`` (a dict) receives
+    ``reversible_drift`` and ``reversible_fallback`` once backward has run.
+    """
+    check_sampler(sampler, backprop)
+    if sampler == "ddim":
+        if backprop == "autograd":
+            return sample_ddim(eps, x, schedule)
+        return _DDIMCheckpoint.apply(x, eps, schedule)
+    p = check_mix_weight(mix_weight)
+    y = x if y is None else y
+    if backprop == "autograd":
+        return sample_edict(eps, x, y, schedule, p)
+    if backprop == "checkpoint":
+        return _EDICTCheckpoint.apply(x, y, eps, schedule, p)
+    return _EDICTReversible.apply(x, y, eps, schedule, p, float(drift_tolerance), info)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _power_of_two_scale(*grads: Tensor) -> float:
+    # The VJP is linear in its cotangent: bringing it to O(1) by a power of two (exact in any float
+    # format) keeps half-precision UNet backward passes from underflowing on tiny loss gradients.
+    m = max(float(g.detach().abs().max()) for g in grads)
+    return 2.0 ** round(math.log2(m)) if m > 0 and math.isfinite(m) else 1.0
+
+
+def _vjp(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    s = _power_of_two_scale(*cotangents)
+    grads = torch.autograd.grad(outputs, inputs, tuple(c / s for c in cotangents), allow_unused=True)
+    return tuple(torch.zeros_like(i) if g is None else g * s for g, i in zip(grads, inputs))
+
+
+def _edict_checkpoint_backward(eps, schedule, p, xs, ys, gx, gy):
+    for i in reversed(range(len(schedule))):
+        xi, yi = xs[i].detach().requires_grad_(), ys[i].detach().requires_grad_()
+        with torch.enable_grad():
+            u, v = edict_step(eps, xi, yi, schedule, i, p)
+        gx, gy = _vjp((u, v), (xi, yi), (gx, gy))
+    return gx, gy
+
+
+@torch.no_grad()
+def _edict_trajectory(eps, schedule, p, x, y):
+    xs, ys = [x], [y]
+    for i in range(len(schedule)):
+        x, y = edict_step(eps, x, y, schedule, i, p)
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+# -- the three chains as autograd Functions --------------------------------------------------------
+
+class _DDIMCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps, schedule):
+        xs = [x]
+        for i in range(len(schedule)):
+            xs.append(ddim_step(eps, xs[-1], schedule, i))
+        ctx.save_for_backward(*xs[:-1])  # one latent per step: the whole memory cost
+        ctx.eps, ctx.schedule, ctx.autocast = eps, schedule, _autocast_state(x.device.type)
+        return xs[-1]
+
+    @staticmethod
+    def backward(ctx, g):
+        xs = ctx.saved_tensors
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            for i in reversed(range(len(ctx.schedule))):
+                xi = xs[i].detach().requires_grad_()
+                with torch.enable_grad():
+                    out = ddim_step(ctx.eps, xi, ctx.schedule, i)
+                (g,) = _vjp((out,), (xi,), (g,))
+        return g, None, None
+
+
+class _EDICTCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, eps, schedule, p):
+        xs, ys = _edict_trajectory(eps, schedule, p, x, y)
+        n = len(schedule)
+        ctx.save_for_backward(*xs[:n], *ys[:n])
+        ctx.eps, ctx.schedule, ctx.p, ctx.autocast = eps, schedule, p, _autocast_state(x.device.type)
+        return xs[-1], ys[-1]
+
+    @staticmethod
+    def backward(ctx, gx, gy):
+        saved, n = ctx.saved_tensors, len(ctx.schedule)
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            gx, gy = _edict_checkpoint_backward(ctx.eps, ctx.schedule, ctx.p, saved[:n], saved[n:], gx, gy)
+        return gx, gy, None, None, None
+
+
+class _EDICTReversible(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, eps, schedule, p, drift_tolerance, info):
+        x0, y0 = sample_edict(eps, x, y, schedule, p)
+        # the true x_T is kept only to measure the drift of the rebuilt one: constant in steps
+        ctx.save_for_backward(x, y, x0, y0)
+        ctx.eps, ctx.schedule, ctx.p = eps, schedule, p
+        ctx.tol, ctx.info, ctx.autocast = drift_tolerance, info, _autocast_state(x.device.type)
+        return x0, y0
+
+    @staticmethod
+    def backward(ctx, gx, gy):
+        x_T, y_T, x, y = ctx.saved_tensors
+        eps, schedule, p = ctx.eps, ctx.schedule, ctx.p
+        device_type, enabled, dtype = ctx.autocast
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            gx0, gy0 = gx, gy
+            for i in reversed(range(len(schedule))):
+                x, y, gx, gy = _edict_reversible_step_backward(eps, schedule, i, p, x, y, gx, gy)
+            drift = max(relative_error(x, x_T), relative_error(y, y_T))
+            fallback = not drift <= ctx.tol  # a NaN drift falls back too
+            if fallback:
+                warnings.warn(
+                    f"EDICT reversible backward: rebuilt x_T drifted by {drift:.3g} (relative) > "
+                    f"drift_tolerance={ctx.tol:g}; recomputing this gradient with 'checkpoint'. "
+                    "Use backprop='checkpoint' (exact) for this model/precision.",
+                    ReversibleDriftWarning,
+                    stacklevel=2,
+                )
+                xs, ys = _edict_trajectory(eps, schedule, p, x_T, y_T)
+                gx, gy = _edict_checkpoint_backward(eps, schedule, p, xs, ys, gx0, gy0)
+        if ctx.info is not None:
+            ctx.info["reversible_drift"] = drift
+            ctx.info["reversible_fallback"] = fallback
+        return gx, gy, None, None, None, None, None
+
+
+def _edict_reversible_step_backward(eps, schedule, i, p, x, y, gx, gy):
+    """Rebuild step i's inputs from its outputs and carry the cotangents back, in one sweep.
+
+    Each UNet call that inverts a half-step is the one whose graph that half-step's VJP needs, so
+    the step costs exactly 2 forwards-with-graph and 2 VJPs.
+    """
+    a, b = schedule.ddim_coefficients(i)
+    t = schedule.timesteps[i]
+    # work in the step's frame: u went first, v second (leapfrog)
+    u2, v2 = (x, y) if i % 2 == 0 else (y, x)
+    gu2, gv2 = (gx, gy) if i % 2 == 0 else (gy, gx)
+    # 3'. mixing layer u2 = p u1 + (1-p) v1 ; v2 = p v1 + (1-p) u2: invert it and carry its cotangents
+    v1 = (v2 - (1 - p) * u2) / p
+    u1 = (u2 - (1 - p) * v1) / p
+    gu2 = gu2 + (1 - p) * gv2
+    gv1 = p * gv2 + (1 - p) * gu2
+    gu1 = p * gu2
+    # 2'. v1 = a v + b eps(u1): the UNet call at u1 rebuilds v and gives the VJP for u1
+    u1 = u1.detach().requires_grad_()
+    with torch.enable_grad():
+        e = eps(u1, t)
+    v = (v1 - b * e.detach()) / a
+    gu1 = gu1 + b * _vjp((e,), (u1,), (gv1,))[0]
+    gv = a * gv1
+    # 1'. u1 = a u + b eps(v): the UNet call at v rebuilds u and gives the VJP for v
+    v = v.detach().requires_grad_()
+    with torch.enable_grad():
+        e = eps(v, t)
+    u = (u1.detach() - b * e.detach()) / a
+    gv = gv + b * _vjp((e,), (v,), (gu1,))[0]
+    gu = a * gu1
+    u, v = u.detach(), v.detach()
+    return (u, v, gu, gv) if i % 2 == 0 else (v, u, gv, gu)

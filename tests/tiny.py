@@ -1,0 +1,48 @@
+"""Tiny diffusion models built from configs: random weights, no download."""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel
+
+CROSS_DIM = 16
+
+
+def tiny_unet(dtype=torch.float32, seed: int = 0, sample_size: int = 8) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def tiny_unconditional_unet(dtype=torch.float32, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=4,
+    )
+    return unet.to(dtype).eval().requires_grad_(False)
+
+
+def sd_scheduler(**kw) -> DDIMScheduler:
+    """The SD-1.x noise schedule (scaled linear betas, leading spacing, offset 1)."""
+    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+               set_alpha_to_one=False, steps_offset=1)
+    cfg.update(kw)
+    return DDIMScheduler(**cfg)
