@@ -46,3 +46,24 @@ def sd_scheduler(**kw) -> DDIMScheduler:
                set_alpha_to_one=False, steps_offset=1)
     cfg.update(kw)
     return DDIMScheduler(**cfg)
+
+
+def save_tiny_pipeline(path, seed: int = 0, prediction_type: str = "epsilon") -> str:
+    """A tiny random Stable-Diffusion-layout pipeline saved with save_pretrained (loaded back like SD-1.5)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from doodl_lightning.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=CROSS_DIM, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=49408, max_position_embeddings=77))
+    unet = tiny_unet(seed=seed)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_clip_tokenizer(), unet=unet,
+                                   scheduler=sd_scheduler(prediction_type=prediction_type), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,81 @@
+"""results.jsonl: one line per item, rewritten atomically as the run goes."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from lightning.pytorch import Callback
+
+from doodl_lightning.io import atomic_write_text, check_writable, save_png
+
+from ._dist import gather_objects, output_dir
+
+
+class ResultsWriter(Callback):
+    """Per item: prompt, seed, rank, steps run, initial / final / best total loss and per-guidance
+    terms, and the paths of its final and best images. The best iteration is kept (as ReNO does).
+
+    Every ``every_n_steps`` steps and at the end, each rank writes its items' improved best images
+    and rank 0 rewrites ``results.jsonl`` atomically, so a killed run leaves complete lines and
+    complete images only.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_steps: int = 1):
+        self.dirpath, self.every_n_steps = dirpath, every_n_steps
+        self.records: dict[int, dict] = {}  # local items, by global index
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.dir = check_writable(output_dir(trainer, self.dirpath))
+
+    def _terms(self, ev, j: int) -> dict:
+        return {k: float(v[j]) for k, v in ev.terms.items()}
+
+    def _image_path(self, item, kind: str) -> str:
+        return str(self.dir / "images" / f"item{item.index:03d}_{kind}.png")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        ev, step = pl_module.last, trainer.global_step - 1  # the evaluation happened before this step's update
+        for j, item in enumerate(pl_module.local_items):
+            total = float(ev.total[j])
+            rec = self.records.get(item.index)
+            if rec is None:
+                rec = self.records[item.index] = {
+                    **item.to_dict(), "rank": trainer.global_rank, "initial_loss": total,
+                    "initial_terms": self._terms(ev, j), "best_loss": float("inf"),
+                }
+            if bool(pl_module.stepped[j]) or rec.get("steps") is None:
+                rec["steps"] = step + 1
+            if total < rec["best_loss"]:
+                rec.update(best_loss=total, best_terms=self._terms(ev, j), best_step=step,
+                           best_image=self._image_path(item, "best"))
+                save_png(rec["best_image"], ev.images[j])
+        if step % self.every_n_steps == 0:
+            self._write(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self.records:
+            return
+        ev = pl_module.final_evaluation()
+        for j, item in enumerate(pl_module.local_items):
+            rec = self.records[item.index]
+            total = float(ev.total[j])
+            rec.update(final_loss=total, final_terms=self._terms(ev, j), final_image=self._image_path(item, "final"))
+            save_png(rec["final_image"], ev.images[j])
+            if total < rec["best_loss"]:  # the final latents are an iteration too
+                rec.update(best_loss=total, best_terms=self._terms(ev, j), best_step=rec["steps"],
+                           best_image=self._image_path(item, "best"))
+                save_png(rec["best_image"], ev.images[j])
+        self._write(trainer)
+
+    def _write(self, trainer) -> None:
+        records = [r for part in gather_objects(list(self.records.values())) for r in part]
+        if trainer.global_rank == 0:
+            lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: r["index"])]
+            atomic_write_text(os.path.join(self.dir, "results.jsonl"), "\n".join(lines) + "\n")
+
+    def state_dict(self) -> dict:
+        return {"records": self.records}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = {int(k): v for k, v in state_dict["records"].items()}

@@ -1,0 +1,135 @@
+"""The frozen text-to-image model: UNet, VAE, text encoder, tokenizer and noise schedule."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .objective import decode_latents
+from .sampling import Denoiser
+
+PRECISION_DTYPES = {
+    "32": torch.float32, "32-true": torch.float32, "64": torch.float64, "64-true": torch.float64,
+    "16": torch.float16, "16-mixed": torch.float16, "16-true": torch.float16, "transformer-engine-float16": torch.float16,
+    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+}
+
+
+def precision_dtype(precision) -> torch.dtype:
+    """The dtype frozen weights are kept in under a Lightning ``precision`` setting."""
+    key = str(precision)
+    if key not in PRECISION_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[key]
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def _load_pipeline(model: str, config: str | None, local_files_only: bool | None):
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(os.path.expanduser(model))
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
+            raise ValueError(f"{model}: a single-file checkpoint must be .safetensors or .ckpt")
+        # the original-format file holds weights only; the pipeline layout comes from a local
+        # diffusers config directory (e.g. a copy of the model's repo without its weights)
+        if config is None:
+            raise ValueError(f"{model} is a single file: also give model_config, a local diffusers directory "
+                             "with the model's configs (model_index.json, unet/config.json, ...)")
+        return StableDiffusionPipeline.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(f"{model} is a directory without model_index.json: "
+                                     "give a diffusers Stable-Diffusion-layout directory (save_pretrained output)")
+        return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelNotFoundError(f"model {model!r} not found: no such file or directory (and not a hub id 'org/name')")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only
+    try:
+        return StableDiffusionPipeline.from_pretrained(model, local_files_only=offline, **kwargs)
+    except (OSError, ValueError) as e:  # hub unreachable or not in the local cache
+        raise ModelNotFoundError(
+            f"could not load hub model {model!r} ({type(e).__name__}); on a machine with internet run "
+            f"`huggingface-cli download {model} --local-dir DIR` and pass model: DIR"
+        ) from None
+
+
+class Backbone(nn.Module):
+    """A frozen Stable-Diffusion-layout model (SD-1.x, SD-2.x, or the shapes world) in one dtype."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def load(cls, model: str, *, model_config: str | None = None, local_files_only: bool | None = None,
+             dtype: torch.dtype = torch.float32, vae_checkpointing: bool = False) -> "Backbone":
+        """Load by hub id, local diffusers directory, or one .safetensors/.ckpt file (+ ``model_config``)."""
+        pipe = _load_pipeline(model, model_config, local_files_only)
+        bb = cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler).to(dtype)
+        try:  # scaled-dot-product attention, the fast and memory-lean kernel
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            bb.unet.set_attn_processor(AttnProcessor2_0())
+            bb.vae.set_attn_processor(AttnProcessor2_0())
+        except Exception:  # noqa: BLE001 - older/newer diffusers already default to SDPA
+            pass
+        if vae_checkpointing:
+            bb.vae.enable_gradient_checkpointing()
+        return bb
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: dropout and friends stay off
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, resolution: int | None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents for a square image of ``resolution`` pixels (default: the model's)."""
+        f = self.vae_scale_factor
+        res = resolution or self.unet.config.sample_size * f
+        if res <= 0 or res % f:
+            raise ValueError(f"resolution {res} is not a positive multiple of the VAE factor {f}: use e.g. {max(f, res // f * f)}")
+        depth = len(self.unet.config.block_out_channels) - 1
+        if (res // f) % (2**depth):
+            raise ValueError(f"resolution {res} gives {res // f}-pixel latents, which the UNet's {depth} "
+                             f"down-samplings cannot halve evenly: use a multiple of {f * 2**depth}")
+        return self.unet.config.in_channels, res // f, res // f
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text-encoder hidden states (N, L, D) for a list of prompts ("" = the null prompt)."""
+        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        ids = tok.input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0]
+
+    def denoiser(self, cond: Tensor, uncond: Tensor, guidance_scale: float) -> Denoiser:
+        return Denoiser(self.unet, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                        prediction_type=self.scheduler.config.get("prediction_type", "epsilon"),
+                        alphas_cumprod=self.scheduler.alphas_cumprod)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return decode_latents(self.vae, latents)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """VAE-encode images in [-1, 1] to float32 latents (the posterior mean, as EDICT editing does)."""
+        cfg = self.vae.config
+        z = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist.mean.float()
+        if getattr(cfg, "shift_factor", None):
+            z = z - cfg.shift_factor
+        return z * cfg.scaling_factor

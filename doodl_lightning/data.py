@@ -1,0 +1,77 @@
+"""Items — (prompt, seed) pairs — from YAML lists or a prompt file, and their split over ranks."""
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int   # position in the full item list: stable across ranks and restarts
+    prompt: str
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts from a .txt (one per line, '#' comments) or a .csv with a ``prompt`` column."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist: give a .txt (one prompt per line) or .csv with a 'prompt' column")
+    if p.suffix.lower() == ".csv":
+        with p.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "prompt" not in reader.fieldnames:
+                raise ValueError(f"{path}: a CSV prompt file needs a 'prompt' column (found {reader.fieldnames})")
+            prompts = [row["prompt"].strip() for row in reader]
+    else:
+        lines = p.read_text(encoding="utf-8").splitlines()
+        prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    prompts = [q for q in prompts if q]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def make_items(prompts: list[str] | None, seeds: list[int], prompt_file: str | None = None) -> list[Item]:
+    """Every prompt with every seed, prompt-major: [(p0, s0), (p0, s1), ..., (p1, s0), ...]."""
+    if prompts and prompt_file:
+        raise ValueError("give prompts or prompt_file, not both")
+    prompts = read_prompt_file(prompt_file) if prompt_file else list(prompts or [])
+    if not prompts:
+        raise ValueError("the prompt list is empty: give model.prompts: [...] or model.prompt_file")
+    if not all(isinstance(q, str) for q in prompts):
+        raise ValueError("prompts must be strings")
+    if not seeds:
+        raise ValueError("the seed list is empty: give model.seeds: [0, 1, ...]")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0 or s >= 2**63:
+            raise ValueError(f"seeds must be non-negative integers, got {s!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"duplicate seeds in {list(seeds)}")
+    return [Item(i, q, s) for i, (q, s) in enumerate((q, s) for q in prompts for s in seeds)]
+
+
+def shard(items: list[Item], rank: int, world_size: int) -> list[Item]:
+    """The items one rank owns: ``items[rank::world_size]`` (NVlabs/edm style)."""
+    return items[rank::world_size]
+
+
+def initial_noise(item: Item, shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T of an item from its own seed: the same whatever the batch, rank or device (float32, CPU)."""
+    g = torch.Generator().manual_seed(item.seed)
+    return torch.randn(shape, generator=g, dtype=torch.float32)
+
+
+def step_generator(item: Item, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for randomness of ``item`` at optimisation ``step`` (cutouts, perturbation).
+
+    Derived from (seed, step, stream) only, so a resumed run and a run on any number of ranks draw
+    the same numbers.
+    """
+    return torch.Generator().manual_seed((item.seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
