@@ -1,0 +1,451 @@
+"""Guidance modules on tiny models built from configs: no downloads, a few seconds in all."""
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from doodl_lightning.guidance import (
+    AestheticGuidance,
+    ClassifierGuidance,
+    CLIPImageGuidance,
+    CLIPTextGuidance,
+    Cutouts,
+    Guidance,
+    SymmetryGuidance,
+    spherical_dist_loss,
+)
+from tiny_clip import TINY_CLIP_CONFIG, save_tiny_clip, write_tiny_clip_config
+
+EMBED_DIM = TINY_CLIP_CONFIG["embed_dim"]
+
+
+def gens(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def images(n: int = 2, size: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def optimise_pixels(guidance: Guidance, steps: int = 15, lr: float = 0.05, **kwargs) -> tuple[float, float]:
+    """Adam on raw pixels with fixed cutouts (fresh generators each step); returns (first, last) loss."""
+    pixels = images(1, 36).requires_grad_(True)
+    opt = torch.optim.Adam([pixels], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = guidance(pixels, generators=gens(7), **kwargs).sum()
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(guidance(pixels, generators=gens(7), **kwargs).sum().item())
+    return losses[0], losses[-1]
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    """A tiny open_clip config + its seeded random weights saved as .safetensors and as a torch .pt."""
+    folder = tmp_path_factory.mktemp("clip")
+    config = write_tiny_clip_config(folder)
+    state = save_tiny_clip(config, folder / "tiny.safetensors")
+    save_tiny_clip(config, folder / "tiny.pt")
+    return {"config": str(config), "safetensors": str(folder / "tiny.safetensors"), "pt": str(folder / "tiny.pt"),
+            "state": state, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def text_guidance(clip_files):
+    return CLIPTextGuidance(pretrained=clip_files["safetensors"], model_config=clip_files["config"], num_cuts=4)
+
+
+@pytest.fixture(scope="module")
+def reference_folder(tmp_path_factory):
+    """Reference images in awkward formats: grayscale odd size, RGBA, palette, RGB."""
+    folder = tmp_path_factory.mktemp("refs")
+    g = torch.Generator().manual_seed(1)
+    def arr(h, w, c):
+        return (torch.rand(h, w, c, generator=g) * 255).to(torch.uint8).squeeze(-1).numpy()
+    Image.fromarray(arr(17, 23, 1), "L").save(folder / "a_gray.png")
+    Image.fromarray(arr(40, 31, 4), "RGBA").save(folder / "b_rgba.png")
+    Image.fromarray(arr(50, 50, 3), "RGB").convert("P").save(folder / "c_palette.png")
+    Image.fromarray(arr(33, 64, 3), "RGB").save(folder / "d_rgb.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+# ---------------------------------------------------------------- cutouts
+
+@pytest.mark.parametrize("hw", [(40, 40), (17, 29), (8, 8), (64, 20)])
+@pytest.mark.parametrize("num_cuts", [0, 3])
+def test_cutouts_shape_any_input_size(hw, num_cuts):
+    out = Cutouts(16, num_cuts)(torch.rand(2, 3, *hw), gens(0, 1))
+    assert out.shape == (2 * max(num_cuts, 1), 3, 16, 16)
+
+
+def test_cutouts_differentiable():
+    x = torch.rand(1, 3, 10, 9, dtype=torch.float64, requires_grad=True)
+    # Fresh generators per call: the same crops each evaluation, so the map is a fixed differentiable function.
+    assert torch.autograd.gradcheck(lambda t: Cutouts(4, num_cuts=3)(t, gens(3)), (x,))
+
+
+def test_cutouts_deterministic_for_seed():
+    x = torch.rand(1, 3, 48, 48)
+    cut = Cutouts(16, num_cuts=8)
+    assert torch.equal(cut(x, gens(5)), cut(x, gens(5)))
+    assert not torch.equal(cut(x, gens(5)), cut(x, gens(6)))
+    assert torch.equal(cut(x), cut(x))  # no generators: a fixed default seed
+
+
+def test_cutouts_independent_of_batch_composition():
+    x = torch.rand(3, 3, 48, 48)
+    cut = Cutouts(16, num_cuts=5)
+    batch = cut(x, gens(10, 11, 12))
+    alone = cut(x[1:2], gens(11))
+    assert torch.equal(batch[5:10], alone)
+
+
+def test_cutouts_needs_one_generator_per_item():
+    with pytest.raises(ValueError, match="one per image"):
+        Cutouts(16, 2)(torch.rand(2, 3, 20, 20), gens(0))
+
+
+def test_cutout_sizes_follow_cut_power():
+    # cut_power -> 0 makes rand**cut_power -> 1: every crop is the whole (square) image.
+    x = torch.rand(1, 3, 24, 24)
+    out = Cutouts(24, num_cuts=4, cut_power=1e-9)(x, gens(0))
+    assert torch.allclose(out, x.expand(4, -1, -1, -1))
+
+
+# ---------------------------------------------------------------- base + symmetry
+
+def test_guidance_frozen_eval_and_out_of_checkpoints(text_guidance):
+    assert not any(p.requires_grad for p in text_guidance.parameters())
+    holder = torch.nn.Module()
+    holder.latents = torch.nn.Parameter(torch.zeros(2))
+    holder.guidance = text_guidance
+    holder.train()
+    assert not text_guidance.training and not any(m.training for m in text_guidance.modules())
+    state = holder.state_dict()
+    assert list(state) == ["latents"]  # frozen guidance weights never go into checkpoints
+    holder.load_state_dict(state, strict=True)
+    assert text_guidance.name == "clip_text" and text_guidance.weight == 1.0
+
+
+def test_symmetry():
+    g = SymmetryGuidance(weight=2.0, name="sym")
+    assert (g.name, g.weight) == ("sym", 2.0)
+    x = images(2)
+    assert torch.allclose(g(x + x.flip(-1)), torch.zeros(2))
+    first, last = optimise_pixels(g)
+    assert last < first
+
+
+# ---------------------------------------------------------------- CLIP text
+
+def test_spherical_dist_loss():
+    a = torch.tensor([[1.0, 0.0]])
+    assert torch.allclose(spherical_dist_loss(a, a), torch.zeros(1))
+    # Orthogonal unit vectors: angle pi/2, and 2 * arcsin(|a-b|/2)**2 = (angle**2) / 2.
+    assert torch.allclose(spherical_dist_loss(a, torch.tensor([[0.0, 3.0]])), torch.tensor([torch.pi**2 / 8]))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_clip_local_checkpoint_round_trip(clip_files, fmt):
+    g = CLIPTextGuidance(pretrained=clip_files[fmt], model_config=clip_files["config"], num_cuts=0)
+    loaded = g.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in clip_files["state"].items())
+    # The loss is the spherical distance of the model's own normalised embeddings.
+    x = images(2, 32)
+    pixels = ((x + 1) / 2 - torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        image = F.normalize(g.model.encode_image(pixels), dim=-1)
+        text = F.normalize(g.model.encode_text(g.tokenizer(prompts)), dim=-1)
+        expected = 2 * ((image - text).norm(dim=-1) / 2).arcsin() ** 2
+        assert torch.allclose(g(x, prompts), expected, atol=1e-6)
+
+
+def test_clip_text_prompt_choice(clip_files, text_guidance):
+    x = images(2)
+    by_prompt = text_guidance(x, ["a cat", "a dog"], gens(0, 1))
+    fixed = CLIPTextGuidance(pretrained=clip_files["safetensors"], model_config=clip_files["config"],
+                             prompt="a cat", num_cuts=4)
+    # A fixed guidance prompt overrides the diffusion prompts.
+    assert torch.allclose(fixed(x, ["x", "y"], gens(0, 1))[0], by_prompt[0])
+    with pytest.raises(ValueError, match="one prompt per image"):
+        text_guidance(x)
+
+
+def test_clip_text_loss_independent_of_batch(text_guidance):
+    x = images(3)
+    batch = text_guidance(x, ["a", "b", "c"], gens(1, 2, 3))
+    alone = text_guidance(x[2:], ["c"], gens(3))
+    assert torch.allclose(batch[2:], alone, atol=1e-6)
+
+
+def test_clip_text_in_bf16(clip_files):
+    g = CLIPTextGuidance(pretrained=clip_files["safetensors"], model_config=clip_files["config"], num_cuts=2)
+    x = images(2).requires_grad_(True)
+    ref = g(x, ["a", "b"], gens(0, 1))
+    low = g.to(torch.bfloat16)(x, ["a", "b"], gens(0, 1))
+    low.sum().backward()
+    assert low.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert torch.allclose(low, ref, rtol=0.05)
+
+
+def test_clip_text_optimisation_lowers_loss(text_guidance):
+    first, last = optimise_pixels(text_guidance, prompts=["a red circle"])
+    assert last < first
+
+
+class _Boom:
+    """Unpickling this calls open(path, "w"): proof of arbitrary code execution if it ever runs."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_clip_loading_errors(clip_files, tmp_path):
+    cfg = clip_files["config"]
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        CLIPTextGuidance(pretrained=str(tmp_path / "missing.safetensors"), model_config=cfg)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CLIPTextGuidance(model_config=str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="not-a-model"):
+        CLIPTextGuidance(model_name="not-a-model")
+    with pytest.raises(ValueError, match="neither a file nor an open_clip pretrained tag"):
+        CLIPTextGuidance(model_config=cfg, pretrained="no_such_tag")
+    # A pickled arbitrary object is refused, never unpickled: its side effect (creating a file) never runs.
+    evil, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    evil.write_bytes(pickle.dumps(_Boom(str(marker))))
+    with pytest.raises(ValueError, match="evil.pt: not a weights-only state dict"):
+        CLIPTextGuidance(pretrained=str(evil), model_config=cfg)
+    assert not marker.exists()
+    # Wrong keys: a checkpoint of another architecture.
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.torch import save_file
+    save_file({"visual.proj": torch.zeros(3, 3)}, str(wrong))
+    with pytest.raises(ValueError, match="wrong.safetensors"):
+        CLIPTextGuidance(pretrained=str(wrong), model_config=cfg)
+
+
+# ---------------------------------------------------------------- CLIP image
+
+def test_clip_image_target_invariant_to_reference_order(clip_files, reference_folder):
+    kw = dict(pretrained=clip_files["safetensors"], model_config=clip_files["config"], num_cuts=2)
+    files = sorted(str(p) for p in reference_folder.iterdir() if p.suffix != ".txt")
+    a = CLIPImageGuidance(references=files, **kw)
+    b = CLIPImageGuidance(references=files[::-1], **kw)
+    c = CLIPImageGuidance(references=str(reference_folder), **kw)
+    assert len(c.references) == 4  # the .txt file is skipped
+    assert torch.allclose(a.target, b.target, atol=1e-6) and torch.allclose(a.target, c.target, atol=1e-6)
+    assert torch.allclose(a.target.norm(), torch.tensor(1.0))
+    first, last = optimise_pixels(a)
+    assert last < first
+
+
+def test_clip_image_errors(clip_files, tmp_path):
+    kw = dict(pretrained=clip_files["safetensors"], model_config=clip_files["config"])
+    with pytest.raises(FileNotFoundError, match="ghost.png"):
+        CLIPImageGuidance(references=[str(tmp_path / "ghost.png")], **kw)
+    with pytest.raises(FileNotFoundError, match="no reference images"):
+        CLIPImageGuidance(references=str(tmp_path), **kw)
+    with pytest.raises(ValueError, match="needs references"):
+        CLIPImageGuidance(**kw)
+
+
+# ---------------------------------------------------------------- aesthetic
+
+def _expected_features(g: AestheticGuidance, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return g.encoder(x)[:, 0]  # num_cuts=0: one resized view per item
+
+
+def test_aesthetic_linear_head_known_weights(clip_files, tmp_path):
+    w = torch.linspace(-1, 1, EMBED_DIM)[None]
+    torch.save({"weight": w, "bias": torch.tensor([5.0])}, tmp_path / "linear.pth")
+    g = AestheticGuidance(model_name="unused", pretrained=clip_files["safetensors"], model_config=clip_files["config"],
+                          head=str(tmp_path / "linear.pth"), num_cuts=0)
+    x = images(2, 32)
+    features = _expected_features(g, x)
+    assert torch.allclose(features.norm(dim=-1), torch.ones(2))
+    expected = features @ w[0] + 5.0
+    assert torch.allclose(g.score(x), expected, atol=1e-6)
+    assert torch.allclose(g(x), -expected, atol=1e-6)
+    g.target = 4.0
+    assert torch.allclose(g(x), (expected - 4.0).abs(), atol=1e-6)
+
+
+def test_aesthetic_mlp_head_safetensors(clip_files, tmp_path):
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    dims = [EMBED_DIM, 12, 8, 6, 4, 1]  # the improved predictor is 768-1024-128-64-16-1, Linears at 0,2,4,6,7
+    linears = [torch.nn.Linear(a, b) for a, b in zip(dims, dims[1:])]
+    state = {}
+    for i, lin in zip([0, 2, 4, 6, 7], linears):
+        state[f"layers.{i}.weight"], state[f"layers.{i}.bias"] = lin.weight.detach(), lin.bias.detach()
+    save_file(state, str(tmp_path / "mlp.safetensors"))
+    g = AestheticGuidance(pretrained=clip_files["safetensors"], model_config=clip_files["config"],
+                          head=str(tmp_path / "mlp.safetensors"), target=3.0, num_cuts=0)
+    x = images(2, 32)
+    expected = _expected_features(g, x)
+    with torch.no_grad():
+        for lin in linears:  # no activations in the improved predictor
+            expected = lin(expected)
+    assert torch.allclose(g.score(x), expected[:, 0], atol=1e-5)
+    first, last = optimise_pixels(AestheticGuidance(pretrained=clip_files["safetensors"],
+                                                    model_config=clip_files["config"],
+                                                    head=str(tmp_path / "mlp.safetensors"), num_cuts=2))
+    assert last < first
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_aesthetic_bad_files(clip_files, tmp_path):
+    kw = dict(pretrained=clip_files["safetensors"], model_config=clip_files["config"])
+    torch.save({"foo": torch.zeros(1)}, tmp_path / "keys.pth")
+    with pytest.raises(ValueError, match=r"keys\.pth.*expected"):
+        AestheticGuidance(head=str(tmp_path / "keys.pth"), **kw)
+    torch.save({"weight": torch.zeros(1, 768), "bias": torch.zeros(1)}, tmp_path / "l14.pth")
+    with pytest.raises(ValueError, match=r"768-d features but .* embeds to 16"):
+        AestheticGuidance(head=str(tmp_path / "l14.pth"), **kw)
+    torch.save({"weight": torch.zeros(2, 16), "bias": torch.zeros(1)}, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="wrong shapes"):
+        AestheticGuidance(head=str(tmp_path / "shape.pth"), **kw)
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Boom(str(tmp_path / "pwned"))))
+    with pytest.raises(ValueError, match="evil.pth.*arbitrary pickled objects are refused"):
+        AestheticGuidance(head=str(tmp_path / "evil.pth"), **kw)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        AestheticGuidance(head=str(tmp_path / "absent.pth"), **kw)
+
+
+# ---------------------------------------------------------------- classifier
+
+LABELS = ["crow", "Indigo Bunting", "painted_bunting", "robin", "wren"]
+
+
+@pytest.fixture(scope="module")
+def classifier_files(tmp_path_factory):
+    from safetensors.torch import save_file
+    import torchvision
+    folder = tmp_path_factory.mktemp("cls")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=5).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "squeezenet.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, torch.rand(1, 3, 32, 32)).save(str(folder / "squeezenet.ts"))
+    (folder / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    return folder
+
+
+def test_classifier_by_name_and_index_agree(classifier_files):
+    kw = dict(arch="torchvision:squeezenet1_1", checkpoint=str(classifier_files / "squeezenet.safetensors"),
+              num_classes=5, input_size=32, labels=str(classifier_files / "labels.txt"))
+    x = images(2)
+    by_index = ClassifierGuidance(target=2, **kw)(x)
+    by_name = ClassifierGuidance(target="painted_bunting", **kw)
+    assert by_name.target == 2
+    assert torch.allclose(by_name(x), by_index)
+    assert ClassifierGuidance(target="painted bunting", **kw).target == 2  # case / '_' vs ' ' forgiven
+    assert ClassifierGuidance(target="indigo bunting", **kw).target == 1
+    with pytest.raises(ValueError, match=r"unknown class 'bluejay'.*labels\.txt"):
+        ClassifierGuidance(target="bluejay", **kw)
+    with pytest.raises(ValueError, match="out of range"):
+        ClassifierGuidance(target=7, **kw)
+
+
+def test_classifier_torchscript_matches_state_dict(classifier_files):
+    x = images(2)
+    common = dict(target=1, num_classes=5, input_size=32, num_cuts=2)
+    eager = ClassifierGuidance(arch="torchvision:squeezenet1_1",
+                               checkpoint=str(classifier_files / "squeezenet.safetensors"), **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        script = ClassifierGuidance(arch="torchscript", checkpoint=str(classifier_files / "squeezenet.ts"), **common)
+    assert torch.allclose(eager(x, generators=gens(0, 1)), script(x, generators=gens(0, 1)), atol=1e-5)
+
+
+def test_classifier_timm_optimisation_lowers_loss(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "timm.pth")
+    g = ClassifierGuidance(arch="timm:test_resnet", checkpoint=str(tmp_path / "timm.pth"), target=1,
+                           num_classes=3, input_size=32, num_cuts=2)
+    first, last = optimise_pixels(g)
+    assert last < first
+
+
+def test_classifier_errors(classifier_files, tmp_path):
+    ckpt = str(classifier_files / "squeezenet.safetensors")
+    with pytest.raises(ValueError, match="unknown classifier arch"):
+        ClassifierGuidance(arch="keras:resnet", checkpoint=None, target=0)
+    with pytest.raises(ValueError, match="unknown torchvision model 'resnet_18'"):
+        ClassifierGuidance(arch="torchvision:resnet_18", checkpoint=None, target=0)
+    with pytest.raises(ValueError, match=r"squeezenet\.safetensors.*wrong shapes"):
+        ClassifierGuidance(arch="torchvision:squeezenet1_1", checkpoint=ckpt, target=0, num_classes=7)
+    with pytest.raises(ValueError, match=r"squeezenet\.safetensors.*missing keys"):
+        ClassifierGuidance(arch="timm:test_resnet", checkpoint=ckpt, target=0, num_classes=5)
+    with pytest.raises(FileNotFoundError, match="gone.pth"):
+        ClassifierGuidance(arch="torchvision:squeezenet1_1", checkpoint=str(tmp_path / "gone.pth"), target=0)
+    with pytest.raises(ValueError, match="no labels file"):
+        ClassifierGuidance(arch="torchvision:squeezenet1_1", checkpoint=None, target="robin")
+
+
+# ---------------------------------------------------------------- YAML (LightningCLI / jsonargparse)
+
+def test_every_guidance_builds_from_yaml(clip_files, reference_folder, classifier_files, tmp_path):
+    from jsonargparse import ArgumentParser
+
+    torch.save({"weight": torch.ones(1, EMBED_DIM), "bias": torch.zeros(1)}, tmp_path / "head.pth")
+    clip = f"pretrained: {clip_files['safetensors']}\n      model_config: {clip_files['config']}\n      num_cuts: 2"
+    yaml = f"""
+guidance:
+  - class_path: doodl_lightning.guidance.CLIPTextGuidance
+    init_args:
+      {clip}
+      prompt: a red circle
+  - class_path: doodl_lightning.guidance.CLIPImageGuidance
+    init_args:
+      {clip}
+      references: {reference_folder}
+  - class_path: doodl_lightning.guidance.AestheticGuidance
+    init_args:
+      {clip}
+      head: {tmp_path / "head.pth"}
+      target: 6.5
+  - class_path: doodl_lightning.guidance.ClassifierGuidance
+    init_args:
+      arch: torchvision:squeezenet1_1
+      checkpoint: {classifier_files / "squeezenet.safetensors"}
+      target: robin
+      labels: {classifier_files / "labels.txt"}
+      input_size: 32
+  - class_path: doodl_lightning.guidance.SymmetryGuidance
+    init_args:
+      weight: 0.5
+      name: mirror
+"""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--guidance", type=list[Guidance])
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    built = instantiate(parser.parse_string(yaml)).guidance
+    assert [g.name for g in built] == ["clip_text", "clip_image", "aesthetic", "classifier", "mirror"]
+    assert built[3].target == 3 and built[2].target == 6.5 and built[4].weight == 0.5
+    x = images(2).requires_grad_(True)
+    total = sum(g.weight * g(x, ["p", "q"], gens(0, 1)) for g in built)
+    total.sum().backward()
+    assert total.shape == (2,) and torch.isfinite(x.grad).all()
