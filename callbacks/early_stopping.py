@@ -23,10 +23,10 @@ class ItemEarlyStopping(Callback):
         loss = pl_module.last.total.detach().cpu()
         if self.best is None:
             self.best, self.wait = loss.clone(), torch.zeros(len(loss), dtype=torch.long)
-            return
-        improved = loss < self.best - self.min_delta
-        self.best = torch.where(improved, loss, self.best)
-        self.wait = torch.where(improved, torch.zeros_like(self.wait), self.wait + 1)
+        else:
+            improved = loss < self.best - self.min_delta
+            self.best = torch.where(improved, loss, self.best)
+            self.wait = torch.where(improved, torch.zeros_like(self.wait), self.wait + 1)
         stop = self.wait >= self.patience
         if self.stop_at is not None:
             stop |= loss <= self.stop_at

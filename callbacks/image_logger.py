@@ -64,9 +64,15 @@ class ImageLogger(Callback):
 
     def contact_sheet(self, items) -> str:
         """rows = items, columns = logged steps; built from the PNGs on disk."""
-        steps = sorted(self.logged_steps)
-        first = Image.open(self._path(items[0].index, steps[0]))
-        w, h = first.size if self.thumbnail is None else (self.thumbnail, self.thumbnail)
+        # a resumed run logs into a new folder: the sheet shows the steps whose images are here
+        steps = [s for s in sorted(self.logged_steps) if os.path.exists(self._path(items[0].index, s))]
+        if not steps:
+            return ""
+        w, h = Image.open(self._path(items[0].index, steps[0])).size
+        if self.thumbnail is not None:
+            w = h = self.thumbnail
+        elif w < 96:  # tiny worlds: upscale so the sheet is legible
+            w, h = 96, 96 * h // w
         cap = 14
         sheet = Image.new("RGB", (w * len(steps), (h + cap) * len(items)), "white")
         draw = ImageDraw.Draw(sheet)
@@ -76,7 +82,7 @@ class ImageLogger(Callback):
             for c, step in enumerate(steps):
                 path = self._path(item.index, step)
                 if os.path.exists(path):
-                    sheet.paste(Image.open(path).convert("RGB").resize((w, h)), (c * w, y + cap))
+                    sheet.paste(Image.open(path).convert("RGB").resize((w, h), Image.NEAREST), (c * w, y + cap))
         out = os.path.join(self.dir, "contact_sheet.png")
         save_png(out, sheet)
         return out

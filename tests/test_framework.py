@@ -1,0 +1,211 @@
+"""The LightningModule, callbacks and CLI on a tiny random SD pipeline saved and loaded back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cli import main
+from tiny import save_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def pipe_dir(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+
+
+def write_config(path: Path, pipe: str, out: Path, steps: int = 3, callbacks=None, **model) -> str:
+    cfg = {
+        "trainer": {
+            "max_steps": steps, "default_root_dir": str(out), "accelerator": "cpu", "devices": 1,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "callbacks": callbacks if callbacks is not None else [
+                {"class_path": "callbacks.ResultsWriter"},
+                {"class_path": "callbacks.ImageLogger", "init_args": {"every_n_steps": 2}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0}},
+            ],
+        },
+        "model": {
+            "model": pipe, "prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "steps": 3,
+            "guidance_scale": 3.0, "lr": 0.5, "clip": 0.05,
+            "guidance": [{"class_path": "doodl_lightning.guidance.SymmetryGuidance"}],
+            **model,
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def fit(tmp_path, pipe, name="run", extra=(), **kw):
+    out = tmp_path / name
+    cfg = write_config(tmp_path / f"{name}.yaml", pipe, out, **kw)
+    cli = main(["fit", "--config", cfg, *extra])
+    return cli, out
+
+
+def latents_by_item(module) -> dict[int, torch.Tensor]:
+    return {it.index: module.latents.detach()[j].clone() for j, it in enumerate(module.local_items)}
+
+
+def test_only_latents_change_and_frozen_weights_stay_out_of_checkpoints(tmp_path, pipe_dir):
+    out = tmp_path / "a"
+    cli = main(["fit", "--config", write_config(tmp_path / "a.yaml", pipe_dir, out, steps=3)])
+    from doodl_lightning.backbone import Backbone
+    from doodl_lightning.data import initial_noise
+
+    before = Backbone.load(pipe_dir).state_dict()
+    after = cli.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    z0 = torch.stack([initial_noise(it, cli.model.latent_shape) for it in cli.model.items])
+    assert not torch.equal(z0, cli.model.latents.detach())
+    assert [n for n, p in cli.model.named_parameters() if p.requires_grad] == ["latents"]
+    ckpt = torch.load(out / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert set(ckpt["state_dict"]) == {"latents", "initial_norm", "active", "pair_offset"}
+    assert ckpt["doodl_items"][3] == {"index": 3, "prompt": "a blue square", "seed": 1}
+
+
+def test_same_config_same_images_bitwise(tmp_path, pipe_dir):
+    a, out_a = fit(tmp_path, pipe_dir, "a")
+    b, out_b = fit(tmp_path, pipe_dir, "b")
+    assert torch.equal(a.model.latents, b.model.latents)
+    for png in sorted((out_a / "lightning_logs/version_0/images").glob("*.png")):
+        twin = out_b / "lightning_logs/version_0/images" / png.name
+        assert png.read_bytes() == twin.read_bytes()
+
+
+def test_item_noise_does_not_depend_on_batch_position(tmp_path, pipe_dir):
+    from doodl_lightning.data import Item, initial_noise
+    x = initial_noise(Item(0, "p", 7), (4, 8, 8))
+    y = initial_noise(Item(5, "q", 7), (4, 8, 8))
+    assert torch.equal(x, y)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, pipe_dir):
+    full, _ = fit(tmp_path, pipe_dir, "full", steps=4)
+    part, out = fit(tmp_path, pipe_dir, "part", steps=2)
+    ckpt = out / "lightning_logs/version_0/checkpoints/last.ckpt"
+    resumed, out2 = fit(tmp_path, pipe_dir, "part", steps=4, extra=["--ckpt_path", str(ckpt)])
+    assert resumed.trainer.global_step == 4
+    assert torch.equal(full.model.latents, resumed.model.latents)
+    lines = (out2 / "lightning_logs/version_1/results.jsonl").read_text().splitlines()
+    full_lines = (tmp_path / "full/lightning_logs/version_0/results.jsonl").read_text().splitlines()
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if not k.endswith("_image")}  # noqa: E731
+    assert [strip(r) for r in lines] == [strip(r) for r in full_lines]
+
+
+def test_renormalization_keeps_norms_and_callbacks_write_logs(tmp_path, pipe_dir):
+    cli, out = fit(tmp_path, pipe_dir, "r", steps=3)
+    m = cli.model
+    assert torch.allclose(m.latents.detach().flatten(1).norm(dim=1), m.initial_norm, rtol=1e-6)
+    run = out / "lightning_logs/version_0"
+    records = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    for r in records:
+        assert r["steps"] == 3 and r["best_loss"] <= min(r["initial_loss"], r["final_loss"])
+        assert set(r["final_terms"]) == {"symmetry"} and Path(r["final_image"]).is_file() and Path(r["best_image"]).is_file()
+    assert (run / "contact_sheet.png").is_file()
+    assert sorted(p.name for p in (run / "images/item002").glob("*.png")) == ["step0000.png", "step0002.png", "step0003.png"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = acc.Tags()
+    for key in ("train/loss", "train/loss_symmetry", "train/latent_norm", "train/grad_norm", "train/lr",
+                "items/loss/003", "items/loss_symmetry/000"):
+        assert key in tags["scalars"], key
+    assert len(acc.Scalars("train/loss")) == 3
+    assert "images/all_items" in tags["images"]
+    assert not list(run.rglob("*.tmp"))  # nothing half-written
+
+
+def test_renormalization_off_lets_norms_move(tmp_path, pipe_dir):
+    cli, _ = fit(tmp_path, pipe_dir, "n", steps=2, renormalize=False, clip=1.0, lr=5.0)
+    m = cli.model
+    assert not torch.allclose(m.latents.detach().flatten(1).norm(dim=1), m.initial_norm, rtol=1e-6)
+
+
+def test_per_item_early_stopping_freezes_items_and_ends_fit(tmp_path, pipe_dir):
+    cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"stop_at": 1e9}}]
+    cli, _ = fit(tmp_path, pipe_dir, "e", steps=10, callbacks=cb)
+    assert cli.trainer.global_step == 1  # every item reached the target after its first evaluation
+    assert not cli.model.active.any()
+    # a stopped item's latent is bit-identical from then on, while the others move
+    cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"patience": 1, "min_delta": 1e9}}]
+    cli, _ = fit(tmp_path, pipe_dir, "p", steps=5, callbacks=cb)
+    assert cli.trainer.global_step == 2
+
+
+def test_lightning_early_stopping_on_mean_loss_works(tmp_path, pipe_dir):
+    cb = [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+           "init_args": {"monitor": "train/loss", "patience": 1, "min_delta": 1e9, "check_on_train_epoch_end": True}}]
+    cli, _ = fit(tmp_path, pipe_dir, "l", steps=10, callbacks=cb)
+    assert cli.trainer.global_step < 10
+
+
+@pytest.mark.parametrize("sampler,backprop", [("ddim", "checkpoint"), ("edict", "reversible"), ("ddim", "autograd")])
+def test_samplers_and_micro_batches_give_the_same_gradient_step(tmp_path, pipe_dir, sampler, backprop):
+    a, _ = fit(tmp_path, pipe_dir, "a", steps=1, sampler=sampler, backprop=backprop, perturbation=0.0)
+    b, _ = fit(tmp_path, pipe_dir, "b", steps=1, sampler=sampler, backprop="autograd", micro_batch=1, perturbation=0.0)
+    assert torch.allclose(a.model.latents, b.model.latents, atol=1e-6)
+
+
+def test_optimizer_can_be_swapped_from_the_cli(tmp_path, pipe_dir):
+    cli, _ = fit(tmp_path, pipe_dir, "o", steps=2, extra=["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.01"])
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
+
+
+def test_prompt_file_items(tmp_path, pipe_dir):
+    (tmp_path / "p.csv").write_text("prompt,other\na red circle,1\na green star,2\n")
+    cli, _ = fit(tmp_path, pipe_dir, "f", steps=1, prompts=None, prompt_file=str(tmp_path / "p.csv"))
+    assert [(it.prompt, it.seed) for it in cli.model.items] == [("a red circle", 0), ("a red circle", 1),
+                                                               ("a green star", 0), ("a green star", 1)]
+
+
+@pytest.mark.parametrize("model_kw,match", [
+    (dict(prompts=[]), "prompt list is empty"),
+    (dict(prompts=None, prompt_file="/nonexistent/prompts.txt"), "does not exist"),
+    (dict(seeds=[-1]), "non-negative integers"),
+    (dict(seeds=[]), "seed list is empty"),
+    (dict(resolution=18), "resolution"),
+    (dict(resolution=7), "resolution"),
+    (dict(sampler="ddim", backprop="reversible"), "needs sampler 'edict'"),
+    (dict(model="/nonexistent/model"), "not found"),
+])
+def test_bad_input_fails_before_any_work(tmp_path, pipe_dir, model_kw, match):
+    out = tmp_path / "bad"
+    cfg = write_config(tmp_path / "bad.yaml", pipe_dir, out, **model_kw)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        main(["fit", "--config", cfg])
+    assert not out.exists()
+
+
+def test_unknown_class_path_and_unwritable_output_dir(tmp_path, pipe_dir):
+    cfg = write_config(tmp_path / "c.yaml", pipe_dir, tmp_path / "c",
+                       guidance=[{"class_path": "doodl_lightning.guidance.NoSuchGuidance"}])
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", cfg])
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    cfg = write_config(tmp_path / "d.yaml", pipe_dir, ro / "out")
+    if os.geteuid() == 0:  # root ignores permissions; use a path below a regular file instead
+        (tmp_path / "file").write_text("x")
+        cfg = write_config(tmp_path / "d.yaml", pipe_dir, tmp_path / "file" / "out")
+    with pytest.raises((PermissionError, OSError), match="not writable|Not a directory|exists"):
+        main(["fit", "--config", cfg])
+
+
+def test_cli_prints_one_line_error(tmp_path, pipe_dir):
+    cfg = write_config(tmp_path / "e.yaml", pipe_dir, tmp_path / "e", seeds=[-3])
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", cfg], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: seeds must be non-negative integers")
