@@ -1,0 +1,696 @@
+#!/usr/bin/env python
+"""Cost and accuracy of the three chain-gradient modes (autograd / checkpoint / reversible).
+
+One *iteration* is exactly what the LightningModule runs per optimisation step:
+``doodl_lightning.objective.evaluate`` = sample the chain from the initial latents, VAE-decode the
+final latent(s) (the EDICT pair one at a time), a loss on the image (here horizontal-symmetry MSE, so no
+guidance model is needed), and the backward pass into the latents.
+
+    python experiments/benchmarks/backprop.py --steps 5 10 20 --json out.json       # tiny model, CPU
+    python experiments/benchmarks/backprop.py --sd-config sd15 --device cuda --dtype float16 \\
+        --steps 10 50 100 --samplers edict ddim --backprops checkpoint reversible --json sd15.json
+    python experiments/benchmarks/backprop.py --pretrained runwayml/stable-diffusion-v1-5 ...
+
+Per record (one sampler x backprop x steps x batch x dtype x options) it reports:
+seconds_per_iteration (median of the timed repeats after the warm-up), saved_bytes (bytes the chain's
+forward pass saves for backward, counted with saved_tensors_hooks), peak_memory_bytes (CUDA max allocated
+on GPU; peak RSS of a fresh subprocess per record on CPU), unet_calls per iteration,
+grad_rel_error_vs_autograd (same dtype, where autograd was run), grad_rel_error_vs_fp32 (against the same
+gradient computed with the model in float32, ``--grad-reference float32``), reversible_drift/fallback.
+
+On CUDA every record runs in this process (the model is built once) and a failing record (out of
+memory, anything else) is reported with its status without stopping the others; ``--deadline`` and
+``--record-budget`` bound the wall time. ``--plan`` gives an explicit list of record groups (used by
+``gpu_sd15.sh``). Speed options, all off by default: ``--vae-checkpointing`` (VAE-decoder gradient
+checkpointing), ``--channels-last``, ``--compile`` (torch.compile of the UNet), ``--cuda-graphs``
+(UNet forward / forward-with-graph / input-VJP replayed as CUDA graphs; see :class:`GraphedUNet`).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from doodl_lightning import architectures  # noqa: E402
+from doodl_lightning.objective import decode_latents, evaluate  # noqa: E402
+from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, Schedule  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+ACCELS = ("eager", "graphs", "compile")
+JOB_KEYS = ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last", "vae_checkpointing",
+            "repeats", "warmup", "budget", "role")
+RECORD_KEYS = (
+    "sampler", "backprop", "steps", "batch", "resolution", "dtype", "device", "model", "accel", "channels_last",
+    "vae_checkpointing", "guidance_scale", "role", "status", "seconds_per_iteration", "seconds_all", "repeats",
+    "warmup_seconds", "setup_seconds", "saved_bytes", "peak_memory_bytes", "peak_memory_kind",
+    "peak_reserved_bytes", "unet_calls", "loss", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32",
+    "reversible_drift", "reversible_fallback",
+)
+
+
+def symmetry_loss(images: torch.Tensor):
+    """Horizontal-symmetry MSE per item: a differentiable loss on the decoded image, no extra model."""
+    loss = (images - images.flip(-1)).float().pow(2).mean(dim=(1, 2, 3))
+    return loss, {"symmetry": loss}
+
+
+# -- CUDA graphs of the UNet ----------------------------------------------------------------------------
+
+class _UNetOut:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+class _GraphedCall(torch.autograd.Function):
+    """Forward = replay of the forward-with-graph capture; backward = replay of the input-VJP capture.
+
+    The captured graphs own ONE set of activations: when another forward replay happened in between
+    (EDICT-checkpoint recomputes two UNet calls per step, autograd records the whole chain), the backward
+    first replays this call's forward again from its saved input, so gradients are always right.
+    """
+
+    @staticmethod
+    def forward(ctx, x, t, c, graphs):
+        graphs.load(x, t, c, grad=True)
+        graphs.g_fwd.replay()
+        graphs.generation += 1
+        ctx.generation, ctx.graphs = graphs.generation, graphs
+        ctx.save_for_backward(x, t, c)
+        return graphs.out_grad.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        graphs = ctx.graphs
+        if graphs.generation != ctx.generation:  # activations were overwritten: replay this forward again
+            graphs.load(*ctx.saved_tensors, grad=True)
+            graphs.g_fwd.replay()
+            graphs.generation += 1
+            graphs.refreshes += 1
+        graphs.gout.copy_(g)
+        graphs.g_bwd.replay()
+        return graphs.gx.clone(), None, None, None
+
+
+class _Graphs:
+    """Three CUDA graphs of ``unet(x, t, c).sample`` for one input shape: no-grad forward, forward with
+    graph, and the VJP with respect to x (weights are frozen)."""
+
+    def __init__(self, unet, x, t, c, warmup: int = 3):
+        self.x_inf, self.t, self.c = x.detach().clone(), t.detach().clone(), c.detach().clone()
+        self.x_grad = x.detach().clone().requires_grad_()
+        self.generation = self.refreshes = 0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up cuBLAS/cuDNN workspaces outside capture
+            for _ in range(warmup):
+                with torch.no_grad():
+                    unet(self.x_inf, self.t, encoder_hidden_states=self.c)
+                with torch.enable_grad():
+                    out = unet(self.x_grad, self.t, encoder_hidden_states=self.c).sample
+                    torch.autograd.grad(out, self.x_grad, torch.ones_like(out))
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.g_inf = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.g_inf):
+            self.out_inf = unet(self.x_inf, self.t, encoder_hidden_states=self.c).sample
+        self.g_fwd = torch.cuda.CUDAGraph()
+        with torch.enable_grad(), torch.cuda.graph(self.g_fwd):
+            self.out_grad = unet(self.x_grad, self.t, encoder_hidden_states=self.c).sample
+        self.gout = torch.zeros_like(self.out_grad)
+        self.g_bwd = torch.cuda.CUDAGraph()
+        with torch.enable_grad(), torch.cuda.graph(self.g_bwd, pool=self.g_fwd.pool()):
+            (self.gx,) = torch.autograd.grad(self.out_grad, self.x_grad, self.gout)
+        torch.cuda.synchronize()
+
+    def load(self, x, t, c, grad: bool):
+        with torch.no_grad():
+            (self.x_grad if grad else self.x_inf).copy_(x)
+            self.t.copy_(t)
+            self.c.copy_(c)
+
+    def __call__(self, x, t, c):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _GraphedCall.apply(x, t, c, self)
+        self.load(x, t, c, grad=False)
+        self.g_inf.replay()
+        return self.out_inf.clone()
+
+
+class GraphedUNet:
+    """Drop-in for ``Denoiser.unet``: replays CUDA graphs for the shapes prepared with :meth:`prepare`,
+    runs the plain UNet for any other shape. Removes the kernel-launch overhead that dominates a batch-2
+    SD UNet call at 64x64 latents."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.graphs: dict = {}
+
+    def parameters(self):
+        return self.unet.parameters()
+
+    def prepare(self, x, t, c):
+        key = (tuple(x.shape), tuple(c.shape), x.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = _Graphs(self.unet, x, t, c)
+        return self.graphs[key]
+
+    def __call__(self, x, t, encoder_hidden_states=None):
+        if encoder_hidden_states is None:
+            return self.unet(x, t)
+        g = self.graphs.get((tuple(x.shape), tuple(encoder_hidden_states.shape), x.dtype))
+        if g is None:
+            return self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+        return _UNetOut(g(x, torch.as_tensor(t, device=x.device), encoder_hidden_states))
+
+
+# -- the model under test --------------------------------------------------------------------------------
+
+class Model:
+    """Frozen UNet + VAE + scheduler + conditioning on one device; dtype and speed options switch per job.
+
+    Weights are created (or loaded) in float32 once; switching dtype reloads them from a float32 master
+    copy kept on the CPU, so every dtype and the float32 reference see the same weights.
+    """
+
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        self.args = args
+        t0 = time.perf_counter()
+        if args.pretrained:
+            self.name = args.pretrained
+            unet, vae, text_encoder, tokenizer, scheduler = _load_pretrained(args.pretrained, self.device)
+            ids = lambda text: tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,  # noqa: E731
+                                         truncation=True, return_tensors="pt").input_ids
+            cond_ids, uncond_ids = ids(args.prompt), ids("")
+        else:
+            self.name = f"{args.sd_config} (random weights)"
+            parts = architectures.build_components(args.sd_config, device=self.device, dtype=torch.float32, seed=args.seed)
+            unet, vae, text_encoder, scheduler = parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"]
+            vocab = text_encoder.config.vocab_size
+            gen = torch.Generator().manual_seed(args.seed + 123)
+            cond_ids, uncond_ids = (torch.randint(0, vocab, (1, 77), generator=gen) for _ in range(2))
+        with torch.no_grad():
+            self.cond = text_encoder(cond_ids.to(self.device)).last_hidden_state.float()
+            self.uncond = text_encoder(uncond_ids.to(self.device)).last_hidden_state.float()
+        del text_encoder
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        self.latent_channels = unet.config.in_channels
+        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.dtype, self.channels_last, self.master = torch.float32, False, None
+        self.graphed: GraphedUNet | None = None
+        self.compiled = None
+        self.build_seconds = time.perf_counter() - t0
+        _free(self.device)
+
+    def configure(self, dtype: torch.dtype, channels_last: bool, vae_checkpointing: bool) -> None:
+        if dtype != self.dtype:
+            if self.master is None:  # first switch away from the float32 build: keep its weights
+                self.master = {k: {n: p.detach().cpu().clone() for n, p in m.state_dict().items()}
+                               for k, m in (("unet", self.unet), ("vae", self.vae))}
+            for k, m in (("unet", self.unet), ("vae", self.vae)):
+                m.to(dtype=torch.float32)
+                m.load_state_dict(self.master[k])
+                m.to(dtype=dtype)
+            self.dtype, self.graphed, self.compiled = dtype, None, None
+            _free(self.device)
+        if channels_last != self.channels_last:
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            self.unet.to(memory_format=fmt)
+            self.vae.to(memory_format=fmt)
+            self.channels_last, self.graphed, self.compiled = channels_last, None, None
+        if vae_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        else:
+            self.vae.disable_gradient_checkpointing()
+
+    def denoiser(self, accel: str, guidance_scale: float) -> Denoiser:
+        unet = self.unet
+        if accel == "compile":
+            if self.compiled is None:
+                self.compiled = torch.compile(self.unet, mode=self.args.compile_mode, dynamic=False)
+            unet = self.compiled
+        den = Denoiser(unet, cond=self.cond, uncond=self.uncond, guidance_scale=guidance_scale,
+                       prediction_type=self.prediction_type, alphas_cumprod=self.scheduler.alphas_cumprod)
+        if accel == "graphs":
+            if self.device.type != "cuda":
+                raise RuntimeError("--cuda-graphs needs --device cuda")
+            if self.graphed is None:
+                self.graphed = GraphedUNet(self.unet)
+            den.unet = self.graphed
+        return den
+
+    def latents(self, batch: int, resolution: int) -> torch.Tensor:
+        if resolution % self.vae_factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE scale factor {self.vae_factor}")
+        side = resolution // self.vae_factor
+        z = [torch.randn((1, self.latent_channels, side, side), generator=torch.Generator().manual_seed(self.args.seed + i))
+             for i in range(batch)]  # one generator per item: the same item whatever the batch
+        return torch.cat(z).to(self.device)
+
+
+def _load_pretrained(source: str, device):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def load(cls, sub, **kw):
+        try:
+            return cls.from_pretrained(source, subfolder=sub, local_files_only=True, **kw)
+        except Exception:
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                raise
+            return cls.from_pretrained(source, subfolder=sub, **kw)
+
+    unet = load(UNet2DConditionModel, "unet", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+    vae = load(AutoencoderKL, "vae", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+    text = load(CLIPTextModel, "text_encoder", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
+    tokenizer = load(CLIPTokenizer, "tokenizer")
+    scheduler = load(DDIMScheduler, "scheduler")
+    return unet, vae, text, tokenizer, scheduler
+
+
+def _free(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _SavedBytes:
+    """saved_tensors_hooks counter, active until the chain returns (the first decode call).
+
+    Counts each saved storage once (a tensor saved twice, or views of one storage, hold its memory once)
+    and skips the frozen weights, which autograd saves by reference for every layer's input-VJP."""
+
+    def __init__(self, *modules):
+        self.bytes, self.active, self.seen = 0, True, set()
+        self.skip = {t.untyped_storage().data_ptr() for m in modules for t in itertools.chain(m.parameters(), m.buffers())}
+
+    def pack(self, t):
+        if self.active:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self.skip and ptr not in self.seen:
+                self.seen.add(ptr)
+                self.bytes += storage.nbytes()
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+
+# -- one record -------------------------------------------------------------------------------------------
+
+def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
+    """Measure one record in this process; returns (record, gradient on the CPU in float64)."""
+    device = model.device
+    rec = _base_record(job, args, model)
+    t_setup = time.perf_counter()
+    dtype = DTYPES[job["dtype"]]
+    model.configure(dtype, job["channels_last"], job["vae_checkpointing"])
+    den = model.denoiser(job["accel"], args.guidance_scale)
+    schedule = Schedule.from_scheduler(model.scheduler, job["steps"])
+    z0 = model.latents(job["batch"], rec["resolution"])
+    if job["accel"] == "graphs":  # capture once per input shape (as the Denoiser batches it), before timing
+        b, cfg = z0.shape[0], args.guidance_scale not in (0.0, 1.0)
+        emb = lambda e: e.expand(b, *e.shape[1:])  # noqa: E731
+        x = torch.cat([z0, z0]) if cfg else z0
+        ctx = torch.cat([emb(model.uncond), emb(model.cond)]) if cfg else emb(model.cond if args.guidance_scale else model.uncond)
+        model.graphed.prepare(x.to(dtype), torch.as_tensor(schedule.timesteps[0], device=device), ctx.to(dtype))
+    if device.type == "cuda":
+        _free(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    rec["setup_seconds"] = time.perf_counter() - t_setup
+
+    def iteration(counter: _SavedBytes | None = None):
+        z = z0.clone().requires_grad_()
+        decode = lambda lat: decode_latents(model.vae, lat)  # noqa: E731
+        if counter is not None:
+            def decode(lat, _counter=counter):
+                _counter.active = False  # the chain's forward is over
+                return decode_latents(model.vae, lat)
+        calls0 = den.calls
+        _sync(device)
+        t0 = time.perf_counter()
+        if counter is not None:
+            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                ev = evaluate(den, z, schedule, decode, symmetry_loss, sampler=job["sampler"], backprop=job["backprop"],
+                              mix_weight=args.mix_weight, drift_tolerance=args.drift_tolerance)
+        else:
+            ev = evaluate(den, z, schedule, decode, symmetry_loss, sampler=job["sampler"], backprop=job["backprop"],
+                          mix_weight=args.mix_weight, drift_tolerance=args.drift_tolerance)
+        _sync(device)
+        return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
+
+    counter = _SavedBytes(model.unet, model.vae)
+    warm = []
+    for k in range(job["warmup"]):
+        dt, grad, ev, calls = iteration(counter if k == 0 else None)
+        warm.append(dt)
+    times = []
+    budget = job["budget"]
+    for k in range(max(1, job["repeats"])):
+        if k > 0 and budget and sum(times) + times[-1] > budget:
+            break
+        dt, grad, ev, calls = iteration(counter if (k == 0 and not warm) else None)
+        times.append(dt)
+    rec.update(
+        status="ok", seconds_per_iteration=statistics.median(times), seconds_all=times, repeats=len(times),
+        warmup_seconds=warm[0] if warm else None, saved_bytes=counter.bytes, unet_calls=calls,
+        loss=float(ev.total.mean()), reversible_drift=ev.info.get("reversible_drift"),
+        reversible_fallback=ev.info.get("reversible_fallback"),
+    )
+    if device.type == "cuda":
+        rec.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved(device), peak_memory_kind="cuda_max_allocated")
+    else:
+        rec.update(peak_memory_bytes=_peak_rss(), peak_memory_kind="rss_process")
+    if job["accel"] == "graphs" and model.graphed is not None:
+        rec["graph_refreshes"] = sum(g.refreshes for g in model.graphed.graphs.values())
+    g = None if grad is None else grad.detach().double().cpu()
+    return rec, g
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _base_record(job: dict, args, model: Model | None = None) -> dict:
+    rec = {k: None for k in RECORD_KEYS}
+    rec.update({k: job[k] for k in ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last",
+                                    "vae_checkpointing", "role")})
+    res = args.resolution or architectures.DEFAULT_RESOLUTION.get(args.sd_config, 512)
+    rec.update(resolution=res, device=str(args.device), guidance_scale=args.guidance_scale,
+               model=model.name if model is not None else (args.pretrained or f"{args.sd_config} (random weights)"))
+    return rec
+
+
+# -- the driver --------------------------------------------------------------------------------------------
+
+def _as_list(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def make_jobs(args) -> list[dict]:
+    """Expand the plan (``--plan`` groups, or the command line's product) into a list of jobs."""
+    defaults = dict(samplers=args.samplers, backprops=args.backprops, steps=args.steps, batch=args.batch,
+                    dtype=args.dtype, accel=args.accel, channels_last=args.channels_last,
+                    vae_checkpointing=args.vae_checkpointing, repeats=args.repeats, warmup=args.warmup,
+                    budget=args.record_budget, max_autograd_steps=args.max_autograd_steps)
+    groups = [{}] if args.plan is None else _read_plan(args.plan)
+    jobs, seen = [], set()
+    for group in groups:
+        unknown = set(group) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown plan keys {sorted(unknown)}; allowed: {sorted(defaults)}")
+        g = dict(defaults, **group)
+        for batch, sampler, backprop, steps, dtype in itertools.product(
+                _as_list(g["batch"]), _as_list(g["samplers"]), _as_list(g["backprops"]), _as_list(g["steps"]),
+                _as_list(g["dtype"])):
+            if backprop == "reversible" and sampler != "edict":
+                continue
+            if backprop == "autograd" and g["max_autograd_steps"] is not None and steps > g["max_autograd_steps"]:
+                continue
+            job = dict(sampler=sampler, backprop=backprop, steps=int(steps), batch=int(batch), dtype=dtype,
+                       accel=g["accel"], channels_last=bool(g["channels_last"]),
+                       vae_checkpointing=bool(g["vae_checkpointing"]), repeats=int(g["repeats"]),
+                       warmup=int(g["warmup"]), budget=g["budget"], role="timed")
+            key = tuple(job[k] for k in JOB_KEYS[:8])
+            if key not in seen:
+                seen.add(key)
+                jobs.append(job)
+    if args.grad_reference == "float32":  # the same gradient with the model in float32, once per case
+        refs = {}
+        for j in jobs:
+            if j["dtype"] != "float32" and j["steps"] <= args.reference_max_steps:
+                key = (j["sampler"], j["steps"], j["batch"])
+                refs.setdefault(key, dict(j, backprop="checkpoint", dtype="float32", accel="eager", channels_last=False,
+                                          repeats=1, warmup=0, budget=None, role="reference"))
+        jobs += list(refs.values())  # last: on one device the model switches to float32 once
+    for j in jobs:
+        if j["sampler"] not in SAMPLERS or j["backprop"] not in BACKPROPS or j["dtype"] not in DTYPES or j["accel"] not in ACCELS:
+            raise ValueError(f"bad job {j}: samplers {SAMPLERS}, backprops {BACKPROPS}, dtypes {tuple(DTYPES)}, accel {ACCELS}")
+    return jobs
+
+
+def _read_plan(plan: str) -> list[dict]:
+    text = plan if plan.lstrip().startswith("[") else Path(plan).read_text()
+    groups = json.loads(text)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("--plan must be a JSON list of objects")
+    return groups
+
+
+def _predict_seconds(job: dict, records: list[dict]) -> float | None:
+    """Wall time of a job from an earlier record of the same kind, scaled by steps (None: no estimate)."""
+    best = None
+    for r in records:
+        if r["status"] == "ok" and r["role"] == "timed" and all(r[k] == job[k] for k in ("sampler", "backprop", "batch", "dtype", "accel")):
+            per_step = r["seconds_per_iteration"] / r["steps"]
+            best = per_step if best is None else min(best, per_step)
+    if best is None:
+        return None
+    return best * job["steps"] * (job["warmup"] + max(1, job["repeats"]))
+
+
+def run_subprocess(job: dict, args, grad_path: str) -> tuple[dict, torch.Tensor | None]:
+    """One record in a fresh interpreter: its peak RSS is this record's alone."""
+    payload = json.dumps({"args": vars(args), "job": job, "grad_path": grad_path})
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", payload]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.subprocess_timeout)
+    except subprocess.TimeoutExpired:
+        rec = _base_record(job, args)
+        rec["status"] = f"error: subprocess timed out after {args.subprocess_timeout}s"
+        return rec, None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            rec = json.loads(line[len("RESULT "):])
+            grad = torch.load(grad_path, weights_only=True) if os.path.exists(grad_path) else None
+            return rec, grad
+    rec = _base_record(job, args)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    rec["status"] = f"error: worker exit {proc.returncode}: {tail[0][:300]}"
+    sys.stderr.write(proc.stderr[-4000:])
+    return rec, None
+
+
+def worker_main(payload: str) -> None:
+    data = json.loads(payload)
+    args = argparse.Namespace(**data["args"])
+    _setup_torch(args)
+    model = Model(args)
+    rec, grad = run_job(model, data["job"], args)
+    rec["peak_memory_kind"] = "rss_fresh_subprocess" if model.device.type == "cpu" else rec["peak_memory_kind"]
+    if model.device.type == "cpu":
+        rec["peak_memory_bytes"] = _peak_rss()
+    if grad is not None:
+        torch.save(grad, data["grad_path"])
+    print("RESULT " + json.dumps(rec), flush=True)
+
+
+def _setup_torch(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if torch.cuda.is_available():
+        # the float32 reference must be float32: no TF32 in convolutions or matmuls
+        torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+        torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def attach_errors(records: list[dict], grads: list) -> None:
+    def find(pred):
+        for r, g in zip(records, grads):
+            if g is not None and r["status"] == "ok" and pred(r):
+                return g
+        return None
+
+    same = lambda a, b: all(a[k] == b[k] for k in ("sampler", "steps", "batch"))  # noqa: E731
+    for r, g in zip(records, grads):
+        if g is None or r["role"] != "timed":
+            continue
+        ref = find(lambda o: o["role"] == "timed" and o["backprop"] == "autograd" and same(o, r)
+                   and o["dtype"] == r["dtype"] and o["accel"] == r["accel"])
+        if ref is None:
+            ref = find(lambda o: o["role"] == "timed" and o["backprop"] == "autograd" and same(o, r) and o["dtype"] == r["dtype"])
+        if ref is not None:
+            r["grad_rel_error_vs_autograd"] = _rel(g, ref)
+        ref32 = find(lambda o: o["role"] == "reference" and same(o, r))
+        if ref32 is None and r["dtype"] != "float32":
+            ref32 = find(lambda o: o["dtype"] == "float32" and o["backprop"] in ("checkpoint", "autograd") and same(o, r))
+        if ref32 is not None and r["dtype"] != "float32":
+            r["grad_rel_error_vs_fp32"] = _rel(g, ref32)
+
+
+def _fmt(v, kind):
+    if v is None:
+        return "-"
+    if kind == "s":
+        return f"{v:.3f}"
+    if kind == "MiB":
+        return f"{v / 2**20:.1f}"
+    if kind == "KiB":
+        return f"{v / 2**10:.1f}"
+    if kind == "e":
+        return f"{v:.2e}"
+    return str(v)
+
+
+def table(records: list[dict]) -> str:
+    cols = [("sampler", "sampler", None), ("backprop", "backprop", None), ("steps", "steps", None),
+            ("batch", "batch", None), ("dtype", "dtype", None), ("accel", "accel", None),
+            ("s/iter", "seconds_per_iteration", "s"), ("n", "repeats", None), ("peak MiB", "peak_memory_bytes", "MiB"),
+            ("saved KiB", "saved_bytes", "KiB"), ("unet", "unet_calls", None),
+            ("err vs autograd", "grad_rel_error_vs_autograd", "e"), ("err vs fp32", "grad_rel_error_vs_fp32", "e"),
+            ("drift", "reversible_drift", "e"), ("status", "status", None)]
+    rows = [[h for h, _, _ in cols]]
+    for r in records:
+        row = [_fmt(r.get(k), kind) for _, k, kind in cols]
+        if r.get("role") == "reference":
+            row[1] += "(ref)"
+        if r.get("vae_checkpointing") or r.get("channels_last"):
+            row[5] += "+" + "+".join(s for s, on in (("vaeckpt", r.get("vae_checkpointing")), ("cl", r.get("channels_last"))) if on)
+        row[-1] = row[-1][:60]
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps (default 5 10 20; --quick: 2 3)")
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--backprops", nargs="+", default=list(BACKPROPS), choices=BACKPROPS)
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="seeds per batch (one record each)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--sd-config", default="tiny", choices=architectures.ARCHITECTURES,
+                   help="architecture with random weights (tiny, sd15 = real SD-1.5 configs, sd21)")
+    p.add_argument("--pretrained", default=None, help="hub id or local dir of a diffusers SD checkpoint")
+    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--mix-weight", type=float, default=0.93)
+    p.add_argument("--drift-tolerance", type=float, default=1e-3)
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations per record (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations first (the first counts saved bytes)")
+    p.add_argument("--max-autograd-steps", type=int, default=None, help="skip autograd above this many steps")
+    p.add_argument("--grad-reference", choices=("float32", "none"), default=None,
+                   help="compare each low-precision gradient with the model in float32 (default: on when --dtype is not float32)")
+    p.add_argument("--reference-max-steps", type=int, default=20, help="float32 references only up to this many steps")
+    p.add_argument("--vae-checkpointing", action="store_true", help="gradient checkpointing in the VAE decoder")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (accel=compile)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as CUDA graphs (accel=graphs)")
+    p.add_argument("--plan", default=None, help="JSON list (or file) of record groups overriding the options above: "
+                   "keys samplers, backprops, steps, batch, dtype, accel, channels_last, vae_checkpointing, repeats, "
+                   "warmup, budget, max_autograd_steps")
+    p.add_argument("--record-budget", type=float, default=None, help="stop timing a record after this many seconds (>= 1 repeat)")
+    p.add_argument("--deadline", type=float, default=None, help="skip records that would end after this many seconds")
+    p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
+                   help="run each record in a fresh subprocess (auto: on CPU) so peak RSS is its own")
+    p.add_argument("--subprocess-timeout", type=float, default=1800)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default 1 for the tiny model on CPU: tiny ops only lose to threading)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 (off: float32 means float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: steps 2 3, 1 repeat, no warm-up, in-process")
+    p.add_argument("--json", default=None, help="write the records here (rewritten after every record)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.warmup = args.steps or [2, 3], 1, 0
+        if args.isolate == "auto":
+            args.isolate = "none"
+    args.steps = args.steps or [5, 10, 20]
+    if args.threads is None and torch.device(args.device).type == "cpu" and args.sd_config == "tiny" and not args.pretrained:
+        args.threads = 1
+    args.accel = "compile" if args.compile else ("graphs" if args.cuda_graphs else "eager")
+    if args.compile and args.cuda_graphs:
+        p.error("--compile and --cuda-graphs are exclusive (use --compile-mode reduce-overhead for compiled graphs)")
+    if args.grad_reference is None:
+        args.grad_reference = "none" if args.dtype == "float32" else "float32"
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker_main(args.worker)
+        return []
+    _setup_torch(args)
+    start = time.perf_counter()
+    jobs = make_jobs(args)
+    isolate = args.isolate == "subprocess" or (args.isolate == "auto" and torch.device(args.device).type == "cpu")
+    print(f"# {len(jobs)} records on {args.device} ({torch.cuda.get_device_name() if torch.device(args.device).type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
+          f"torch {torch.__version__}, model {args.pretrained or args.sd_config}, "
+          f"{'one subprocess per record' if isolate else 'in-process'}", flush=True)
+    model = None
+    if not isolate:
+        model = Model(args)
+        print(f"# model built in {model.build_seconds:.1f}s", flush=True)
+    records, grads = [], []
+    tmp = tempfile.mkdtemp(prefix="doodl-bench-")
+    for n, job in enumerate(jobs):
+        elapsed = time.perf_counter() - start
+        predicted = _predict_seconds(job, records)
+        if args.deadline is not None and (elapsed > args.deadline or (predicted is not None and elapsed + predicted > args.deadline)):
+            rec, grad = _base_record(job, args, model), None
+            rec["status"] = f"skipped: deadline ({elapsed:.0f}s elapsed, ~{predicted or 0:.0f}s needed)"
+        elif isolate:
+            rec, grad = run_subprocess(job, args, os.path.join(tmp, f"grad{n}.pt"))
+        else:
+            try:
+                rec, grad = run_job(model, job, args)
+            except torch.OutOfMemoryError as e:
+                rec, grad = _base_record(job, args, model), None
+                rec["status"] = "oom"
+                if torch.cuda.is_available():
+                    rec["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+                print(f"# OOM: {str(e).splitlines()[0][:200]}", flush=True)
+            except Exception as e:  # one broken record must not stop the others
+                rec, grad = _base_record(job, args, model), None
+                rec["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                traceback.print_exc()
+            _free(model.device)
+        records.append(rec)
+        grads.append(grad)
+        attach_errors(records, grads)
+        print(f"[{time.perf_counter() - start:6.1f}s] {job['sampler']}/{job['backprop']} steps={job['steps']} batch={job['batch']} "
+              f"{job['dtype']} {job['accel']} ({job['role']}): {rec['status']} "
+              f"{_fmt(rec['seconds_per_iteration'], 's')} s/iter, peak {_fmt(rec['peak_memory_bytes'], 'MiB')} MiB", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(records, indent=1))
+    print(table(records), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The chain-gradient benchmark script runs end to end on the tiny model and reports sane records."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "benchmarks" / "backprop.py"
+SCHEMA = {
+    "sampler", "backprop", "steps", "batch", "resolution", "dtype", "device", "seconds_per_iteration", "saved_bytes",
+    "peak_memory_bytes", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32", "reversible_drift", "unet_calls",
+    "status", "role",
+}
+
+
+def run(tmp_path, *extra):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out), *extra],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "s/iter" in proc.stdout  # the table
+    return json.loads(out.read_text())
+
+
+def test_quick_in_process(tmp_path):
+    records = run(tmp_path)
+    combos = {(r["sampler"], r["backprop"]) for r in records}
+    assert combos == {("ddim", "autograd"), ("ddim", "checkpoint"), ("edict", "autograd"), ("edict", "checkpoint"),
+                      ("edict", "reversible")}
+    for r in records:
+        assert SCHEMA <= set(r), SCHEMA - set(r)
+        assert r["status"] == "ok" and r["device"] == "cpu" and r["dtype"] == "float32"
+        assert r["seconds_per_iteration"] > 0 and r["peak_memory_bytes"] > 0 and r["saved_bytes"] > 0
+        assert r["grad_rel_error_vs_autograd"] is not None
+        assert r["grad_rel_error_vs_autograd"] < 1e-4, r  # float32: the same gradient
+        assert r["unet_calls"] == {"ddim": 1, "edict": 2}[r["sampler"]] * r["steps"] * (1 if r["backprop"] == "autograd" else 2)
+        if r["backprop"] == "reversible":
+            assert r["reversible_drift"] < 1e-4 and r["reversible_fallback"] is False
+    saved = {(r["sampler"], r["backprop"], r["steps"]): r["saved_bytes"] for r in records}
+    assert saved["edict", "reversible", 2] == saved["edict", "reversible", 3]  # flat in steps
+    assert saved["edict", "checkpoint", 3] > saved["edict", "checkpoint", 2]  # one latent pair a step
+    assert saved["edict", "autograd", 3] > 100 * saved["edict", "checkpoint", 3]
+
+
+def test_subprocess_records_and_fp32_reference(tmp_path):
+    # one fresh interpreter per record on CPU (peak RSS of its own), gradients compared across processes:
+    # a bfloat16 record gets its error against the same gradient with the model in float32
+    records = run(tmp_path, "--isolate", "subprocess", "--samplers", "ddim", "--backprops", "checkpoint",
+                  "--steps", "2", "--dtype", "bfloat16")
+    assert [(r["role"], r["dtype"]) for r in records] == [("timed", "bfloat16"), ("reference", "float32")]
+    for r in records:
+        assert r["status"] == "ok" and r["peak_memory_kind"] == "rss_fresh_subprocess" and r["peak_memory_bytes"] > 0
+    assert 0 < records[0]["grad_rel_error_vs_fp32"] < 0.2  # bfloat16 is not float32, but close
