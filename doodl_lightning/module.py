@@ -164,7 +164,8 @@ class DOODL(LightningModule):
 
     def on_fit_start(self) -> None:
         prompts = [it.prompt for it in self.local_items]
-        self._cond = self.backbone.encode_prompts(prompts)
+        # one prompt at a time: an item's embedding must not depend on which items share its rank
+        self._cond = torch.cat([self.backbone.encode_prompts([q]) for q in prompts])
         self._uncond = self.backbone.encode_prompts([self.hparams.negative_prompt])
         if self.hparams.source_image is not None and not self._restored:
             self._invert_source()

@@ -1,0 +1,85 @@
+"""DDP over seeds on CPU (gloo): every item ends exactly where a one-process run leaves it."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli import main
+from test_framework import write_config
+from tiny import save_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    pipe = save_tiny_pipeline(tmp / "pipe")
+    # micro_batch 1: every item is evaluated alone in both runs, so CPU kernels see identical shapes;
+    # one thread: Lightning gives each of 2 DDP processes cores // 2 threads, and the reduction order
+    # of CPU kernels depends on the thread count (2 vs 1 threads differ by ~1e-7, float32 rounding)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one = main(["fit", "--config", write_config(tmp / "one.yaml", pipe, tmp / "one", steps=2, micro_batch=1, seeds=[0, 1, 2])])
+    torch.set_num_threads(threads)
+    ref = {it.index: one.model.latents.detach()[j] for j, it in enumerate(one.model.local_items)}
+    return tmp, pipe, ref
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latents_from_checkpoints(run_dir: Path) -> dict[int, torch.Tensor]:
+    out = {}
+    for ckpt in sorted((run_dir / "checkpoints").glob("last.ckpt*")):
+        c = torch.load(ckpt, weights_only=True)
+        for j, item in enumerate(c["doodl_items"]):
+            out[item["index"]] = c["state_dict"]["latents"][j]
+    return out
+
+
+def check_run(run_dir: Path, ref: dict[int, torch.Tensor]) -> None:
+    got = latents_from_checkpoints(run_dir)
+    assert sorted(got) == sorted(ref) == list(range(6))
+    for i in ref:
+        assert torch.equal(got[i], ref[i]), f"item {i} differs from the one-process run"
+    lines = (run_dir / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and {'"rank": 0', '"rank": 1'} <= {f'"rank": {r}' for r in (0, 1) if f'"rank": {r}' in "".join(lines)}
+    assert (run_dir / "contact_sheet.png").is_file()
+
+
+def test_two_processes_equal_one_process(setup):
+    tmp, pipe, ref = setup
+    cfg = write_config(tmp / "two.yaml", pipe, tmp / "two", steps=2, micro_batch=1, seeds=[0, 1, 2])
+    r = subprocess.run([sys.executable, "cli.py", "fit", "--config", cfg, "--trainer.devices", "2",
+                        "--trainer.strategy", "seed_parallel"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run(tmp / "two/lightning_logs/version_0", ref)
+
+
+def test_two_nodes_through_torchrun_environment(setup):
+    """Two single-process 'nodes' on 127.0.0.1, launched by torchrun as on a cluster."""
+    tmp, pipe, ref = setup
+    cfg = write_config(tmp / "nodes.yaml", pipe, tmp / "nodes", steps=2, micro_batch=1, seeds=[0, 1, 2])
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+               "cli.py", "fit", "--config", cfg, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+               "--trainer.strategy", "seed_parallel"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    check_run(tmp / "nodes/lightning_logs/version_0", ref)
