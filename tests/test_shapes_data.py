@@ -1,0 +1,61 @@
+"""The shapes world's procedural data: deterministic by seed, captions agree with ground truth."""
+import random
+
+import torch
+
+from doodl_lightning.shapes import data as D
+
+
+def test_same_seed_same_batch_and_different_seed_differs():
+    a1, x1, c1 = D.make_batch(123, 8, caption="diffusion", p_two=0.3)
+    a2, x2, c2 = D.make_batch(123, 8, caption="diffusion", p_two=0.3)
+    assert torch.equal(x1, x2) and c1 == c2 and torch.equal(a1.shape, a2.shape)
+    _, x3, _ = D.make_batch(124, 8)
+    assert not torch.equal(x1, x3)
+    assert x1.shape == (8, 3, D.IMAGE_SIZE, D.IMAGE_SIZE) and x1.min() >= -1 and x1.max() <= 1
+
+
+def test_full_captions_name_every_attribute():
+    attrs = D.sample_attributes(5, 32)
+    for i in range(32):
+        gt = attrs.item(i)
+        o = gt["objects"][0]
+        dcap = D.diffusion_caption(attrs, i, full=True)
+        ccap = D.clip_caption(attrs, i, full=True)
+        for cap in (dcap, ccap):
+            assert o["colour"] in cap and o["size"] in cap and gt["background"] in cap
+            pos = "in the center" if o["position"] == "center" else f"at the {o['position']}"
+            assert pos in cap
+        assert o["shape"] in ccap
+        assert o["coarse_shape"] in dcap.split()
+
+
+def test_diffusion_captions_never_name_the_fine_polygon_class():
+    """Vocabulary expansion: triangle/square/pentagon/hexagon are all 'polygon' to the diffusion model."""
+    rng = random.Random(0)
+    attrs = D.sample_attributes(9, 200, p_two=0.2)
+    words = set()
+    for i in range(200):
+        words |= set(D.diffusion_caption(attrs, i, rng).split())
+    assert not words & {"triangle", "square", "pentagon", "hexagon", "blurry", "faint", "sharp"}
+    assert "polygon" in words and words <= set(D.VOCABULARY)
+
+
+def test_shapes_are_drawn_where_the_ground_truth_says():
+    attrs = D.sample_attributes(11, 16, p_degraded=0.0)
+    x = D.render(attrs)
+    bg = attrs.background_rgb * 2 - 1
+    for i in range(16):
+        cx, cy = (int(v) for v in attrs.center[i, 0])
+        centre = x[i, :, cy, cx]
+        assert torch.allclose(centre, attrs.colour_rgb[i, 0] * 2 - 1, atol=0.02)  # the centre is the shape's colour
+        assert torch.allclose(x[i, :, 0, 0], bg[i], atol=0.02) or attrs.radius[i, 0] > 10  # a corner is background
+
+
+def test_quality_score_range_and_degradation():
+    attrs = D.sample_attributes(3, 512, p_degraded=0.7)
+    q = attrs.quality
+    assert q.min() >= 0 and q.max() <= 10 + 1e-5
+    pristine = (attrs.blur == 0) & (attrs.alpha == 1)
+    assert torch.allclose(q[pristine], torch.full_like(q[pristine], 10.0))
+    assert (~pristine).float().mean() > 0.5
