@@ -129,7 +129,7 @@ class Backbone(nn.Module):
     def encode_images(self, images: Tensor) -> Tensor:
         """VAE-encode images in [-1, 1] to float32 latents (the posterior mean, as EDICT editing does)."""
         cfg = self.vae.config
-        z = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist.mean.float()
+        z = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist.mean.to(torch.promote_types(self.dtype, torch.float32))
         if getattr(cfg, "shift_factor", None):
             z = z - cfg.shift_factor
         return z * cfg.scaling_factor

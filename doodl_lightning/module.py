@@ -120,17 +120,17 @@ class DOODL(LightningModule):
         return result
 
     def _apply(self, fn, recurse=True):
-        # Lightning's "-true" precisions cast the whole module; the latents (and their norms) stay
-        # float32: only their device follows.
+        # Lightning's half "-true" precisions cast the whole module; the latents (and their norms)
+        # stay float32: only their device follows. ("64-true" may widen them.)
         keep = {n: t for n, t in self._parameters.items() if t is not None}
         keep.update({n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()})
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = getattr(self, name)
-            if new.dtype != old.dtype:
+            if new.dtype != old.dtype and new.dtype in (torch.float16, torch.bfloat16):
                 new.data = old.data.to(new.device)
                 if isinstance(new, nn.Parameter) and new.grad is not None:
-                    new.grad = new.grad.to(torch.float32)
+                    new.grad = new.grad.to(old.dtype)
         return self
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ class DOODL(LightningModule):
         n = len(self.local_items)
         inv = edict_invert(self._denoiser(list(range(n))), z0.expand(n, -1, -1, -1), full, self.hparams.mix_weight)
         self.source_round_trip_error = inv.round_trip_error
-        self.latents.data = ((inv.x + inv.y) / 2).float()
+        self.latents.data = ((inv.x + inv.y) / 2).to(self.latents.dtype)
         self.pair_offset.copy_((inv.x - inv.y) / 2)
         self.initial_norm.copy_(self.latents.detach().flatten(1).norm(dim=1))
 
