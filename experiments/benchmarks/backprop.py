@@ -55,13 +55,13 @@ from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, Schedule  # 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ACCELS = ("eager", "graphs", "compile")
 JOB_KEYS = ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last", "vae_checkpointing",
-            "repeats", "warmup", "budget", "role")
+            "drift_tolerance", "repeats", "warmup", "budget", "role")
 RECORD_KEYS = (
     "sampler", "backprop", "steps", "batch", "resolution", "dtype", "device", "model", "accel", "channels_last",
     "vae_checkpointing", "guidance_scale", "role", "status", "seconds_per_iteration", "seconds_all", "repeats",
     "warmup_seconds", "setup_seconds", "saved_bytes", "peak_memory_bytes", "peak_memory_kind",
     "peak_reserved_bytes", "unet_calls", "loss", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32",
-    "reversible_drift", "reversible_fallback",
+    "reversible_drift", "reversible_fallback", "drift_tolerance", "note",
 )
 
 
@@ -167,6 +167,8 @@ class GraphedUNet:
 
     def prepare(self, x, t, c):
         key = (tuple(x.shape), tuple(c.shape), x.dtype)
+        for k in [k for k in self.graphs if k != key]:  # one shape at a time: free the others' pools
+            del self.graphs[k]
         if key not in self.graphs:
             self.graphs[key] = _Graphs(self.unet, x, t, c)
         return self.graphs[key]
@@ -216,6 +218,7 @@ class Model:
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.dtype, self.channels_last, self.master = torch.float32, False, None
         self.graphed: GraphedUNet | None = None
+        self.graphs_error: str | None = None  # set once capture failed: later graphs jobs run eager
         self.compiled = None
         self.build_seconds = time.perf_counter() - t0
         _free(self.device)
@@ -251,10 +254,13 @@ class Model:
                        prediction_type=self.prediction_type, alphas_cumprod=self.scheduler.alphas_cumprod)
         if accel == "graphs":
             if self.device.type != "cuda":
-                raise RuntimeError("--cuda-graphs needs --device cuda")
+                raise RuntimeError("CUDA graphs need --device cuda")
             if self.graphed is None:
                 self.graphed = GraphedUNet(self.unet)
             den.unet = self.graphed
+        elif self.graphed is not None:  # free the graphs' memory pools before measuring anything else
+            self.graphed = None
+            _free(self.device)
         return den
 
     def latents(self, batch: int, resolution: int) -> torch.Tensor:
@@ -330,15 +336,27 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
     t_setup = time.perf_counter()
     dtype = DTYPES[job["dtype"]]
     model.configure(dtype, job["channels_last"], job["vae_checkpointing"])
-    den = model.denoiser(job["accel"], args.guidance_scale)
     schedule = Schedule.from_scheduler(model.scheduler, job["steps"])
     z0 = model.latents(job["batch"], rec["resolution"])
-    if job["accel"] == "graphs":  # capture once per input shape (as the Denoiser batches it), before timing
-        b, cfg = z0.shape[0], args.guidance_scale not in (0.0, 1.0)
-        emb = lambda e: e.expand(b, *e.shape[1:])  # noqa: E731
-        x = torch.cat([z0, z0]) if cfg else z0
-        ctx = torch.cat([emb(model.uncond), emb(model.cond)]) if cfg else emb(model.cond if args.guidance_scale else model.uncond)
-        model.graphed.prepare(x.to(dtype), torch.as_tensor(schedule.timesteps[0], device=device), ctx.to(dtype))
+    den = None
+    if job["accel"] == "graphs" and model.graphs_error is None:
+        try:  # capture once per input shape (as the Denoiser batches it), before anything is timed
+            den = model.denoiser("graphs", args.guidance_scale)
+            b, cfg = z0.shape[0], args.guidance_scale not in (0.0, 1.0)
+            emb = lambda e: e.expand(b, *e.shape[1:])  # noqa: E731
+            x = torch.cat([z0, z0]) if cfg else z0
+            ctx = torch.cat([emb(model.uncond), emb(model.cond)]) if cfg else emb(model.cond if args.guidance_scale else model.uncond)
+            model.graphed.prepare(x.to(dtype), torch.as_tensor(schedule.timesteps[0], device=device), ctx.to(dtype))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # e.g. an op that cannot be captured: say so and measure eager instead
+            model.graphs_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            traceback.print_exc()
+            den = None
+    if job["accel"] == "graphs" and model.graphs_error is not None:
+        rec.update(accel="eager", note=f"CUDA graphs failed ({model.graphs_error}); measured eager")
+    if den is None:
+        den = model.denoiser(rec["accel"], args.guidance_scale)
     if device.type == "cuda":
         _free(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -357,10 +375,10 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
         if counter is not None:
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
                 ev = evaluate(den, z, schedule, decode, symmetry_loss, sampler=job["sampler"], backprop=job["backprop"],
-                              mix_weight=args.mix_weight, drift_tolerance=args.drift_tolerance)
+                              mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"])
         else:
             ev = evaluate(den, z, schedule, decode, symmetry_loss, sampler=job["sampler"], backprop=job["backprop"],
-                          mix_weight=args.mix_weight, drift_tolerance=args.drift_tolerance)
+                          mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"])
         _sync(device)
         return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
 
@@ -400,7 +418,7 @@ def _peak_rss() -> int:
 def _base_record(job: dict, args, model: Model | None = None) -> dict:
     rec = {k: None for k in RECORD_KEYS}
     rec.update({k: job[k] for k in ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last",
-                                    "vae_checkpointing", "role")})
+                                    "vae_checkpointing", "drift_tolerance", "role")})
     res = args.resolution or architectures.DEFAULT_RESOLUTION.get(args.sd_config, 512)
     rec.update(resolution=res, device=str(args.device), guidance_scale=args.guidance_scale,
                model=model.name if model is not None else (args.pretrained or f"{args.sd_config} (random weights)"))
@@ -418,7 +436,8 @@ def make_jobs(args) -> list[dict]:
     defaults = dict(samplers=args.samplers, backprops=args.backprops, steps=args.steps, batch=args.batch,
                     dtype=args.dtype, accel=args.accel, channels_last=args.channels_last,
                     vae_checkpointing=args.vae_checkpointing, repeats=args.repeats, warmup=args.warmup,
-                    budget=args.record_budget, max_autograd_steps=args.max_autograd_steps)
+                    budget=args.record_budget, max_autograd_steps=args.max_autograd_steps,
+                    drift_tolerance=args.drift_tolerance)
     groups = [{}] if args.plan is None else _read_plan(args.plan)
     jobs, seen = [], set()
     for group in groups:
@@ -435,9 +454,10 @@ def make_jobs(args) -> list[dict]:
                 continue
             job = dict(sampler=sampler, backprop=backprop, steps=int(steps), batch=int(batch), dtype=dtype,
                        accel=g["accel"], channels_last=bool(g["channels_last"]),
-                       vae_checkpointing=bool(g["vae_checkpointing"]), repeats=int(g["repeats"]),
+                       vae_checkpointing=bool(g["vae_checkpointing"]), drift_tolerance=float(g["drift_tolerance"]),
+                       repeats=int(g["repeats"]),
                        warmup=int(g["warmup"]), budget=g["budget"], role="timed")
-            key = tuple(job[k] for k in JOB_KEYS[:8])
+            key = tuple(job[k] for k in JOB_KEYS[:9])
             if key not in seen:
                 seen.add(key)
                 jobs.append(job)
@@ -512,6 +532,12 @@ def worker_main(payload: str) -> None:
 
 
 def _setup_torch(args) -> None:
+    try:  # diffusers warns on every dtype cast of a model built from a config: noise here
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+    except Exception:
+        pass
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.cuda.is_available():
@@ -582,6 +608,62 @@ def table(records: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
 
+OFFICIAL = {"seconds_per_iteration": 31.91, "peak_memory_bytes": 15.24 * 2**30, "steps": 50}  # ANCHORS.md, H200
+
+
+def summarize(paths: list[str]) -> str:
+    """A short table of the SD-size records and the issue's targets, from one or more JSON files."""
+    records = [r for p in paths if os.path.exists(p) for r in json.loads(Path(p).read_text())]
+    ok = [r for r in records if r["status"] == "ok" and r["role"] == "timed"]
+    gib = lambda b: "-" if b is None else f"{b / 2**30:.2f}"  # noqa: E731
+    lines = [f"{'sampler/backprop':22} {'steps':>5} {'b':>2} {'dtype':>8} {'accel':>13} {'s/iter':>7} {'x official@50':>19} "
+             f"{'peak GiB':>8} {'rsv GiB':>7} {'err fp32':>8} {'drift':>8}  status"]
+    for r in records:
+        if r["role"] != "timed":
+            continue
+        spi = r["seconds_per_iteration"]
+        speed = "-" if spi is None else f"{r['batch'] / spi * OFFICIAL['seconds_per_iteration'] * r['steps'] / OFFICIAL['steps']:.1f}"
+        accel = r["accel"] + ("+cl" if r["channels_last"] else "") + ("" if r["vae_checkpointing"] else "-novaeckpt")
+        lines.append(f"{r['sampler'] + '/' + r['backprop']:22} {r['steps']:>5} {r['batch']:>2} {r['dtype']:>8} {accel:>13} "
+                     f"{_fmt(spi, 's'):>7} {speed:>19} {gib(r['peak_memory_bytes']):>8} {gib(r.get('peak_reserved_bytes')):>7} "
+                     f"{_fmt(r['grad_rel_error_vs_fp32'], 'e'):>8} {_fmt(r['reversible_drift'], 'e'):>8}  {r['status'][:50]}")
+
+    def best(pred):
+        c = [r for r in ok if pred(r)]
+        return min(c, key=lambda r: r["seconds_per_iteration"]) if c else None
+
+    low = lambda r: r["dtype"] in ("float16", "bfloat16") and r["steps"] == 50  # noqa: E731
+    checks = []
+    d = best(lambda r: low(r) and r["batch"] == 1 and r["sampler"] == "ddim" and r["backprop"] == "checkpoint")
+    e = best(lambda r: low(r) and r["batch"] == 1 and r["sampler"] == "edict")
+    for name, r, limit in (("DDIM-checkpoint 50 steps b1 <= 2.5 s", d, 2.5), ("EDICT 50 steps b1 <= 6 s", e, 6.0)):
+        if r is None:
+            checks.append(f"{name}: not measured")
+            continue
+        checks.append(f"{name}: {r['seconds_per_iteration']:.2f} s ({r['backprop']}, {r['accel']}) -> "
+                      f"{'MET' if r['seconds_per_iteration'] <= limit else 'NOT met'}; peak {gib(r['peak_memory_bytes'])} GiB "
+                      f"allocated / {gib(r.get('peak_reserved_bytes'))} reserved -> "
+                      f"{'MET' if r['peak_memory_bytes'] <= 5 * 2**30 else 'NOT met'} (<= 5 GiB)")
+    for sampler, backprop in (("ddim", "checkpoint"), ("edict", "checkpoint"), ("edict", "reversible")):
+        for accel, dtype in sorted({(r["accel"], r["dtype"]) for r in ok if r["dtype"] != "float32"}):
+            by = {r["steps"]: r["peak_memory_bytes"] for r in ok if r["sampler"] == sampler and r["backprop"] == backprop
+                  and r["batch"] == 1 and r["accel"] == accel and r["dtype"] == dtype and r["vae_checkpointing"]
+                  and not r["channels_last"]}
+            if len(by) >= 2:
+                lo, hi = by[min(by)], by[max(by)]
+                checks.append(f"flat {sampler}-{backprop} ({accel}, {dtype}) {min(by)}->{max(by)} steps: {lo / 2**30:.3f} -> "
+                              f"{hi / 2**30:.3f} GiB ({100 * (hi / lo - 1):+.1f}%) -> {'MET' if abs(hi / lo - 1) <= 0.02 else 'NOT met'}")
+    for sampler in ("ddim", "edict"):
+        r = best(lambda r: low(r) and r["batch"] > 1 and r["sampler"] == sampler)
+        if r is not None:
+            x = r["batch"] / r["seconds_per_iteration"] * OFFICIAL["seconds_per_iteration"]
+            checks.append(f"{sampler} batch {r['batch']} ({r['backprop']}, {r['accel']}): {x:.1f}x the official code's "
+                          f"image-iterations/s -> {'MET' if x >= 15 else 'NOT met'} (>= 15x)")
+    where = sorted({f"{r['model']}, {r['resolution']}px, {r['device']}" for r in records})
+    head = [f"# {'; '.join(where)} (targets are stated for sd15 at 512px on one H100/H200)"]
+    return "\n".join(head + lines + [""] + checks)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps (default 5 10 20; --quick: 2 3)")
@@ -610,8 +692,8 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet as CUDA graphs (accel=graphs)")
     p.add_argument("--plan", default=None, help="JSON list (or file) of record groups overriding the options above: "
-                   "keys samplers, backprops, steps, batch, dtype, accel, channels_last, vae_checkpointing, repeats, "
-                   "warmup, budget, max_autograd_steps")
+                   "keys samplers, backprops, steps, batch, dtype, accel (eager|graphs|compile), channels_last, "
+                   "vae_checkpointing, drift_tolerance, repeats, warmup, budget, max_autograd_steps")
     p.add_argument("--record-budget", type=float, default=None, help="stop timing a record after this many seconds (>= 1 repeat)")
     p.add_argument("--deadline", type=float, default=None, help="skip records that would end after this many seconds")
     p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
@@ -623,6 +705,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: steps 2 3, 1 repeat, no warm-up, in-process")
     p.add_argument("--json", default=None, help="write the records here (rewritten after every record)")
+    p.add_argument("--summarize", nargs="+", default=None, metavar="JSON", help="print the short table of these files and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -642,6 +725,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return []
     if args.worker is not None:
         worker_main(args.worker)
         return []
