@@ -209,3 +209,33 @@ def test_cli_prints_one_line_error(tmp_path, pipe_dir):
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: seeds must be non-negative integers")
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, pipe_dir):
+    """SIGKILL after step 3 of 5, resume from last.ckpt: same latents, complete results and images."""
+    full, _ = fit(tmp_path, pipe_dir, "full", steps=5)
+    out = tmp_path / "killed"
+    callbacks = [
+        {"class_path": "callbacks.ResultsWriter"},
+        {"class_path": "callbacks.ImageLogger", "init_args": {"every_n_steps": 1}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0}},
+    ]
+    cfg = write_config(tmp_path / "killed.yaml", pipe_dir, out, steps=5, callbacks=callbacks + [
+        {"class_path": "killer.KillAfter", "init_args": {"step": 3}}])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", cfg], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9  # killed, not finished
+    run = out / "lightning_logs/version_0"
+    for line in (run / "results.jsonl").read_text().splitlines():
+        json.loads(line)  # only complete lines
+    from PIL import Image
+
+    for png in run.rglob("*.png"):
+        Image.open(png).load()  # only complete images
+    assert not list(run.rglob("*.tmp"))
+    cfg = write_config(tmp_path / "resume.yaml", pipe_dir, out, steps=5, callbacks=callbacks)
+    resumed = main(["fit", "--config", cfg, "--ckpt_path", str(run / "checkpoints/last.ckpt")])
+    assert resumed.trainer.global_step == 5
+    assert torch.equal(full.model.latents, resumed.model.latents)
