@@ -122,15 +122,16 @@ class DOODL(LightningModule):
     def _apply(self, fn, recurse=True):
         # Lightning's half "-true" precisions cast the whole module; the latents (and their norms)
         # stay float32: only their device follows. ("64-true" may widen them.)
-        keep = {n: t for n, t in self._parameters.items() if t is not None}
-        keep.update({n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()})
+        # .data aliases the storage, not the object: safe even when torch swaps parameter objects
+        keep = {n: t.data for n, t in self._parameters.items() if t is not None}
+        keep.update({n: b.data for n, b in self._buffers.items() if b is not None and b.is_floating_point()})
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = getattr(self, name)
             if new.dtype != old.dtype and new.dtype in (torch.float16, torch.bfloat16):
                 new.data = old.data.to(new.device)
                 if isinstance(new, nn.Parameter) and new.grad is not None:
-                    new.grad = new.grad.to(old.dtype)
+                    new.grad = None  # a cast gradient would be rounded; the next step recomputes it
         return self
 
     # -- set-up ------------------------------------------------------------------------------------

@@ -239,3 +239,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, pipe_dir):
     resumed = main(["fit", "--config", cfg, "--ckpt_path", str(run / "checkpoints/last.ckpt")])
     assert resumed.trainer.global_step == 5
     assert torch.equal(full.model.latents, resumed.model.latents)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_half_precisions_keep_latents_and_optimiser_in_float32(tmp_path, pipe_dir, precision):
+    cli, _ = fit(tmp_path, pipe_dir, "h", steps=2, extra=["--trainer.precision", precision])
+    m = cli.model
+    assert m.backbone.dtype == torch.bfloat16
+    assert m.latents.dtype == torch.float32 and m.initial_norm.dtype == torch.float32
+    buf = cli.trainer.optimizers[0].state[m.latents]["momentum_buffer"]
+    assert buf.dtype == torch.float32 and torch.isfinite(m.last.total).all()
