@@ -58,10 +58,10 @@ JOB_KEYS = ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels
             "drift_tolerance", "repeats", "warmup", "budget", "role")
 RECORD_KEYS = (
     "sampler", "backprop", "steps", "batch", "resolution", "dtype", "device", "model", "accel", "channels_last",
-    "vae_checkpointing", "guidance_scale", "role", "status", "seconds_per_iteration", "seconds_all", "repeats",
+    "vae_checkpointing", "guidance_scale", "role", "status", "seconds_per_iteration", "seconds_min", "seconds_all", "repeats",
     "warmup_seconds", "setup_seconds", "saved_bytes", "peak_memory_bytes", "peak_memory_kind",
     "peak_reserved_bytes", "unet_calls", "loss", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32",
-    "reversible_drift", "reversible_fallback", "drift_tolerance", "note",
+    "time_vs_autograd", "reversible_drift", "reversible_fallback", "drift_tolerance", "note",
 )
 
 
@@ -395,7 +395,7 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
         dt, grad, ev, calls = iteration(counter if (k == 0 and not warm) else None)
         times.append(dt)
     rec.update(
-        status="ok", seconds_per_iteration=statistics.median(times), seconds_all=times, repeats=len(times),
+        status="ok", seconds_per_iteration=statistics.median(times), seconds_min=min(times), seconds_all=times, repeats=len(times),
         warmup_seconds=warm[0] if warm else None, saved_bytes=counter.bytes, unet_calls=calls,
         loss=float(ev.total.mean()), reversible_drift=ev.info.get("reversible_drift"),
         reversible_fallback=ev.info.get("reversible_fallback"),
@@ -484,15 +484,18 @@ def _read_plan(plan: str) -> list[dict]:
 
 
 def _predict_seconds(job: dict, records: list[dict]) -> float | None:
-    """Wall time of a job from an earlier record of the same kind, scaled by steps (None: no estimate)."""
+    """Wall time of a job from earlier records of the same kind, scaled by steps and (when no record has
+    this batch size) linearly by batch, which over-estimates (None: no estimate)."""
     best = None
     for r in records:
-        if r["status"] == "ok" and r["role"] == "timed" and all(r[k] == job[k] for k in ("sampler", "backprop", "batch", "dtype", "accel")):
-            per_step = r["seconds_per_iteration"] / r["steps"]
-            best = per_step if best is None else min(best, per_step)
+        if r["status"] == "ok" and r["role"] == "timed" and all(r[k] == job[k] for k in ("sampler", "backprop", "dtype", "accel")):
+            per_step = r["seconds_per_iteration"] / r["steps"] * (1.0 if r["batch"] == job["batch"] else job["batch"] / r["batch"])
+            exact = r["batch"] == job["batch"]
+            if best is None or (exact, -per_step) > (best[0], -best[1]):
+                best = (exact, per_step)
     if best is None:
         return None
-    return best * job["steps"] * (job["warmup"] + max(1, job["repeats"]))
+    return best[1] * job["steps"] * (job["warmup"] + max(1, job["repeats"]))
 
 
 def run_subprocess(job: dict, args, grad_path: str) -> tuple[dict, torch.Tensor | None]:
@@ -522,10 +525,10 @@ def worker_main(payload: str) -> None:
     args = argparse.Namespace(**data["args"])
     _setup_torch(args)
     model = Model(args)
+    before = _peak_rss()  # interpreter + libraries + model: the floor under every record's peak
     rec, grad = run_job(model, data["job"], args)
-    rec["peak_memory_kind"] = "rss_fresh_subprocess" if model.device.type == "cpu" else rec["peak_memory_kind"]
     if model.device.type == "cpu":
-        rec["peak_memory_bytes"] = _peak_rss()
+        rec.update(peak_memory_bytes=_peak_rss(), peak_memory_kind="rss_fresh_subprocess", rss_before_job_bytes=before)
     if grad is not None:
         torch.save(grad, data["grad_path"])
     print("RESULT " + json.dumps(rec), flush=True)
@@ -567,6 +570,10 @@ def attach_errors(records: list[dict], grads: list) -> None:
             ref = find(lambda o: o["role"] == "timed" and o["backprop"] == "autograd" and same(o, r) and o["dtype"] == r["dtype"])
         if ref is not None:
             r["grad_rel_error_vs_autograd"] = _rel(g, ref)
+        base = [o for o in records if o["status"] == "ok" and o["role"] == "timed" and o["backprop"] == "autograd"
+                and same(o, r) and o["dtype"] == r["dtype"] and o["accel"] == r["accel"]]
+        if base:
+            r["time_vs_autograd"] = r["seconds_per_iteration"] / base[0]["seconds_per_iteration"]
         ref32 = find(lambda o: o["role"] == "reference" and same(o, r))
         if ref32 is None and r["dtype"] != "float32":
             ref32 = find(lambda o: o["dtype"] == "float32" and o["backprop"] in ("checkpoint", "autograd") and same(o, r))
@@ -585,13 +592,15 @@ def _fmt(v, kind):
         return f"{v / 2**10:.1f}"
     if kind == "e":
         return f"{v:.2e}"
+    if kind == "x":
+        return f"{v:.2f}"
     return str(v)
 
 
 def table(records: list[dict]) -> str:
     cols = [("sampler", "sampler", None), ("backprop", "backprop", None), ("steps", "steps", None),
             ("batch", "batch", None), ("dtype", "dtype", None), ("accel", "accel", None),
-            ("s/iter", "seconds_per_iteration", "s"), ("n", "repeats", None), ("peak MiB", "peak_memory_bytes", "MiB"),
+            ("s/iter", "seconds_per_iteration", "s"), ("x autograd", "time_vs_autograd", "x"), ("n", "repeats", None), ("peak MiB", "peak_memory_bytes", "MiB"),
             ("saved KiB", "saved_bytes", "KiB"), ("unet", "unet_calls", None),
             ("err vs autograd", "grad_rel_error_vs_autograd", "e"), ("err vs fp32", "grad_rel_error_vs_fp32", "e"),
             ("drift", "reversible_drift", "e"), ("status", "status", None)]
