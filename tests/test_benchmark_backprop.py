@@ -53,3 +53,16 @@ def test_subprocess_records_and_fp32_reference(tmp_path):
     for r in records:
         assert r["status"] == "ok" and r["peak_memory_kind"] == "rss_fresh_subprocess" and r["peak_memory_bytes"] > 0
     assert 0 < records[0]["grad_rel_error_vs_fp32"] < 0.2  # bfloat16 is not float32, but close
+
+
+def test_sd15_architecture_is_the_released_one():
+    # built on the meta device: shapes and parameter counts without allocating 1B parameters
+    from doodl_lightning import architectures as A
+    from doodl_lightning.sampling import Schedule
+
+    parts = A.build_components("sd15", device="meta")
+    counts = {k: A.parameter_count(v) for k, v in parts.items() if k != "scheduler"}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}  # SD-1.5's
+    assert parts["vae"].config.scaling_factor == 0.18215 and A.latent_size("sd15") == 64
+    assert Schedule.from_scheduler(parts["scheduler"], 50).timesteps[:2] == (981, 961)  # scaled-linear, offset 1
+    assert A.build_scheduler("sd21").config.prediction_type == "v_prediction"

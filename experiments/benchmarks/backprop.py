@@ -194,6 +194,9 @@ class Model:
     def __init__(self, args):
         self.device = torch.device(args.device)
         self.args = args
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()  # diffusers warns on every dtype cast of a model built from a config
         t0 = time.perf_counter()
         if args.pretrained:
             self.name = args.pretrained
@@ -204,14 +207,14 @@ class Model:
         else:
             self.name = f"{args.sd_config} (random weights)"
             parts = architectures.build_components(args.sd_config, device=self.device, dtype=torch.float32, seed=args.seed)
-            unet, vae, text_encoder, scheduler = parts["unet"], parts["vae"], parts["text_encoder"], parts["scheduler"]
+            unet, vae, text_encoder, scheduler = (parts.pop(k) for k in ("unet", "vae", "text_encoder", "scheduler"))
             vocab = text_encoder.config.vocab_size
             gen = torch.Generator().manual_seed(args.seed + 123)
             cond_ids, uncond_ids = (torch.randint(0, vocab, (1, 77), generator=gen) for _ in range(2))
         with torch.no_grad():
             self.cond = text_encoder(cond_ids.to(self.device)).last_hidden_state.float()
             self.uncond = text_encoder(uncond_ids.to(self.device)).last_hidden_state.float()
-        del text_encoder
+        del text_encoder  # only the two embeddings stay: its weights must not count in any record's peak
         self.unet, self.vae, self.scheduler = unet, vae, scheduler
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         self.latent_channels = unet.config.in_channels
@@ -535,12 +538,6 @@ def worker_main(payload: str) -> None:
 
 
 def _setup_torch(args) -> None:
-    try:  # diffusers warns on every dtype cast of a model built from a config: noise here
-        from diffusers.utils import logging as dlogging
-
-        dlogging.set_verbosity_error()
-    except Exception:
-        pass
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.cuda.is_available():

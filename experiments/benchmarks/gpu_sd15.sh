@@ -38,7 +38,7 @@ PLAN='[
 ]'
 # --drift-tolerance 1: time the reversible sweep itself (its drift is reported; the library default 1e-3
 # would fall back to checkpoint, i.e. add a checkpoint backward, whose cost is measured separately).
-timeout $((TOTAL - 60 - (SECONDS - T0))) $PY $BENCH --sd-config sd15 --device cuda --dtype float16 \
+timeout -k 10 $((TOTAL - 60 - (SECONDS - T0))) $PY $BENCH --sd-config sd15 --device cuda --dtype float16 \
   --vae-checkpointing --drift-tolerance 1 --max-autograd-steps 10 --grad-reference float32 --reference-max-steps 10 \
   --record-budget 30 --deadline $MAIN_DEADLINE --plan "$PLAN" --json "$OUT/sd15.json" $BENCH_ARGS 2>&1 | tee "$OUT/sd15.log"
 rc=${PIPESTATUS[0]}
@@ -47,7 +47,7 @@ rc=${PIPESTATUS[0]}
 # torch.compile of the UNet (default mode) on one record, with whatever time is left (compile time counts).
 LEFT=$((TOTAL - 15 - (SECONDS - T0)))
 if [ "$LEFT" -gt 45 ]; then
-  timeout $LEFT $PY $BENCH --sd-config sd15 --device cuda --dtype float16 --vae-checkpointing --compile \
+  timeout -k 10 $LEFT $PY $BENCH --sd-config sd15 --device cuda --dtype float16 --vae-checkpointing --compile \
     --steps 10 --samplers ddim --backprops checkpoint --grad-reference none --json "$OUT/sd15_compile.json" \
     $BENCH_ARGS > "$OUT/sd15_compile.log" 2>&1
   rc=$?
