@@ -66,3 +66,73 @@ def test_sd15_architecture_is_the_released_one():
     assert parts["vae"].config.scaling_factor == 0.18215 and A.latent_size("sd15") == 64
     assert Schedule.from_scheduler(parts["scheduler"], 50).timesteps[:2] == (981, 961)  # scaled-linear, offset 1
     assert A.build_scheduler("sd21").config.prediction_type == "v_prediction"
+
+
+def test_graphed_unet_gradients_survive_overwritten_replays():
+    # CUDA graphs own ONE set of activations; simulate that on CPU (each "replay" overwrites the single
+    # static graph) and check every mode's gradient equals plain eager, refreshing where it must
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import backprop as B
+    from doodl_lightning import architectures as A
+    from doodl_lightning.objective import decode_latents, evaluate
+    from doodl_lightning.sampling import Denoiser, Schedule
+
+    class Replay:
+        def __init__(self, f):
+            self.replay = f
+
+    def fake_graphs(unet, x, t, c):
+        g = object.__new__(B._Graphs)
+        g.x_inf, g.t, g.c, g.x_grad = x.clone(), t.clone(), c.clone(), x.clone().requires_grad_()
+        g.generation = g.refreshes = 0
+        g.out_inf, g.out_grad, g.gout, g.gx = (torch.zeros_like(x) for _ in range(4))
+        state = {}
+
+        def inf():
+            with torch.no_grad():
+                g.out_inf.copy_(unet(g.x_inf, g.t, encoder_hidden_states=g.c).sample)
+
+        def fwd():
+            with torch.enable_grad():
+                state["out"] = unet(g.x_grad, g.t, encoder_hidden_states=g.c).sample
+            g.out_grad.copy_(state["out"].detach())
+
+        def bwd():
+            g.gx.copy_(torch.autograd.grad(state["out"], g.x_grad, g.gout, retain_graph=True)[0])
+
+        g.g_inf, g.g_fwd, g.g_bwd = Replay(inf), Replay(fwd), Replay(bwd)
+        return g
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add contention
+    try:
+        _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedule, fake_graphs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedule, fake_graphs):
+    torch.manual_seed(0)
+    unet, vae = A.build_unet("tiny"), A.build_vae("tiny")
+    cond, uncond = torch.randn(1, 77, 16), torch.randn(1, 77, 16)
+    schedule = Schedule.from_scheduler(A.build_scheduler("tiny"), 3)
+    z0 = torch.randn(2, 4, 8, 8)
+    expected_refreshes = {("ddim", "autograd"): 2, ("ddim", "checkpoint"): 0, ("edict", "autograd"): 5,
+                          ("edict", "checkpoint"): 3, ("edict", "reversible"): 0}
+    for (sampler, backprop), refreshes in expected_refreshes.items():
+        grads = []
+        for graphed in (False, True):
+            den = Denoiser(unet, cond=cond, uncond=uncond, guidance_scale=7.5)
+            if graphed:
+                den.unet = B.GraphedUNet(unet)
+                x, c = torch.cat([z0, z0]), torch.cat([uncond.expand(2, -1, -1), cond.expand(2, -1, -1)])
+                fake = fake_graphs(unet, x, torch.tensor(schedule.timesteps[0]), c)
+                den.unet.graphs[(tuple(x.shape), tuple(c.shape), x.dtype)] = fake
+            z = z0.clone().requires_grad_()
+            evaluate(den, z, schedule, lambda lat: decode_latents(vae, lat), B.symmetry_loss, sampler=sampler,
+                     backprop=backprop)
+            grads.append(z.grad)
+        assert torch.equal(grads[0], grads[1]), (sampler, backprop)
+        assert fake.refreshes == refreshes, (sampler, backprop, fake.refreshes)
