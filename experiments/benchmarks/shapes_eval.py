@@ -80,6 +80,8 @@ MODES = {
 CFG_SCALE = 7.5  # classifier-free guidance of every sampler (SD's default)
 CLIP = 1e-3      # DOODL's element-wise gradient clip (the official value; --clip); lr = step / clip, so that
                  # ``step`` bounds each element's move per iteration (before momentum)
+# the full run starts no DOODL step-sweep run after this many minutes (keeps it within 45 min on 2 cores)
+FULL_SWEEP_DEADLINE_MINUTES = 33.0
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
 
 log = print
@@ -305,7 +307,7 @@ def build_compositional(ctx) -> Experiment:
         return m, ok, text
 
     metrics = [
-        {"name": "object_acc", "label": "objects right (shape+colour in its half)", "judge": "evaluator", "percent": True},
+        {"name": "object_acc", "label": "objects right: shape+colour in its half (evaluator)", "judge": "evaluator", "percent": True},
         {"name": "guide_prefers_prompt", "label": "guide (CLIP) prefers prompt over swaps", "judge": "guide", "percent": True},
         {"name": "shape_acc", "label": "shape", "judge": "evaluator", "percent": True},
         {"name": "colour_acc", "label": "colour", "judge": "evaluator", "percent": True},
@@ -537,25 +539,22 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
     return rec
 
 
+def _doodl(ctx: Ctx, exp: Experiment, sampler: str, step: float) -> None:
+    clip = ctx.args.clip
+    run_method(ctx, exp, f"doodl_{sampler}_step{step:g}", f"DOODL-{sampler.upper()} (step {step:g})", "doodl",
+               sampler, step=step, lr=step / clip, clip=clip, iters=ctx.mode["iters"])
+
+
 def run_experiment(ctx: Ctx, exp: Experiment) -> None:
+    """Unguided (DDIM, EDICT), the one-step scale sweep, DOODL-DDIM and DOODL-EDICT at the default step."""
     mode = ctx.mode
     t0 = time.time()
     run_method(ctx, exp, "unguided_ddim", "unguided (DDIM)", "unguided", "ddim")
     run_method(ctx, exp, "unguided_edict", "unguided (EDICT)", "unguided", "edict")
     for s in mode["scales"]:
         run_method(ctx, exp, f"one_step_s{s:g}", f"one-step (scale {s:g})", "one_step", "ddim", scale=s)
-    clip = ctx.args.clip
-
-    def doodl(sampler, step):
-        run_method(ctx, exp, f"doodl_{sampler}_step{step:g}", f"DOODL-{sampler.upper()} (step {step:g})", "doodl",
-                   sampler, step=step, lr=step / clip, clip=clip, iters=mode["iters"])
-
     for sampler in ("ddim", "edict"):
-        doodl(sampler, mode["step"])
-    if exp.name == "vocab":
-        for sampler in mode["step_sweep_samplers"]:
-            for step in mode["step_sweep"]:
-                doodl(sampler, step)
+        _doodl(ctx, exp, sampler, mode["step"])
     # the best one-step scale by the evaluator's primary metric (ties: the smaller scale)
     one = [k for k in exp.runs if k.startswith("one_step_")]
     best = max(one, key=lambda k: (exp.runs[k]["metrics"][exp.primary]["mean"], -exp.runs[k]["params"]["scale"]))
@@ -563,6 +562,21 @@ def run_experiment(ctx: Ctx, exp: Experiment) -> None:
     step = mode["step"]
     exp.extra["headline"] = ["unguided_ddim", "unguided_edict", best, f"doodl_ddim_step{step:g}", f"doodl_edict_step{step:g}"]
     exp.extra["seconds"] = round(time.time() - t0, 1)
+
+
+def run_step_sweep(ctx: Ctx, exp: Experiment, deadline: float | None) -> list[str]:
+    """Vocabulary expansion only: DOODL at other step sizes (run last; skipped past ``deadline``)."""
+    skipped = []
+    t0 = time.time()
+    for sampler in ctx.mode["step_sweep_samplers"]:
+        for step in ctx.mode["step_sweep"]:
+            if deadline is not None and time.time() > deadline:
+                skipped.append(f"{sampler} step {step:g}")
+                log(f"[{exp.name}] deadline passed: skipping DOODL-{sampler.upper()} step {step:g}", flush=True)
+                continue
+            _doodl(ctx, exp, sampler, step)
+    exp.extra["seconds"] = round(exp.extra["seconds"] + time.time() - t0, 1)
+    return skipped
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -597,6 +611,24 @@ def table(exp: Experiment, keys: list[str], mode: dict, best: str | None) -> lis
         c = r["compute"]
         cells += [f"{c['unet_forward_per_image']:g} ({c['unet_backward_per_image']:g})", f"{c['seconds_per_image']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_table(exps: list[Experiment]) -> list[str]:
+    """One row per experiment and judge: the primary metric of every headline method."""
+    cols = ["unguided (DDIM)", "unguided (EDICT)", "one-step (best scale)", "DOODL-DDIM", "DOODL-EDICT"]
+    lines = ["## Summary", "", "| experiment | measure | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for exp in exps:
+        for name in (exp.primary, exp.guide_metric):
+            d = next(x for x in exp.metrics if x["name"] == name)
+            cells = [fmt(exp.runs[k]["metrics"][name], d) for k in exp.extra["headline"]]
+            lines.append(f"| {exp.name} | {d['label']} | " + " | ".join(cells) + " |")
+        c = [exp.runs[k]["compute"] for k in exp.extra["headline"]]
+        lines.append(f"| {exp.name} | compute: UNet evals/img; s/img | " + " | ".join(
+            f"{x['unet_forward_per_image']:g}; {x['seconds_per_image']:.2f} s" for x in c) + " |")
+    best = {e.name: e.runs[e.extra["one_step_best"]]["params"]["scale"] for e in exps}
+    lines += ["", "One-step: the best scale of the sweep by the evaluator's primary metric (optimistic for the baseline): "
+              + ", ".join(f"{k} {v:g}" for k, v in best.items()) + "."]
     return lines
 
 
@@ -639,6 +671,7 @@ def write_outputs(ctx: Ctx, exps: list[Experiment], meta: dict) -> dict:
           f"element's move per iteration before momentum; perturbation 1e-4, renormalised latents, backprop `{ctx.args.backprop}`); one-step guidance on DDIM. Mean [95% bootstrap interval over "
           f"{mode['seeds']} seeds]. UNet evaluations per image counted by a forward hook (a CFG pair = 1); "
           "seconds per image = the run's wall clock / its images (batched).", ""]
+    md += summary_table(exps) + [""]
     for exp in exps:
         best = exp.extra["one_step_best"]
         e = {"title": exp.title, "description": exp.description, "prompts": exp.prompts, "seeds": exp.seeds,
@@ -723,6 +756,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="DOODL iterations (overrides the mode)")
     ap.add_argument("--clip", type=float, default=CLIP, help="DOODL element-wise gradient clip (lr = step / clip)")
     ap.add_argument("--backprop", default="checkpoint", choices=["checkpoint", "autograd", "reversible"])
+    ap.add_argument("--deadline-minutes", type=float, default=None,
+                    help="skip the remaining vocabulary DOODL step sweep once this much time has passed")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     a = ap.parse_args(argv)
     if a.weights is None:
@@ -751,17 +786,33 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ctx = Ctx(a, mode, a.out)
     exps = []
+    if a.deadline_minutes is None and mode_name == "full":
+        a.deadline_minutes = FULL_SWEEP_DEADLINE_MINUTES
+    deadline = None if a.deadline_minutes is None else t0 + 60 * a.deadline_minutes
+    skipped: list[str] = []
+
+    def write():
+        meta = {"mode": mode_name,
+                "command": "python experiments/benchmarks/shapes_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "machine": machine(), "load_average_at_start": [round(x, 2) for x in load0],
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": commit,
+                "weights": str(a.weights), "total_seconds": round(time.time() - t0, 1),
+                "complete": len(exps) == len(a.experiments) and done[0], "skipped_past_deadline": skipped}
+        write_outputs(ctx, exps, meta)
+
+    done = [False]
     with shared_backbone():
         for name in a.experiments:
             exp = BUILDERS[name](ctx)
             log(f"== {name}: {len(exp.prompts)} prompts x {len(exp.seeds)} seeds", flush=True)
             run_experiment(ctx, exp)
             exps.append(exp)
-    meta = {"mode": mode_name, "command": "python experiments/benchmarks/shapes_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": machine(), "load_average_at_start": [round(x, 2) for x in load0],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": commit,
-            "weights": str(a.weights), "total_seconds": round(time.time() - t0, 1)}
-    write_outputs(ctx, exps, meta)
+            write()  # results so far, rewritten after every experiment
+        for exp in exps:
+            if exp.name == "vocab" and mode["step_sweep"]:
+                skipped += run_step_sweep(ctx, exp, deadline)
+        done[0] = True
+        write()
     log(f"wrote {a.out}/results.json, results.md and figures in {time.time() - t0:.0f} s", flush=True)
     return 0
 
