@@ -61,7 +61,7 @@ RECORD_KEYS = (
     "vae_checkpointing", "guidance_scale", "role", "status", "seconds_per_iteration", "seconds_min", "seconds_all", "repeats",
     "warmup_seconds", "setup_seconds", "saved_bytes", "peak_memory_bytes", "peak_memory_kind",
     "peak_reserved_bytes", "unet_calls", "loss", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32",
-    "time_vs_autograd", "reversible_drift", "reversible_fallback", "drift_tolerance", "note",
+    "time_vs_autograd", "reversible_drift", "reversible_fallback", "drift_tolerance", "note", "interleaved",
 )
 
 
@@ -335,8 +335,8 @@ class _SavedBytes:
 
 # -- one record -------------------------------------------------------------------------------------------
 
-def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
-    """Measure one record in this process; returns (record, gradient on the CPU in float64)."""
+def _prepare(model: Model, job: dict, args):
+    """Set the model up for ``job``; returns (record so far, iteration closure)."""
     device = model.device
     rec = _base_record(job, args, model)
     t_setup = time.perf_counter()
@@ -388,6 +388,13 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
         _sync(device)
         return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
 
+    iteration.den = den
+    return rec, iteration
+
+
+def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
+    """Measure one record in this process; returns (record, gradient on the CPU in float64)."""
+    rec, iteration = _prepare(model, job, args)
     counter = _SavedBytes(model.unet, model.vae)
     warm = []
     for k in range(job["warmup"]):
@@ -400,6 +407,12 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
             break
         dt, grad, ev, calls = iteration(counter if (k == 0 and not warm) else None)
         times.append(dt)
+    return _finish(model, job, rec, iteration, counter, warm, times, (grad, ev, calls))
+
+
+def _finish(model, job, rec, iteration, counter, warm, times, last):
+    device = model.device
+    grad, ev, calls = last
     rec.update(
         status="ok", seconds_per_iteration=statistics.median(times), seconds_min=min(times), seconds_all=times, repeats=len(times),
         warmup_seconds=warm[0] if warm else None, saved_bytes=counter.bytes, unet_calls=calls,
@@ -415,6 +428,31 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
         rec["graph_refreshes"] = sum(g.refreshes for g in model.graphed.graphs.values())
     g = None if grad is None else grad.detach().double().cpu()
     return rec, g
+
+
+def run_interleaved(model: Model, jobs: list[dict], args) -> list[tuple[dict, torch.Tensor | None]]:
+    """The same records as :func:`run_job`, but the iterations of ``jobs`` (which differ only in backprop)
+    alternate round-robin, so a slow spell on a shared machine hits every mode alike: use it for time
+    RATIOS on a busy CPU. Peak memory is then the process's, not each record's."""
+    preps = [_prepare(model, j, args) for j in jobs]
+    counters = [_SavedBytes(model.unet, model.vae) for _ in jobs]
+    warm, times, last = [[] for _ in jobs], [[] for _ in jobs], [None] * len(jobs)
+    for k in range(max(j["warmup"] for j in jobs)):
+        for i, (j, (rec, iteration)) in enumerate(zip(jobs, preps)):
+            if k < j["warmup"]:
+                dt, *last[i] = iteration(counters[i] if k == 0 else None)
+                warm[i].append(dt)
+    for k in range(max(max(1, j["repeats"]) for j in jobs)):
+        for i, (j, (rec, iteration)) in enumerate(zip(jobs, preps)):
+            if k < max(1, j["repeats"]):
+                dt, *last[i] = iteration(counters[i] if (k == 0 and not warm[i]) else None)
+                times[i].append(dt)
+    out = []
+    for i, (j, (rec, iteration)) in enumerate(zip(jobs, preps)):
+        rec, g = _finish(model, j, rec, iteration, counters[i], warm[i], times[i], tuple(last[i]))
+        rec["interleaved"] = True
+        out.append((rec, g))
+    return out
 
 
 def _peak_rss() -> int:
@@ -707,6 +745,9 @@ def parse_args(argv=None):
     p.add_argument("--deadline", type=float, default=None, help="skip records that would end after this many seconds")
     p.add_argument("--isolate", choices=("auto", "subprocess", "none"), default="auto",
                    help="run each record in a fresh subprocess (auto: on CPU) so peak RSS is its own")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate the timed iterations of the backprop modes of each case (in-process): fair time "
+                        "ratios on a busy machine; peaks are then the process's")
     p.add_argument("--subprocess-timeout", type=float, default=1800)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default 1 for the tiny model on CPU: tiny ops only lose to threading)")
@@ -753,6 +794,32 @@ def main(argv=None) -> list[dict]:
         print(f"# model built in {model.build_seconds:.1f}s", flush=True)
     records, grads = [], []
     tmp = tempfile.mkdtemp(prefix="doodl-bench-")
+    if args.interleave:
+        if isolate:
+            raise SystemExit("--interleave runs in one process: add --isolate none")
+        groups: dict = {}
+        for job in jobs:  # same record but for the backprop mode: one group
+            groups.setdefault(tuple(job[k] for k in JOB_KEYS if k != "backprop"), []).append(job)
+        for group in groups.values():
+            try:
+                pairs = run_interleaved(model, group, args)
+            except Exception as e:
+                traceback.print_exc()
+                pairs = []
+                for job in group:
+                    rec = _base_record(job, args, model)
+                    rec["status"] = "oom" if isinstance(e, torch.OutOfMemoryError) else f"error: {type(e).__name__}: {str(e)[:200]}"
+                    pairs.append((rec, None))
+            _free(model.device)
+            for rec, grad in pairs:
+                records.append(rec)
+                grads.append(grad)
+            attach_errors(records, grads)
+            print(f"[{time.perf_counter() - start:6.1f}s] interleaved {group[0]['sampler']} steps={group[0]['steps']} "
+                  + ", ".join(f"{r['backprop']} {_fmt(r['seconds_per_iteration'], 's')} s" for r, _ in pairs), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(records, indent=1))
+        jobs = []
     for n, job in enumerate(jobs):
         elapsed = time.perf_counter() - start
         predicted = _predict_seconds(job, records)
