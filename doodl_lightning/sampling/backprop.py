@@ -12,7 +12,6 @@ Gradients flow to the latents only; the denoiser's weights are frozen.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
@@ -79,17 +78,19 @@ def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
     return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _power_of_two_scale(*grads: Tensor) -> float:
+def _power_of_two_scale(*grads: Tensor) -> Tensor:
     # The VJP is linear in its cotangent: bringing it to O(1) by a power of two (exact in any float
     # format) keeps half-precision UNet backward passes from underflowing on tiny loss gradients.
-    m = max(float(g.detach().abs().max()) for g in grads)
-    return 2.0 ** round(math.log2(m)) if m > 0 and math.isfinite(m) else 1.0
+    # Computed on the device: no host sync per VJP.
+    m = torch.stack([g.detach().abs().max().float() for g in grads]).max()
+    ok = (m > 0) & torch.isfinite(m)
+    return torch.where(ok, torch.exp2(torch.round(torch.log2(torch.where(ok, m, torch.ones_like(m))))), torch.ones_like(m))
 
 
 def _vjp(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     s = _power_of_two_scale(*cotangents)
-    grads = torch.autograd.grad(outputs, inputs, tuple(c / s for c in cotangents), allow_unused=True)
-    return tuple(torch.zeros_like(i) if g is None else g * s for g, i in zip(grads, inputs))
+    grads = torch.autograd.grad(outputs, inputs, tuple(c / s.to(c.dtype) for c in cotangents), allow_unused=True)
+    return tuple(torch.zeros_like(i) if g is None else g * s.to(g.dtype) for g, i in zip(grads, inputs))
 
 
 def _edict_checkpoint_backward(eps, schedule, p, xs, ys, gx, gy):

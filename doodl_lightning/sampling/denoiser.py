@@ -39,6 +39,7 @@ class Denoiser:
         self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.double().cpu()
         self.dtype = next(unet.parameters()).dtype
         self.calls = 0  # UNet calls, for honest compute accounting in benchmarks
+        self._timesteps: dict = {}
 
     def _unet(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
         self.calls += 1
@@ -52,9 +53,17 @@ class Denoiser:
     def _expand(context: Tensor, n: int) -> Tensor:
         return context.expand(n, *context.shape[1:]) if context.shape[0] == 1 else context
 
+    def _timestep(self, t: int, device: torch.device) -> Tensor:
+        # one device tensor per timestep, made once: no blocking host-to-device copy per UNet call
+        key = (t, device)
+        if key not in self._timesteps:
+            self._timesteps[key] = torch.tensor(t, device=device)
+        return self._timesteps[key]
+
     def __call__(self, x: Tensor, t: int | Tensor) -> Tensor:
         n = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
+        t_int = int(t)
+        t = self._timestep(t_int, x.device)
         xin = x.to(self.dtype)
         s = self.guidance_scale
         if self.cond is None and self.uncond is None:
@@ -72,6 +81,6 @@ class Denoiser:
         if self.prediction_type == "v_prediction":
             # v = sqrt(abar) eps - sqrt(1-abar) x0 and x_t = sqrt(abar) x0 + sqrt(1-abar) eps
             #  =>  eps = sqrt(abar) v + sqrt(1-abar) x_t
-            abar = float(self.alphas_cumprod[int(t)])
+            abar = float(self.alphas_cumprod[t_int])
             out = abar**0.5 * out + (1.0 - abar) ** 0.5 * x
         return out
