@@ -145,6 +145,7 @@ class Experiment:
     guide_metric: str
     ymax: float
     extra: dict = field(default_factory=dict)
+    spec: Callable | None = None  # (prompt, seed) -> ([(fine shape, colour, size, position) per object], background)
     runs: dict = field(default_factory=dict)
     images: dict = field(default_factory=dict)
 
@@ -177,6 +178,35 @@ def shared_backbone():
 # ------------------------------------------------------------------------------------------------ experiments
 def coarse_of(fine_index: int) -> str:
     return D.COARSE_SHAPES[D.FINE_TO_COARSE[int(fine_index)]]
+
+
+def fine_of(coarse: str, rng: random.Random) -> int:
+    """A fine shape class of a coarse name (a polygon: one of the four at random)."""
+    return {"circle": 0, "star": 5}.get(coarse) if coarse != "polygon" else rng.choice([1, 2, 3, 4])
+
+
+def render_specs(specs: list, seed: int) -> torch.Tensor:
+    """Procedural renders (pristine: no blur, full contrast) of exactly the given objects and backgrounds,
+    with the data module's jitter of centre, radius, rotation and colours (drawn from ``seed``)."""
+    n = len(specs)
+    a = D.sample_attributes(seed, n, p_degraded=0.0)
+    for i, (objs, bg) in enumerate(specs):
+        a.n_objects[i] = len(objs)
+        for k, (sh, co, si, po) in enumerate(objs):
+            a.shape[i, k], a.colour[i, k], a.size[i, k], a.position[i, k] = sh, co, si, po
+        a.background[i] = bg
+    g = torch.Generator().manual_seed(seed + 1)
+    grid = torch.tensor(D.GRID)
+    a.center = torch.stack([grid[a.position % 3], grid[a.position // 3]], dim=-1) + (torch.rand(n, 2, 2, generator=g) * 2 - 1)
+    factor = torch.tensor([D.SHAPE_GEOMETRY[x][2] for x in D.SHAPES])[a.shape]
+    a.radius = torch.tensor(D.SIZE_RADIUS)[a.size] * factor * (1 + 0.08 * (torch.rand(n, 2, generator=g) * 2 - 1))
+    a.colour_rgb = (D.COLOUR_RGB[a.colour] + 0.05 * (torch.rand(n, 2, 3, generator=g) * 2 - 1)).clamp(0, 1)
+    a.background_rgb = (D.BACKGROUND_RGB[a.background] + 0.03 * (torch.rand(n, 3, generator=g) * 2 - 1)).clamp(0, 1)
+    return D.render(a)
+
+
+def _rng(prompt: str, seed: int) -> random.Random:
+    return random.Random(f"{prompt}|{seed}")
 
 
 def build_vocab(ctx) -> Experiment:
@@ -222,13 +252,17 @@ def build_vocab(ctx) -> Experiment:
         {"name": "target_and_colour", "label": "target and colour", "judge": "evaluator", "percent": True},
         {"name": "polygon_kept", "label": "still a polygon", "judge": "evaluator", "percent": True},
     ]
+    def spec(prompt, seed):
+        r = _rng(prompt, seed)
+        return [(targets[prompt], want[prompt]["colour"], want[prompt]["size"], r.randrange(9))], r.randrange(3)
+
     return Experiment(
         "vocab", "Vocabulary expansion (classifier guidance)",
         "Prompt 'a <size> <colour> polygon'; the guide (shapes classifier) asks for one of the 4 polygon classes the "
         "diffusion model never read (triangle, square, pentagon, hexagon), one target per prompt.",
         list(targets), [SEED_BASE["vocab"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
         "evaluator_target", "guide_target", 100.0,
-        extra={"targets": {p: D.SHAPES[t] for p, t in targets.items()}})
+        extra={"targets": {p: D.SHAPES[t] for p, t in targets.items()}}, spec=spec)
 
 
 def _swap_captions(spec) -> list[str]:
@@ -314,6 +348,12 @@ def build_compositional(ctx) -> Experiment:
         {"name": "background_acc", "label": "background", "judge": "evaluator", "percent": True},
         {"name": "all_correct", "label": "everything right", "judge": "evaluator", "percent": True},
     ]
+    def spec(prompt, seed):
+        r, sp = _rng(prompt, seed), specs[prompt]
+        objs = [(fine_of(shape, r), D.COLOURS.index(colour), 0, D.POSITIONS.index(pos))
+                for (shape, colour), pos in zip(sp["objects"], sp["positions"])]
+        return objs, D.BACKGROUNDS.index(sp["background"])
+
     return Experiment(
         "compositional", "CLIP-text guidance on two-object prompts",
         "Prompt = guidance text: two small objects (coarse shape + colour) on either side of a left/right or "
@@ -321,7 +361,7 @@ def build_compositional(ctx) -> Experiment:
         "median colour); guide's verdict: shapes-CLIP ranks the prompt above its colour-, shape- and side-swapped "
         "variants (chance 25%).",
         list(specs), [SEED_BASE["compositional"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
-        "object_acc", "guide_prefers_prompt", 100.0, extra={"specs": specs})
+        "object_acc", "guide_prefers_prompt", 100.0, extra={"specs": specs}, spec=spec)
 
 
 def build_aesthetic(ctx) -> Experiment:
@@ -361,6 +401,11 @@ def build_aesthetic(ctx) -> Experiment:
         {"name": "prompt_kept", "label": "prompt kept (shape+colour)", "judge": "evaluator", "percent": True},
         {"name": "pixel_drift", "label": "pixel drift vs unguided (same sampler)", "judge": "pixels", "percent": False},
     ]
+    def spec(prompt, seed):
+        r = _rng(prompt, seed)
+        colour, coarse = want[prompt]
+        return [(fine_of(coarse, r), D.COLOURS.index(colour), r.randrange(3), r.randrange(9))], r.randrange(3)
+
     return Experiment(
         "aesthetic", "Aesthetic-style guidance (shapes aesthetic head, maximised)",
         "Prompt 'a <colour> <shape>' (no quality words: unguided generations vary in sharpness and contrast). "
@@ -368,7 +413,7 @@ def build_aesthetic(ctx) -> Experiment:
         "drift: prompt attributes kept, and mean |pixel change| (0..1 scale) from the same seed's unguided image "
         "of the same sampler.",
         list(want), [SEED_BASE["aesthetic"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
-        "evaluator_quality", "guide_score", 10.0, extra={"reference": exp_ref})
+        "evaluator_quality", "guide_score", 10.0, extra={"reference": exp_ref}, spec=spec)
 
 
 def build_personalisation(ctx) -> Experiment:
@@ -424,6 +469,12 @@ def build_personalisation(ctx) -> Experiment:
         {"name": "background_match", "label": "background", "judge": "evaluator", "percent": True},
         {"name": "prompt_shape_kept", "label": "prompt shape kept", "judge": "evaluator", "percent": True},
     ]
+    def spec(prompt, seed):
+        r = _rng(prompt, seed)
+        colour, bg, coarse = want[prompt]
+        size = D.SIZES.index(prompt.split()[1])
+        return [(fine_of(coarse, r), D.COLOURS.index(colour), size, r.randrange(9))], D.BACKGROUNDS.index(bg)
+
     return Experiment(
         "personalisation", "CLIP-image personalisation",
         f"{ctx.mode['refs_per_set']} reference renders per set share a colour and a background (shape, size, "
@@ -433,7 +484,7 @@ def build_personalisation(ctx) -> Experiment:
         list(sets), [SEED_BASE["personalisation"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
         "agreement", "guide_nearest_set", 100.0,
         extra={"sets": {p: {"colour": w[0], "background": w[1], "references": [str(Path(x).relative_to(ctx.out)) for x in sets[p]]}
-                        for p, w in want.items()}})
+                        for p, w in want.items()}}, spec=spec)
 
 
 BUILDERS = {"vocab": build_vocab, "compositional": build_compositional, "aesthetic": build_aesthetic,
@@ -483,7 +534,11 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
     if ctx.counter is not None:
         ctx.counter.reset()
     extra = {}
-    if method == "unguided":
+    if method == "render":
+        t0 = time.time()
+        images = render_specs([exp.spec(p, s) for p, s in exp.items], SEED_BASE[exp.name] + 999)
+        ev = None
+    elif method == "unguided":
         m = make_module(ctx, exp, sampler)
         ctx.counter.reset()
         t0 = time.time()
@@ -512,10 +567,14 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
             extra["last_grad_abs_median"] = float(grad.abs().median())
     seconds = time.time() - t0
     n = len(exp.items)
-    images = ev.images.detach().float().cpu()
-    if method != "doodl":
+    if ev is not None:
+        images = ev.images.detach().float().cpu()
+    if method not in ("doodl", "render"):
         extra["final_loss"] = round(float(ev.total.mean()), 5)
-    compute = ctx.counter.per_image(n, 2 if CFG_SCALE not in (0.0, 1.0) else 1)
+    if method == "render":
+        compute = {"unet_forward_per_image": 0.0, "unet_backward_per_image": 0.0, "batched_unet_calls": 0}
+    else:
+        compute = ctx.counter.per_image(n, 2 if CFG_SCALE not in (0.0, 1.0) else 1)
     compute.update({"seconds_total": round(seconds, 2), "seconds_per_image": round(seconds / n, 3)})
     ref = None
     if exp.name == "aesthetic":
@@ -549,6 +608,7 @@ def run_experiment(ctx: Ctx, exp: Experiment) -> None:
     """Unguided (DDIM, EDICT), the one-step scale sweep, DOODL-DDIM and DOODL-EDICT at the default step."""
     mode = ctx.mode
     t0 = time.time()
+    run_method(ctx, exp, "render", "procedural render of the prompt", "render", "none")
     run_method(ctx, exp, "unguided_ddim", "unguided (DDIM)", "unguided", "ddim")
     run_method(ctx, exp, "unguided_edict", "unguided (EDICT)", "unguided", "edict")
     for s in mode["scales"]:
@@ -560,7 +620,7 @@ def run_experiment(ctx: Ctx, exp: Experiment) -> None:
     best = max(one, key=lambda k: (exp.runs[k]["metrics"][exp.primary]["mean"], -exp.runs[k]["params"]["scale"]))
     exp.extra["one_step_best"] = best
     step = mode["step"]
-    exp.extra["headline"] = ["unguided_ddim", "unguided_edict", best, f"doodl_ddim_step{step:g}", f"doodl_edict_step{step:g}"]
+    exp.extra["headline"] = ["render", "unguided_ddim", "unguided_edict", best, f"doodl_ddim_step{step:g}", f"doodl_edict_step{step:g}"]
     exp.extra["seconds"] = round(time.time() - t0, 1)
 
 
@@ -589,6 +649,8 @@ def fmt(metric: dict, desc: dict) -> str:
 
 
 def method_setting(rec: dict, mode: dict) -> str:
+    if rec["method"] == "render":
+        return "no model: the data renderer"
     if rec["method"] == "unguided":
         return f"{mode['steps']} steps"
     if rec["method"] == "one_step":
@@ -616,7 +678,7 @@ def table(exp: Experiment, keys: list[str], mode: dict, best: str | None) -> lis
 
 def summary_table(exps: list[Experiment]) -> list[str]:
     """One row per experiment and judge: the primary metric of every headline method."""
-    cols = ["unguided (DDIM)", "unguided (EDICT)", "one-step (best scale)", "DOODL-DDIM", "DOODL-EDICT"]
+    cols = ["procedural render (reference)", "unguided (DDIM)", "unguided (EDICT)", "one-step (best scale)", "DOODL-DDIM", "DOODL-EDICT"]
     lines = ["## Summary", "", "| experiment | measure | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for exp in exps:
         for name in (exp.primary, exp.guide_metric):
