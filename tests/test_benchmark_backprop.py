@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from doodl_lightning import cuda_graphs as G
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "benchmarks" / "backprop.py"
 SCHEMA = {
@@ -84,7 +86,7 @@ def test_graphed_unet_gradients_survive_overwritten_replays():
             self.replay = f
 
     def fake_graphs(unet, x, t, c):
-        g = object.__new__(B._Graphs)
+        g = object.__new__(G._Graphs)
         g.x_inf, g.t, g.c, g.x_grad = x.clone(), t.clone(), c.clone(), x.clone().requires_grad_()
         g.generation = g.refreshes = 0
         g.out_inf, g.out_grad, g.gout, g.gx = (torch.zeros_like(x) for _ in range(4))
@@ -126,7 +128,7 @@ def _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedu
         for graphed in (False, True):
             den = Denoiser(unet, cond=cond, uncond=uncond, guidance_scale=7.5)
             if graphed:
-                den.unet = B.GraphedUNet(unet)
+                den.unet = G.GraphedUNet(unet)
                 x, c = torch.cat([z0, z0]), torch.cat([uncond.expand(2, -1, -1), cond.expand(2, -1, -1)])
                 fake = fake_graphs(unet, x, torch.tensor(schedule.timesteps[0]), c)
                 den.unet.graphs[(tuple(x.shape), tuple(c.shape), x.dtype)] = fake
