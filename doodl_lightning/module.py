@@ -193,9 +193,13 @@ class DOODL(LightningModule):
     # -- the chain ---------------------------------------------------------------------------------
     @property
     def schedule(self) -> Schedule:
-        full = Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps)
-        k = self.hparams.opt_t
-        return full if k is None else full.tail(len(full) - k)
+        """The chain that is optimised: all ``steps``, or the last ``opt_t`` of them."""
+        key = (self.hparams.steps, self.hparams.opt_t)
+        if getattr(self, "_schedule_key", None) != key:
+            full = Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps)
+            k = self.hparams.opt_t
+            self._schedule, self._schedule_key = (full if k is None else full.tail(len(full) - k)), key
+        return self._schedule
 
     def _denoiser(self, idx: list[int]):
         eps = self.backbone.denoiser(self._cond[idx], self._uncond, self.hparams.guidance_scale)
