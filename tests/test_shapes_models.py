@@ -70,8 +70,8 @@ def test_aesthetic_head_is_laion_linear_format():
     _need(shapes.aesthetic_head_path())
     sd = load_file(str(shapes.aesthetic_head_path()))
     assert set(sd) == {"weight", "bias"} and sd["weight"].shape[0] == 1 and sd["bias"].shape == (1,)
-    if shapes.clip_config_path().exists() or (shapes.weights_dir() / "shapes-clip" / "shapes-clip.json").exists():
-        cfg = json.loads((shapes.weights_dir() / "shapes-clip" / "shapes-clip.json").read_text())
+    if shapes.clip_config_path().exists():
+        cfg = json.loads(shapes.clip_config_path().read_text())
         assert sd["weight"].shape[1] == cfg["embed_dim"]
 
 

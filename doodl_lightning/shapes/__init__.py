@@ -4,7 +4,7 @@ evaluator trained on procedural shapes, shipped as safetensors under ``weights/`
 Paths (all inside the installed package)::
 
     weights_dir()/sd-shapes/                   Stable-Diffusion-layout diffusers directory
-    weights_dir()/shapes-clip/config.json      open_clip model config (model name "shapes-clip")
+    weights_dir()/shapes-clip/shapes-clip.json open_clip model config (open_clip names a model by the file stem)
     weights_dir()/shapes-clip/open_clip_model.safetensors
     weights_dir()/classifier/                  config.json (arch "timm:test_resnet"), model.safetensors, labels.txt
     weights_dir()/aesthetic/head.safetensors   LAION linear-head format {weight [1, D], bias [1]}
@@ -34,8 +34,9 @@ def sd_dir() -> Path:
 
 
 def clip_config_path() -> Path:
-    """open_clip model config JSON of shapes-CLIP (``open_clip.add_model_config(path)`` registers "shapes-clip")."""
-    return weights_dir() / "shapes-clip" / "config.json"
+    """open_clip model config JSON of shapes-CLIP (``open_clip.add_model_config(path)`` registers "shapes-clip":
+    open_clip's registry names a model after its config file's stem, hence not ``config.json``)."""
+    return weights_dir() / "shapes-clip" / f"{CLIP_MODEL_NAME}.json"
 
 
 def clip_checkpoint_path() -> Path:

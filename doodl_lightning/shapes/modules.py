@@ -132,11 +132,22 @@ class VAEModule(ShapesModule):
     def __init__(self, block_out_channels: tuple[int, ...] = (32, 64, 64), layers_per_block: int = 1,
                  latent_channels: int = 4, norm_num_groups: int = 16, kl_weight: float = 1e-6, p_two: float = 0.2,
                  lr: float = 1e-3, batch_size: int = 64, data_seed: int = 1_000_000, warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.05, weight_decay: float = 0.0, export_dir: Optional[str] = None):
+                 min_lr_ratio: float = 0.05, weight_decay: float = 0.0, init_from: Optional[str] = None,
+                 train_decoder_only: bool = False, export_dir: Optional[str] = None):
+        """``init_from``: a VAE directory (or an sd-shapes directory) to continue from; ``train_decoder_only``:
+        freeze the encoder (the latent space, its scaling factor and a diffusion model trained on it stay valid)."""
         super().__init__(lr, batch_size, data_seed, warmup_steps, min_lr_ratio, weight_decay, export_dir)
         self.save_hyperparameters()
         from diffusers import AutoencoderKL
 
+        if init_from:
+            sub = "vae" if (Path(init_from) / "vae").is_dir() else None
+            self.vae = AutoencoderKL.from_pretrained(init_from, subfolder=sub, torch_dtype=torch.float32)
+            if train_decoder_only:
+                for m in (self.vae.encoder, self.vae.quant_conv):
+                    if m is not None:
+                        m.requires_grad_(False)
+            return
         n = len(block_out_channels)
         self.vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                                  up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(block_out_channels),
@@ -154,13 +165,16 @@ class VAEModule(ShapesModule):
         return loss
 
     def export(self, out, info):
-        _, x, _ = self.batch(seed=2**31 - 7, n=1024)
-        z = torch.cat([self.vae.encode(c).latent_dist.sample() for c in x.split(256)])
-        self.vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        if not self.hparams.train_decoder_only:
+            _, x, _ = self.batch(seed=2**31 - 7, n=1024)
+            z = torch.cat([self.vae.encode(c).latent_dist.sample() for c in x.split(256)])
+            self.vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+            info["scaling_factor"] = f"{1.0 / z.std():.4f} (1 / std of latents of fresh renders)"
+        else:
+            info["note"] = f"decoder fine-tuned from {self.hparams.init_from} (encoder and scaling factor unchanged)"
         tmp = self.vae.to(torch.float16)
         tmp.save_pretrained(out, safe_serialization=True)
         self.vae.float()
-        info["scaling_factor"] = f"{1.0 / z.std():.4f} (1 / std of latents of fresh renders)"
         write_card(out, "shapes-world VAE (AutoencoderKL, 32x32x3 <-> 8x8x4)", "Trained from scratch.", info)
 
 
@@ -291,7 +305,9 @@ class ClipModule(ShapesModule):
 
     def __init__(self, model_cfg: dict[str, Any], model_name: str = "shapes-clip", p_two: float = 0.1,
                  lr: float = 1e-3, batch_size: int = 128, data_seed: int = 3_000_000, warmup_steps: int = 200,
-                 min_lr_ratio: float = 0.05, weight_decay: float = 0.05, export_dir: Optional[str] = None):
+                 min_lr_ratio: float = 0.05, weight_decay: float = 0.05, init_from: Optional[str] = None,
+                 export_dir: Optional[str] = None):
+        """``init_from``: an open_clip checkpoint (.safetensors) of this architecture to continue training from."""
         super().__init__(lr, batch_size, data_seed, warmup_steps, min_lr_ratio, weight_decay, export_dir)
         self.save_hyperparameters()
         import open_clip
@@ -299,6 +315,10 @@ class ClipModule(ShapesModule):
         from open_clip.model import CLIP
 
         self.model = CLIP(**{k: v for k, v in model_cfg.items() if k in ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu")})
+        if init_from:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict({k: v.float() for k, v in load_file(init_from).items()})
         self.tokenizer = open_clip.tokenize
         ctx = model_cfg["text_cfg"].get("context_length", 77)
         self._ctx = ctx

@@ -26,13 +26,21 @@ CONFIG_DIR = Path("experiments/shapes")
 
 # per profile: stage -> extra CLI arguments (on top of the YAML)
 PROFILES: dict[str, dict[str, list[str]]] = {
-    "cpu": {s: [] for s in ("vae", "diffusion", "clip", "aesthetic", "classifier", "evaluator")},
+    # 2 CPU cores, two chains of one thread each; time caps keep the whole run under 2 hours
+    "cpu": {
+        "vae": ["--trainer.max_time", "00:00:15:00"],
+        "diffusion": ["--trainer.max_time", "00:01:25:00"],
+        "clip": ["--trainer.max_time", "00:00:40:00"],
+        "aesthetic": ["--trainer.max_time", "00:00:04:00"],
+        "classifier": ["--trainer.max_time", "00:00:25:00"],
+        "evaluator": ["--trainer.max_time", "00:00:20:00"],
+    },
     "gpu": {
-        "vae": ["--trainer.max_steps", "6000", "--trainer.max_time", "00:00:01:20", "--model.init_args.batch_size", "256",
+        "vae": ["--trainer.max_steps", "6000", "--trainer.max_time", "00:00:01:10", "--model.init_args.batch_size", "256",
                 "--model.init_args.lr", "2e-3"],
-        "diffusion": ["--trainer.max_steps", "100000", "--trainer.max_time", "00:00:03:50", "--model.init_args.batch_size",
+        "diffusion": ["--trainer.max_steps", "100000", "--trainer.max_time", "00:00:03:30", "--model.init_args.batch_size",
                       "512", "--model.init_args.lr", "8e-4", "--model.init_args.warmup_steps", "300"],
-        "clip": ["--trainer.max_steps", "100000", "--trainer.max_time", "00:00:03:20", "--model.init_args.batch_size",
+        "clip": ["--trainer.max_steps", "100000", "--trainer.max_time", "00:00:03:00", "--model.init_args.batch_size",
                  "512", "--model.init_args.lr", "2e-3"],
         "aesthetic": ["--trainer.max_steps", "2000", "--trainer.max_time", "00:00:00:40", "--model.init_args.batch_size", "512"],
         "classifier": ["--trainer.max_steps", "100000", "--trainer.max_time", "00:00:02:00", "--model.init_args.batch_size",
@@ -88,6 +96,8 @@ def main(argv=None):
     ap.add_argument("--extra", default="", help="extra CLI arguments appended to every stage")
     ap.add_argument("--no-quality", action="store_true", help="skip measuring the quality bars at the end")
     ap.add_argument("--quality-args", default="", help="extra arguments for shapes.quality")
+    ap.add_argument("--pack", type=Path, default=None,
+                    help="also pack the weights into <= 2 tar files here (for machines that return few files)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +115,16 @@ def main(argv=None):
         if a.profile == "smoke":
             cmd += ["--smoke"]
         ok = subprocess.call(cmd) == 0
+    if a.pack is not None:
+        import tarfile
+
+        a.pack.mkdir(parents=True, exist_ok=True)
+        groups = {"sd-shapes.tar": ["sd-shapes"], "others.tar": [p.name for p in a.out.iterdir() if p.name != "sd-shapes"]}
+        for name, members in groups.items():
+            with tarfile.open(a.pack / name, "w") as tar:
+                for m in members:
+                    if (a.out / m).exists():
+                        tar.add(a.out / m, arcname=m)
     return 0 if ok else 1
 
 
