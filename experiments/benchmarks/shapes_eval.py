@@ -69,19 +69,19 @@ EXPERIMENTS = ("vocab", "compositional", "aesthetic", "personalisation")
 # and in the build_* functions below, before any result is seen; nothing is chosen by looking at results
 # except the one-step scale (swept; the best by the evaluator is reported, in favour of the baseline).
 MODES = {
-    "full": dict(steps=20, iters=15, seeds=8, vocab_prompts_per_class=1, prompts=4, refs_per_set=4,
-                 scales=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0], step=0.1, step_sweep=[0.03, 0.3],
+    "full": dict(steps=20, iters=15, seeds=8, other_seeds=6, vocab_prompts_per_class=1, prompts=4, refs_per_set=4,
+                 scales=[0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0], step=0.1, step_sweep=[0.3, 0.03],
                  step_sweep_samplers=["ddim", "edict"]),
-    "quick": dict(steps=10, iters=6, seeds=2, vocab_prompts_per_class=1, prompts=2, refs_per_set=4,
+    "quick": dict(steps=10, iters=6, seeds=2, other_seeds=2, vocab_prompts_per_class=1, prompts=2, refs_per_set=4,
                   scales=[1.0, 10.0, 100.0], step=0.1, step_sweep=[], step_sweep_samplers=[]),
-    "tiny": dict(steps=2, iters=1, seeds=2, vocab_prompts_per_class=1, prompts=1, refs_per_set=2,
+    "tiny": dict(steps=2, iters=1, seeds=2, other_seeds=2, vocab_prompts_per_class=1, prompts=1, refs_per_set=2,
                  scales=[1.0], step=0.1, step_sweep=[0.3], step_sweep_samplers=["ddim"]),
 }
 CFG_SCALE = 7.5  # classifier-free guidance of every sampler (SD's default)
 CLIP = 1e-3      # DOODL's element-wise gradient clip (the official value; --clip); lr = step / clip, so that
                  # ``step`` bounds each element's move per iteration (before momentum)
 # the full run starts no DOODL step-sweep run after this many minutes (keeps it within 45 min on 2 cores)
-FULL_SWEEP_DEADLINE_MINUTES = 33.0
+FULL_SWEEP_DEADLINE_MINUTES = 26.0
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
 
 log = print
@@ -360,7 +360,7 @@ def build_compositional(ctx) -> Experiment:
         "top/bottom relation, and a background. Evaluator per half-image (other half filled with the border's "
         "median colour); guide's verdict: shapes-CLIP ranks the prompt above its colour-, shape- and side-swapped "
         "variants (chance 25%).",
-        list(specs), [SEED_BASE["compositional"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
+        list(specs), [SEED_BASE["compositional"] + i for i in range(ctx.mode["other_seeds"])], guide, verdict, metrics,
         "object_acc", "guide_prefers_prompt", 100.0, extra={"specs": specs}, spec=spec)
 
 
@@ -412,7 +412,7 @@ def build_aesthetic(ctx) -> Experiment:
         "Evaluator: its quality head (an estimate of the procedural score 5 sharpness + 5 contrast, 10 = pristine); "
         "drift: prompt attributes kept, and mean |pixel change| (0..1 scale) from the same seed's unguided image "
         "of the same sampler.",
-        list(want), [SEED_BASE["aesthetic"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
+        list(want), [SEED_BASE["aesthetic"] + i for i in range(ctx.mode["other_seeds"])], guide, verdict, metrics,
         "evaluator_quality", "guide_score", 10.0, extra={"reference": exp_ref}, spec=spec)
 
 
@@ -481,7 +481,7 @@ def build_personalisation(ctx) -> Experiment:
         "position vary); the prompt 'a <size> <shape>' names neither. Evaluator: the generation's colour and "
         "background agree with the set's (chance about 1/18); guide's verdict: the generation's shapes-CLIP "
         "embedding is nearest to its own set's target among all sets.",
-        list(sets), [SEED_BASE["personalisation"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
+        list(sets), [SEED_BASE["personalisation"] + i for i in range(ctx.mode["other_seeds"])], guide, verdict, metrics,
         "agreement", "guide_nearest_set", 100.0,
         extra={"sets": {p: {"colour": w[0], "background": w[1], "references": [str(Path(x).relative_to(ctx.out)) for x in sets[p]]}
                         for p, w in want.items()}}, spec=spec)
@@ -628,8 +628,8 @@ def run_step_sweep(ctx: Ctx, exp: Experiment, deadline: float | None) -> list[st
     """Vocabulary expansion only: DOODL at other step sizes (run last; skipped past ``deadline``)."""
     skipped = []
     t0 = time.time()
-    for sampler in ctx.mode["step_sweep_samplers"]:
-        for step in ctx.mode["step_sweep"]:
+    for step in ctx.mode["step_sweep"]:
+        for sampler in ctx.mode["step_sweep_samplers"]:
             if deadline is not None and time.time() > deadline:
                 skipped.append(f"{sampler} step {step:g}")
                 log(f"[{exp.name}] deadline passed: skipping DOODL-{sampler.upper()} step {step:g}", flush=True)
@@ -831,6 +831,8 @@ def main(argv=None) -> int:
     for k in ("seeds", "steps", "iters"):
         if getattr(a, k) is not None:
             mode[k] = getattr(a, k)
+            if k == "seeds":
+                mode["other_seeds"] = a.seeds
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*random weights.*")
