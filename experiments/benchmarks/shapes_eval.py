@@ -125,10 +125,10 @@ class Weights:
     def aesthetic_head(self) -> str:
         return str(self.root / "aesthetic" / "head.safetensors")
 
-    def evaluator(self):
+    def evaluator(self, device="cpu"):
         from doodl_lightning.shapes.evaluator import load_evaluator
 
-        return load_evaluator(self.root / "evaluator")
+        return load_evaluator(self.root / "evaluator", device=device)
 
 
 @dataclass
@@ -176,6 +176,12 @@ def shared_backbone():
 
 
 # ------------------------------------------------------------------------------------------------ experiments
+def _on(guide: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images on the guide's device (the guide follows the DOODL module to its device)."""
+    p = next(guide.parameters(), None)
+    return images if p is None else images.to(p.device)
+
+
 def coarse_of(fine_index: int) -> str:
     return D.COARSE_SHAPES[D.FINE_TO_COARSE[int(fine_index)]]
 
@@ -226,7 +232,7 @@ def build_vocab(ctx) -> Experiment:
     def verdict(images, items):
         ev = ctx.evaluator(images)
         with torch.no_grad():
-            g = guide.logits(images).mean(1).argmax(-1).cpu()
+            g = guide.logits(_on(guide, images)).mean(1).argmax(-1).cpu()
         m = {k: [] for k in ("evaluator_target", "colour_kept", "size_kept", "target_and_colour", "polygon_kept",
                              "guide_target")}
         ok, text = [], []
@@ -315,11 +321,11 @@ def build_compositional(ctx) -> Experiment:
         ev_full = ctx.evaluator(images)
         ev = [ctx.evaluator(region_views(images, axis, first=k == 0)) for k in range(2)]
         with torch.no_grad():
-            img = guide.encoder(images)[:, 0]  # (N, D) whole image (num_cuts=0)
+            img = guide.encoder(_on(guide, images))[:, 0]  # (N, D) whole image (num_cuts=0)
             prefer = []
             for i, s in enumerate(specs_i):
                 txt = guide.encode_text(_swap_captions(s))
-                prefer.append(float(int((txt @ img[i]).argmax()) == 0))
+                prefer.append(float(int((txt.to(img.device) @ img[i]).argmax()) == 0))
         m = {k: [] for k in ("object_acc", "shape_acc", "colour_acc", "background_acc", "all_correct", "guide_prefers_prompt")}
         ok, text = [], []
         for i, s in enumerate(specs_i):
@@ -378,7 +384,7 @@ def build_aesthetic(ctx) -> Experiment:
     def verdict(images, items, reference=None):
         ev = ctx.evaluator(images)
         with torch.no_grad():
-            score = guide.score(images).cpu()
+            score = guide.score(_on(guide, images)).cpu()
         m = {k: [] for k in ("evaluator_quality", "guide_score", "prompt_kept", "pixel_drift")}
         ok, text = [], []
         for i, (p, _) in enumerate(items):
@@ -446,7 +452,7 @@ def build_personalisation(ctx) -> Experiment:
     def verdict(images, items):
         ev = ctx.evaluator(images)
         with torch.no_grad():
-            nearest = (guide.embed_images(images) @ guide.targets.float().t()).argmax(-1).cpu()
+            nearest = (guide.embed_images(_on(guide, images)) @ guide.targets.float().t()).argmax(-1).cpu()
         m = {k: [] for k in ("agreement", "colour_match", "background_match", "prompt_shape_kept", "guide_nearest_set")}
         ok, text = [], []
         for i, (p, _) in enumerate(items):
@@ -496,7 +502,8 @@ class Ctx:
     def __init__(self, args, mode: dict, out: Path):
         self.args, self.mode, self.out = args, mode, out
         self.weights = Weights(Path(args.weights))
-        self.evaluator = self.weights.evaluator()
+        self.device = torch.device(args.device)
+        self.evaluator = self.weights.evaluator(self.device)
         self.counter: UNetCounter | None = None
 
 
@@ -511,10 +518,10 @@ def make_module(ctx: Ctx, exp: Experiment, sampler: str, **kw):
     return m
 
 
-def _trainer(iters: int, callbacks):
+def _trainer(iters: int, callbacks, device: torch.device):
     import lightning
 
-    return lightning.Trainer(max_steps=iters, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    return lightning.Trainer(max_steps=iters, accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                              num_sanity_val_steps=0)
 
@@ -543,6 +550,7 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         ctx.counter.reset()
         t0 = time.time()
         m.setup("fit")
+        m.to(ctx.device)
         m.on_fit_start()
         ev = m.final_evaluation()
     elif method == "one_step":
@@ -550,6 +558,7 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         ctx.counter.reset()
         t0 = time.time()
         m.setup("fit")
+        m.to(ctx.device)
         m.on_fit_start()
         ev = m.one_step_images()
     else:
@@ -557,7 +566,7 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         ctx.counter.reset()
         t0 = time.time()
         trace = LossTrace()
-        _trainer(params["iters"], [trace]).fit(m)
+        _trainer(params["iters"], [trace], ctx.device).fit(m)
         ev = m.final_evaluation()
         grad = m.latents.grad
         extra["loss_trace"] = trace.losses
@@ -565,6 +574,8 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         if grad is not None:
             extra["last_grad_fraction_at_clip"] = round(float((grad.abs() >= ctx.args.clip).float().mean()), 4)
             extra["last_grad_abs_median"] = float(grad.abs().median())
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.time() - t0
     n = len(exp.items)
     if ev is not None:
@@ -793,7 +804,7 @@ def write_outputs(ctx: Ctx, exps: list[Experiment], meta: dict) -> dict:
     return res
 
 
-def machine() -> str:
+def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -802,7 +813,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"CPU {cpu} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads, torch {torch.__version__})"
+    desc = f"CPU {cpu} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads, torch {torch.__version__})"
+    if device.type == "cuda":
+        desc = f"GPU {torch.cuda.get_device_name()} (models and optimisation on the GPU); host " + desc
+    return desc
 
 
 def main(argv=None) -> int:
@@ -820,6 +834,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backprop", default="checkpoint", choices=["checkpoint", "autograd", "reversible"])
     ap.add_argument("--deadline-minutes", type=float, default=None,
                     help="skip the remaining vocabulary DOODL step sweep once this much time has passed")
+    ap.add_argument("--device", default="cpu", help="cpu (the reference machine) or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     a = ap.parse_args(argv)
     if a.weights is None:
@@ -858,7 +873,7 @@ def main(argv=None) -> int:
     def write():
         meta = {"mode": mode_name,
                 "command": "python experiments/benchmarks/shapes_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "machine": machine(), "load_average_at_start": [round(x, 2) for x in load0],
+                "machine": machine(ctx.device), "load_average_at_start": [round(x, 2) for x in load0],
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": commit,
                 "weights": str(a.weights), "total_seconds": round(time.time() - t0, 1),
                 "complete": len(exps) == len(a.experiments) and done[0], "skipped_past_deadline": skipped}
