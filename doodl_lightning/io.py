@@ -16,9 +16,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader (or a killed run) sees the old file or the new one, never half
+        # rename is atomic: a reader or a killed run sees the old file or the new one, never half of
+        # one. No fsync: it guards only against an OS crash and costs seconds per file on a busy disk.
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
