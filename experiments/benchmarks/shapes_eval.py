@@ -830,6 +830,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per prompt (overrides the mode)")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (overrides the mode)")
     ap.add_argument("--iters", type=int, default=None, help="DOODL iterations (overrides the mode)")
+    ap.add_argument("--scales", type=float, nargs="+", default=None, help="one-step scales (overrides the mode)")
+    ap.add_argument("--step-sweep", type=float, nargs="*", default=None,
+                    help="extra DOODL steps for vocabulary expansion, DDIM then EDICT each (overrides the mode)")
     ap.add_argument("--clip", type=float, default=CLIP, help="DOODL element-wise gradient clip (lr = step / clip)")
     ap.add_argument("--backprop", default="checkpoint", choices=["checkpoint", "autograd", "reversible"])
     ap.add_argument("--deadline-minutes", type=float, default=None,
@@ -848,6 +851,13 @@ def main(argv=None) -> int:
             mode[k] = getattr(a, k)
             if k == "seeds":
                 mode["other_seeds"] = a.seeds
+    if a.scales is not None:
+        mode["scales"] = a.scales
+    if a.step_sweep is not None:
+        mode["step_sweep"] = a.step_sweep
+        mode["step_sweep_samplers"] = ["ddim", "edict"]
+    if any(getattr(a, k) is not None for k in ("seeds", "steps", "iters", "scales", "step_sweep")):
+        mode_name = f"{mode_name} sizes with overrides"
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*random weights.*")
