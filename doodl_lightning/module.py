@@ -239,16 +239,7 @@ class DOODL(LightningModule):
                 self._denoiser(idx), z + d, self.schedule, self.backbone.decode, self._loss_fn(idx, self.global_step),
                 sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
                 y=(z - d) if hp.sampler == "edict" else None, drift_tolerance=hp.drift_tolerance, backward=backward))
-        info = {}
-        for o in outs:
-            for k, v in o.info.items():
-                info[k] = max(info.get(k, v), v)
-        return Evaluation(
-            total=torch.cat([o.total for o in outs]),
-            terms={k: torch.cat([o.terms[k] for o in outs]) for k in outs[0].terms},
-            images=torch.cat([o.images for o in outs]),
-            info=info,
-        )
+        return _concat(outs)
 
     def training_step(self, batch, batch_idx):
         if self.hparams.one_step_scale > 0:
@@ -373,11 +364,20 @@ class DOODL(LightningModule):
             images = self.backbone.decode(finals[0])
             total, terms = loss_fn(images)
             outs.append(Evaluation(total, terms, images))
-        return Evaluation(torch.cat([o.total for o in outs]),
-                          {k: torch.cat([o.terms[k] for o in outs]) for k in outs[0].terms},
-                          torch.cat([o.images for o in outs]))
+        return _concat(outs)
 
 
 def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:
     p = next(module.parameters(), None)
     return p.dtype if p is not None and p.is_floating_point() else default
+
+
+def _concat(outs: list[Evaluation]) -> Evaluation:
+    """Micro-batch evaluations -> one over all items (info: the worst value of each entry)."""
+    info: dict = {}
+    for o in outs:
+        for k, v in o.info.items():
+            info[k] = max(info.get(k, v), v)
+    return Evaluation(total=torch.cat([o.total for o in outs]),
+                      terms={k: torch.cat([o.terms[k] for o in outs]) for k in outs[0].terms},
+                      images=torch.cat([o.images for o in outs]), info=info)
