@@ -59,3 +59,24 @@ def test_quality_score_range_and_degradation():
     pristine = (attrs.blur == 0) & (attrs.alpha == 1)
     assert torch.allclose(q[pristine], torch.full_like(q[pristine], 10.0))
     assert (~pristine).float().mean() > 0.5
+
+
+def test_clip_hard_negatives_change_exactly_one_named_attribute():
+    """NegCLIP-style negatives: worded like the positive, one attribute value swapped, never the positive."""
+    attrs, _, captions = D.make_batch(21, 64, caption="clip", p_two=0.1)
+    rng, neg_rng = random.Random(21), random.Random(0)
+    values = {w for names in D.ATTRIBUTE_NAMES.values() for name in names for w in name.split()}
+    n_negatives = 0
+    for i in range(64):
+        state = rng.getstate()
+        positive = D.clip_caption(attrs, i, rng)
+        assert positive == captions[i]  # replaying the draws reproduces make_batch's caption
+        negatives = D.clip_hard_negatives(attrs, i, state, positive, 3, neg_rng)
+        assert len(set(negatives)) == len(negatives) <= 3 and positive not in negatives
+        for neg in negatives:
+            a, b = positive.split(), neg.split()
+            # same wording, and what differs are attribute words ("top left" -> "top" changes the length)
+            diff = [w for w in set(a) ^ set(b) if w not in {"a", "an", "at", "in", "the", "center"}]
+            assert diff and set(diff) <= values | {"polygon"}, (positive, neg)
+        n_negatives += len(negatives)
+    assert n_negatives >= 2 * 64  # most captions name enough attributes for 3 negatives

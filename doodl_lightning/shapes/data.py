@@ -278,6 +278,38 @@ def clip_caption(attrs: Attributes, i: int, rng: random.Random | None = None, fu
     return _caption(attrs, i, rng, fine=fine, quality_words=True, full=full)
 
 
+def _one(attrs: Attributes, i: int) -> Attributes:
+    """A copy of image ``i``'s attributes as a batch of one."""
+    return Attributes(**{k: v[i:i + 1].clone() for k, v in attrs.__dict__.items()})
+
+
+def clip_hard_negatives(attrs: Attributes, i: int, rng_state, positive: str, k: int, rng: random.Random) -> list[str]:
+    """Up to ``k`` captions worded like ``positive`` (the same ``clip_caption`` draws, replayed from ``rng_state``)
+    but with one attribute of image ``i`` (its first object's shape, colour, size, position, or the background)
+    changed: NegCLIP-style hard negatives. A random batch rarely holds two images that differ only in shape or
+    position, so plain contrastive training barely learns them; these captions make every image contrast them.
+    An attribute the caption does not mention yields the positive again and is redrawn."""
+    base = _one(attrs, i)
+    out: list[str] = []
+    for _ in range(4 * k):
+        if len(out) == k:
+            break
+        name = rng.choice(ATTRIBUTES)
+        cur = int(base.background[0]) if name == "background" else int(getattr(base, name)[0, 0])
+        new = rng.choice([v for v in range(NUM_CLASSES[name]) if v != cur])
+        a = _one(base, 0)
+        if name == "background":
+            a.background[0] = new
+        else:
+            getattr(a, name)[0, 0] = new
+        replay = random.Random()
+        replay.setstate(rng_state)
+        cap = clip_caption(a, 0, replay)
+        if cap != positive and cap not in out:
+            out.append(cap)
+    return out
+
+
 def make_batch(seed: int, n: int, device=None, caption: str | None = "diffusion", **kw):
     """Attributes, images and captions of one batch, all determined by ``seed``."""
     attrs = sample_attributes(seed, n, **kw)
