@@ -285,23 +285,28 @@ def _one(attrs: Attributes, i: int) -> Attributes:
 
 def clip_hard_negatives(attrs: Attributes, i: int, rng_state, positive: str, k: int, rng: random.Random) -> list[str]:
     """Up to ``k`` captions worded like ``positive`` (the same ``clip_caption`` draws, replayed from ``rng_state``)
-    but with one attribute of image ``i`` (its first object's shape, colour, size, position, or the background)
-    changed: NegCLIP-style hard negatives. A random batch rarely holds two images that differ only in shape or
-    position, so plain contrastive training barely learns them; these captions make every image contrast them.
-    An attribute the caption does not mention yields the positive again and is redrawn."""
+    but with one attribute of image ``i`` changed (an object's shape, colour, size or position, or the background),
+    or, with two objects, their colours or positions swapped: NegCLIP-style hard negatives. A random batch rarely
+    holds two images that differ only in shape, position or binding, so plain contrastive training barely learns
+    them; these captions make every image contrast them. A change the caption does not show is redrawn."""
     base = _one(attrs, i)
+    two = int(base.n_objects[0]) == 2
+    kinds = ATTRIBUTES + (("swap colour", "swap position") if two else ())
     out: list[str] = []
     for _ in range(4 * k):
         if len(out) == k:
             break
-        name = rng.choice(ATTRIBUTES)
-        cur = int(base.background[0]) if name == "background" else int(getattr(base, name)[0, 0])
-        new = rng.choice([v for v in range(NUM_CLASSES[name]) if v != cur])
+        kind = rng.choice(kinds)
         a = _one(base, 0)
-        if name == "background":
-            a.background[0] = new
+        if kind.startswith("swap"):
+            t = getattr(a, kind.split()[1])
+            t[0] = t[0].flip(0)
+        elif kind == "background":
+            a.background[0] = rng.choice([v for v in range(NUM_CLASSES[kind]) if v != int(base.background[0])])
         else:
-            getattr(a, name)[0, 0] = new
+            slot = rng.randrange(2) if two else 0
+            t = getattr(a, kind)
+            t[0, slot] = rng.choice([v for v in range(NUM_CLASSES[kind]) if v != int(t[0, slot])])
         replay = random.Random()
         replay.setstate(rng_state)
         cap = clip_caption(a, 0, replay)

@@ -28,7 +28,7 @@ CONFIG_DIR = Path("experiments/shapes")
 PROFILES: dict[str, dict[str, list[str]]] = {
     # 2 CPU cores, two chains of one thread each; time caps keep the whole run under 2 hours
     "cpu": {
-        "vae": ["--trainer.max_time", "00:00:15:00"],
+        "vae": ["--trainer.max_time", "00:00:20:00"],
         "diffusion": ["--trainer.max_time", "00:01:25:00"],
         "clip": ["--trainer.max_time", "00:00:40:00"],
         "aesthetic": ["--trainer.max_time", "00:00:04:00"],
