@@ -300,15 +300,16 @@ class ClipModule(ShapesModule):
     """An open_clip CLIP (custom model config ``model_cfg``) trained contrastively on renders and ``clip_caption``s.
     Identical captions within a batch count as positives of each other (soft targets)."""
 
-    data_what = ("procedural single shapes with captions naming the fine shape (coarse 10% of the time), "
-                 "random attribute subsets and quality words (blurry / faint / sharp bright)")
+    data_what = ("procedural shapes (one or two per image) with captions naming the fine shape (coarse 10% of the "
+                 "time), random attribute subsets and quality words (blurry / faint / sharp bright), plus hard-negative "
+                 "captions when hard_negatives > 0")
 
     def __init__(self, model_cfg: dict[str, Any], model_name: str = "shapes-clip", p_two: float = 0.1,
                  hard_negatives: int = 0, lr: float = 1e-3, batch_size: int = 128, data_seed: int = 3_000_000,
                  warmup_steps: int = 200, min_lr_ratio: float = 0.05, weight_decay: float = 0.05,
                  init_from: Optional[str] = None, export_dir: Optional[str] = None):
-        """``hard_negatives``: extra captions per image with one attribute changed (``data.clip_hard_negatives``),
-        added to the batch's text pool as negatives for every image; ``init_from``: an open_clip checkpoint
+        """``hard_negatives``: extra captions per image with one attribute changed or two objects' colours or
+        positions swapped (``data.clip_hard_negatives``), added to the batch's text pool as negatives for every image; ``init_from``: an open_clip checkpoint
         (.safetensors) of this architecture to continue training from."""
         super().__init__(lr, batch_size, data_seed, warmup_steps, min_lr_ratio, weight_decay, export_dir)
         self.save_hyperparameters()

@@ -742,7 +742,7 @@ def write_outputs(ctx: Ctx, exps: list[Experiment], meta: dict) -> dict:
           f"Every method: {mode['steps']} sampler steps, CFG {CFG_SCALE}; DOODL {mode['iters']} iterations of the framework's "
           f"update (momentum 0.9, element-wise clip {ctx.args.clip:g}, lr = step / clip so that `step` bounds each "
           f"element's move per iteration before momentum; perturbation 1e-4, renormalised latents, backprop `{ctx.args.backprop}`); one-step guidance on DDIM. Mean [95% bootstrap interval over "
-          f"seeds: " + ", ".join(f"{e.name} {len(e.seeds)}" for e in exps) + "]. UNet evaluations per image counted by a forward hook (a CFG pair = 1); "
+          "seeds: " + ", ".join(f"{e.name} {len(e.seeds)}" for e in exps) + "]. UNet evaluations per image counted by a forward hook (a CFG pair = 1); "
           "seconds per image = the run's wall clock / its images (batched).", ""]
     md += summary_table(exps) + [""]
     for exp in exps:
