@@ -54,3 +54,47 @@ def test_train_classifier_and_evaluator(tmp_path):
     from doodl_lightning.shapes.evaluator import load_evaluator
 
     assert load_evaluator(ev)  # loads
+
+
+def test_clip_aux_heads_train_but_are_not_exported(tmp_path):
+    import open_clip
+    from safetensors.torch import load_file
+
+    clip = _fit("clip", tmp_path, "--model.init_args.aux_weight", "1.0")
+    keys = set(load_file(str(clip / "open_clip_model.safetensors")))
+    assert keys and not any("aux" in k for k in keys)
+    open_clip.add_model_config(str(clip / "shapes-clip.json"))
+    open_clip.create_model("shapes-clip", pretrained=str(clip / "open_clip_model.safetensors"))  # strict load
+
+
+def test_clip_aux_loss_counts_only_the_background_of_two_object_images():
+    import torch
+
+    from doodl_lightning.shapes import data as D
+    from doodl_lightning.shapes.modules import ClipModule
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    m = ClipModule(cfg, aux_weight=1.0)
+    attrs = D.sample_attributes(0, 8, p_two=1.0)
+    assert bool((attrs.n_objects == 2).all())
+    img = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    before = m.aux_loss(img, attrs)
+    attrs.shape[:, 0] = (attrs.shape[:, 0] + 1) % len(D.SHAPES)  # which object is "first" is ambiguous
+    assert torch.equal(m.aux_loss(img, attrs), before)
+    attrs.background[:] = (attrs.background + 1) % len(D.BACKGROUNDS)
+    assert not torch.equal(m.aux_loss(img, attrs), before)
+
+
+def test_vae_edge_loss_sees_blur_not_offsets(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from doodl_lightning.shapes import data as D
+    from doodl_lightning.shapes.modules import edge_loss
+
+    _, x, _ = D.make_batch(0, 8, caption=None, p_degraded=0.0)
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    shifted = x + (blurred - x).abs().mean()  # the same pixel L1 as the blur, spread flat
+    assert edge_loss(x, x) == 0 and edge_loss(shifted, x) < 1e-6 < edge_loss(blurred, x)
+    _fit("vae", tmp_path, "--model.init_args.edge_weight", "1.0")

@@ -28,6 +28,9 @@ from . import data as D
 from .modules import OPENAI_MEAN, OPENAI_STD, QUALITY_MARK, _load_arch, augment
 
 EVAL_SEED = 7_777_000_000  # fresh renders: far from every training seed range
+# sd-shapes' guidance scale for unguided generation, chosen on held-out prompt sets (EVAL_SEED + 60/61; sweep in
+# the sd-shapes model card): higher scales draw "polygon" as rounded hexagons read as circles, lower ones blur stars
+RECOMMENDED_CFG = 2.5
 
 
 def _machine() -> str:
@@ -84,15 +87,27 @@ def clip_image_features(model, x):
 
 # ---------------------------------------------------------------------------------------------------- bars
 @torch.no_grad()
-def measure_vae(pipe, n, device) -> dict:
+def measure_vae(pipe, n, device, evaluator=None) -> dict:
+    """PSNR of reconstructions; with ``evaluator``, also how often it still reads each single shape's fine and
+    coarse class after the round trip -- a ceiling on generations' shape match that PSNR does not show."""
     attrs = D.sample_attributes(EVAL_SEED + 1, n, p_two=0.2)
     x = D.render(attrs, device)
     vae = pipe.vae
     rec = torch.cat([vae.decode(vae.encode(c).latent_dist.mode()).sample for c in x.split(256)]).clamp(-1, 1)
     mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)  # in [0, 1] units
     psnr = 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
-    return {"psnr_db_mean": round(float(psnr.mean()), 2), "psnr_db_of_mean_mse": round(float(10 * math.log10(1 / float(mse.mean()))), 2),
-            "n": n, "bar": ">= 32 dB"}
+    res = {"psnr_db_mean": round(float(psnr.mean()), 2), "psnr_db_of_mean_mse": round(float(10 * math.log10(1 / float(mse.mean()))), 2),
+           "n": n, "bar": ">= 32 dB"}
+    if evaluator is not None:
+        one = (attrs.n_objects == 1).cpu()
+        truth, pred = attrs.shape[:, 0][one], evaluator(rec)["shape"].cpu()[one]
+        coarse = torch.tensor(D.FINE_TO_COARSE)
+        res["evaluator_reads_reconstruction_pct"] = {
+            "shape": round(100 * float((pred == truth).float().mean()), 2),
+            "coarse_shape": round(100 * float((coarse[pred] == coarse[truth]).float().mean()), 2),
+            "per_shape": {s: round(100 * float((pred[truth == i] == i).float().mean()), 1) for i, s in enumerate(D.SHAPES)},
+            "n_single_shape": int(one.sum())}
+    return res
 
 
 @torch.no_grad()
@@ -204,11 +219,13 @@ def match_rates(pred_names, want) -> dict:
     return res
 
 
-def measure_generation(pipe, evaluator, n, device, steps, cfg) -> dict:
+def measure_generation(pipe, evaluator, n, device, steps, cfg, seed_offset=6) -> dict:
+    """Evaluator match of unguided generations: ``n`` full and ``n`` short prompts (seeds ``EVAL_SEED + seed_offset``
+    and the next; another offset gives a held-out prompt set, e.g. for choosing the guidance scale)."""
     from .evaluator import Evaluator
 
     res = {"num_inference_steps": steps, "guidance_scale": cfg, "scheduler": type(pipe.scheduler).__name__}
-    for kind, seed in [("full", EVAL_SEED + 6), ("short", EVAL_SEED + 7)]:
+    for kind, seed in [("full", EVAL_SEED + seed_offset), ("short", EVAL_SEED + seed_offset + 1)]:
         prompts, want = _prompts(n, seed, kind)
         imgs = generate(pipe, prompts, [seed + i for i in range(n)], steps, cfg, device)
         pred = evaluator(imgs)
@@ -326,6 +343,10 @@ def _md(results: dict) -> str:
          "`python -m doodl_lightning.shapes.quality` (fresh renders, seeds never used in training).", ""]
     if "vae" in r:
         L.append(f"- VAE reconstruction PSNR: **{r['vae']['psnr_db_mean']} dB** (mean over {r['vae']['n']} images; bar >= 32 dB)")
+        if "evaluator_reads_reconstruction_pct" in r["vae"]:
+            e = r["vae"]["evaluator_reads_reconstruction_pct"]
+            L.append(f"- Evaluator on VAE reconstructions of {e['n_single_shape']} single shapes: fine shape {e['shape']}%, "
+                     f"coarse shape {e['coarse_shape']}% (per shape {e['per_shape']}) -- a ceiling for generations")
     if "evaluator" in r:
         acc = ", ".join(f"{k} {v}%" for k, v in r["evaluator"]["accuracy_pct"].items())
         L.append(f"- Evaluator accuracy: {acc}; quality MAE {r['evaluator']['quality_mae']} (bar >= 99% each)")
@@ -340,9 +361,10 @@ def _md(results: dict) -> str:
         L.append(f"- Aesthetic head vs procedural quality: Pearson {a['pearson_r']}, Spearman {a['spearman_r']}, MAE {a['mae']}")
     if "generation" in r:
         g = r["generation"]
-        L.append(f"- Unguided generations ({g['scheduler']}, {g['num_inference_steps']} steps, CFG {g['guidance_scale']}, "
-                 f"{g['n_per_prompt_set']} per set), evaluator match: full prompts {g['full_prompts_match_pct']}; "
-                 f"short prompts {g['short_prompts_match_pct']} (bar >= 90% shape and colour)")
+        for g in [g] + list(r.get("generation_other_cfg", {}).values()):
+            L.append(f"- Unguided generations ({g['scheduler']}, {g['num_inference_steps']} steps, CFG {g['guidance_scale']}, "
+                     f"{g['n_per_prompt_set']} per set), evaluator match: full prompts {g['full_prompts_match_pct']}; "
+                     f"short prompts {g['short_prompts_match_pct']}" + (" (bar >= 90% shape and colour)" if g is r["generation"] else ""))
     if "guidance_gaps" in r:
         gg = r["guidance_gaps"]
         L += ["", f"## Guide vs evaluator ({gg['task']}; {gg['items']} items, {gg['optimisation_steps']} noise-optimisation "
@@ -382,7 +404,7 @@ def _bars(r: dict) -> dict:
 
 
 def update_cards(weights: Path, results: dict) -> None:
-    sections = {"sd-shapes": ["vae", "generation", "guidance_gaps"], "shapes-clip": ["clip", "guidance_gaps"],
+    sections = {"sd-shapes": ["vae", "generation", "generation_other_cfg", "guidance_gaps"], "shapes-clip": ["clip", "guidance_gaps"],
                 "classifier": ["classifier", "guidance_gaps"], "aesthetic": ["aesthetic", "guidance_gaps"],
                 "evaluator": ["evaluator"]}
     for d, keys in sections.items():
@@ -415,7 +437,11 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=2048, help="fresh renders per classification bar")
     ap.add_argument("--n-gen", type=int, default=240, help="generations per prompt set")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps for unguided generations")
-    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--cfg", type=float, nargs="+", default=[RECOMMENDED_CFG, 7.5],
+                    help="guidance scales for unguided generations; the first decides the bar (default: sd-shapes' "
+                    "recommended scale, chosen on held-out prompts -- see its model card -- then SD's usual 7.5)")
+    ap.add_argument("--gen-seed-offset", type=int, default=6, help="prompt sets EVAL_SEED + this and + this + 1")
+    ap.add_argument("--gap-cfg", type=float, default=7.5, help="guidance scale of the guide-vs-evaluator runs")
     ap.add_argument("--gap-items", type=int, default=16)
     ap.add_argument("--gap-iters", type=int, default=15)
     ap.add_argument("--gap-steps", type=int, default=10)
@@ -448,7 +474,7 @@ def main(argv=None):
 
         head = {k: v.float().to(dev) for k, v in load_file(str(w / "aesthetic" / "head.safetensors")).items()}
     if pipe is not None and "vae" not in a.skip:
-        timed("vae", lambda: measure_vae(pipe, min(a.n, 1024), dev))
+        timed("vae", lambda: measure_vae(pipe, min(a.n, 1024), dev, evaluator))
     if evaluator is not None and "evaluator" not in a.skip:
         timed("evaluator", lambda: measure_evaluator(evaluator, a.n, dev))
     if classify is not None and "classifier" not in a.skip:
@@ -458,10 +484,13 @@ def main(argv=None):
     if clip_model is not None and head is not None and "aesthetic" not in a.skip:
         timed("aesthetic", lambda: measure_aesthetic(clip_model, head, a.n, dev))
     if pipe is not None and evaluator is not None and "generation" not in a.skip:
-        timed("generation", lambda: measure_generation(pipe, evaluator, a.n_gen, dev, a.steps, a.cfg))
+        timed("generation", lambda: measure_generation(pipe, evaluator, a.n_gen, dev, a.steps, a.cfg[0], a.gen_seed_offset))
+        if len(a.cfg) > 1:
+            timed("generation_other_cfg", lambda: {str(c): measure_generation(pipe, evaluator, a.n_gen, dev, a.steps, c,
+                                                                              a.gen_seed_offset) for c in a.cfg[1:]})
     if None not in (pipe, evaluator, classify, clip_model, head) and "gaps" not in a.skip:
         timed("guidance_gaps", lambda: measure_guidance_gaps(pipe, evaluator, classify, clip_model, clip_tok, head, dev,
-                                                             a.gap_items, a.gap_iters, a.gap_steps, a.cfg))
+                                                             a.gap_items, a.gap_iters, a.gap_steps, a.gap_cfg))
     r["bars"] = _bars(r)
     (out / "quality.json").write_text(json.dumps(r, indent=2))
     (out / "QUALITY.md").write_text(_md(r))
