@@ -258,10 +258,15 @@ def _caption(attrs: Attributes, i: int, rng: random.Random, fine: bool, quality_
             q.append("sharp bright")
         adj = " ".join(q) + " " if q else ""
     phrases = [(adj + ph) if j == 0 else ph for j, ph in enumerate(parts)]
-    text = " and ".join(("an " if ph[0] in "aeiou" else "a ") + ph for ph in phrases)
+    text = " and ".join(with_article(ph) for ph in phrases)
     if full or rng.random() < p:
         text += f" on a {BACKGROUNDS[attrs.background[i]]} background"
     return text
+
+
+def with_article(phrase: str) -> str:
+    """"a red circle" / "an orange circle": prompts must use the article the captions were trained with."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def diffusion_caption(attrs: Attributes, i: int, rng: random.Random | None = None, full: bool = False) -> str:

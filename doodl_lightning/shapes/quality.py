@@ -188,7 +188,7 @@ def _prompts(n, seed, kind):
             want.append({"coarse_shape": coarse, "colour": t["colour"], "size": t["size"], "position": t["position"],
                          "background": t["background"]})
         else:
-            prompts.append(f"a {t['colour']} {coarse}")
+            prompts.append(D.with_article(f"{t['colour']} {coarse}"))
             want.append({"coarse_shape": coarse, "colour": t["colour"]})
     return prompts, want
 
@@ -290,7 +290,7 @@ def measure_guidance_gaps(pipe, evaluator, classify, clip_model, clip_tok, head,
     rng = random.Random(0)
     colours = [rng.choice(D.COLOURS) for _ in range(n)]
     targets = torch.tensor([1 + (i % 4) for i in range(n)])  # triangle, square, pentagon, hexagon
-    prompts = [f"a {c} polygon" for c in colours]
+    prompts = [D.with_article(f"{c} polygon") for c in colours]
     seeds = [EVAL_SEED + 100 + i for i in range(n)]
     out = {"items": n, "optimisation_steps": iters, "ddim_steps": steps, "guidance_scale": cfg,
            "task": "prompt 'a <colour> polygon', target = one of the 4 polygon classes (vocabulary expansion)"}
@@ -311,7 +311,7 @@ def measure_guidance_gaps(pipe, evaluator, classify, clip_model, clip_tok, head,
                                  device, iters, steps, cfg)
     out["classifier"] = rates(first, last, lambda im: classify(im).argmax(-1))
     # CLIP text guidance toward the fine class name
-    texts = [f"a {c} {D.SHAPES[int(t)]}" for c, t in zip(colours, targets)]
+    texts = [D.with_article(f"{c} {D.SHAPES[int(t)]}") for c, t in zip(colours, targets)]
     with torch.no_grad():
         tfeat = F.normalize(clip_model.encode_text(clip_tok(texts).to(device)).float(), dim=-1)
         shape_txt = F.normalize(clip_model.encode_text(clip_tok([f"a {s}" for s in D.SHAPES]).to(device)).float(), dim=-1)

@@ -377,7 +377,7 @@ def build_aesthetic(ctx) -> Experiment:
     want = {}
     while len(want) < ctx.mode["prompts"]:
         colour, coarse = rng.choice(D.COLOURS), rng.choice(D.COARSE_SHAPES)
-        want[f"a {colour} {coarse}"] = (colour, coarse)
+        want[D.with_article(f"{colour} {coarse}")] = (colour, coarse)
     guide = AestheticGuidance(head=ctx.weights.aesthetic_head, num_cuts=0, **ctx.weights.clip_kwargs())
     exp_ref: dict = {}
 
