@@ -105,7 +105,8 @@ def measure_vae(pipe, n, device, evaluator=None) -> dict:
         res["evaluator_reads_reconstruction_pct"] = {
             "shape": round(100 * float((pred == truth).float().mean()), 2),
             "coarse_shape": round(100 * float((coarse[pred] == coarse[truth]).float().mean()), 2),
-            "per_shape": {s: round(100 * float((pred[truth == i] == i).float().mean()), 1) for i, s in enumerate(D.SHAPES)},
+            "per_shape": {s: round(100 * float((pred[truth == i] == i).float().mean()), 1)
+                          for i, s in enumerate(D.SHAPES) if bool((truth == i).any())},  # no NaN for absent classes
             "n_single_shape": int(one.sum())}
     return res
 
