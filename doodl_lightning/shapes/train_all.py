@@ -3,6 +3,7 @@
     python -m doodl_lightning.shapes.train_all                  # CPU, 2 cores: <= 2 h, two chains in parallel
     python -m doodl_lightning.shapes.train_all --profile gpu    # one GPU, ~6 min, three chains in parallel
     python -m doodl_lightning.shapes.train_all --profile smoke  # a few steps of every stage (a test)
+    python -m doodl_lightning.shapes.train_all --time-scale 0.5 --out DIR  # the CPU recipe in about an hour
 
 Stages (each ``python -m doodl_lightning.shapes.train fit --config experiments/shapes/<stage>.yaml``):
 VAE -> diffusion (UNet + text encoder, exported with the VAE as sd-shapes/); shapes-CLIP -> aesthetic head;
@@ -59,7 +60,14 @@ EXPORT = {"vae": "vae", "diffusion": "sd-shapes", "clip": "shapes-clip", "aesthe
           "classifier": "classifier", "evaluator": "evaluator"}
 
 
-def stage_command(stage: str, out: Path, work: Path, profile: str, extra: str = "") -> list[str]:
+def scale_time(hms: str, factor: float) -> str:
+    """``DD:HH:MM:SS`` (Lightning's ``max_time``) times ``factor``, rounded to whole seconds."""
+    d, h, m, sec = (int(x) for x in hms.split(":"))
+    t = max(1, round((((d * 24 + h) * 60 + m) * 60 + sec) * factor))
+    return f"{t // 86400:02d}:{t % 86400 // 3600:02d}:{t % 3600 // 60:02d}:{t % 60:02d}"
+
+
+def stage_command(stage: str, out: Path, work: Path, profile: str, extra: str = "", time_scale: float = 1.0) -> list[str]:
     export = (work if stage == "vae" else out) / EXPORT[stage]
     cmd = [sys.executable, "-m", "doodl_lightning.shapes.train", "fit", "--config", str(CONFIG_DIR / f"{stage}.yaml"),
            "--model.init_args.export_dir", str(export), "--trainer.default_root_dir", str(work / "logs" / stage)]
@@ -67,14 +75,18 @@ def stage_command(stage: str, out: Path, work: Path, profile: str, extra: str = 
         cmd += ["--model.init_args.vae_path", str(work / "vae")]
     if stage == "aesthetic":
         cmd += ["--model.init_args.clip_dir", str(out / "shapes-clip")]
-    return cmd + PROFILES[profile][stage] + extra.split()
+    args = list(PROFILES[profile][stage])
+    if time_scale != 1.0:  # a shorter (or longer) run of the same recipe: every stage's time cap scaled
+        args = [scale_time(v, time_scale) if k == "--trainer.max_time" else v
+                for k, v in zip([None] + args[:-1], args)]
+    return cmd + args + extra.split()
 
 
-def run_chain(stages, out, work, profile, threads, log, extra="") -> dict:
+def run_chain(stages, out, work, profile, threads, log, extra="", time_scale=1.0) -> dict:
     times = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     for stage in stages:
-        cmd = stage_command(stage, out, work, profile, extra)
+        cmd = stage_command(stage, out, work, profile, extra, time_scale)
         t0 = time.time()
         with open(work / f"{stage}.log", "w") as f:
             print(f"[train_all] {stage}: {' '.join(cmd[1:])}", file=log, flush=True)
@@ -93,20 +105,25 @@ def main(argv=None):
     ap.add_argument("--work", type=Path, default=Path("outputs/shapes/train_all"), help="logs and the VAE stage")
     ap.add_argument("--stages", nargs="*", default=None, help="only these stages (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--time-scale", type=float, default=1.0,
+                    help="multiply every stage's time cap (e.g. 0.5: the CPU recipe in about an hour)")
     ap.add_argument("--extra", default="", help="extra CLI arguments appended to every stage")
     ap.add_argument("--no-quality", action="store_true", help="skip measuring the quality bars at the end")
     ap.add_argument("--quality-args", default="", help="extra arguments for shapes.quality")
     ap.add_argument("--pack", type=Path, default=None,
                     help="also pack the weights into <= 2 tar files here (for machines that return few files)")
     a = ap.parse_args(argv)
+    if a.time_scale <= 0:
+        ap.error(f"--time-scale must be > 0, got {a.time_scale}")
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
     chains = [[s for s in c if a.stages is None or s in a.stages] for c in CHAINS[a.profile]]
     t0 = time.time()
     with ThreadPoolExecutor(len(chains)) as ex:
-        results = list(ex.map(lambda c: run_chain(c, a.out, a.work, a.profile, a.threads, sys.stdout, a.extra), chains))
+        results = list(ex.map(lambda c: run_chain(c, a.out, a.work, a.profile, a.threads, sys.stdout, a.extra,
+                                                    a.time_scale), chains))
     times = {k: v for r in results for k, v in r.items()}
-    summary = {"profile": a.profile, "total_seconds": round(time.time() - t0, 1), "stages": times}
+    summary = {"profile": a.profile, "time_scale": a.time_scale, "total_seconds": round(time.time() - t0, 1), "stages": times}
     (a.work / "train_all.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     ok = all(v["returncode"] == 0 for v in times.values())
