@@ -60,10 +60,15 @@ EXPORT = {"vae": "vae", "diffusion": "sd-shapes", "clip": "shapes-clip", "aesthe
           "classifier": "classifier", "evaluator": "evaluator"}
 
 
-def scale_time(hms: str, factor: float) -> str:
-    """``DD:HH:MM:SS`` (Lightning's ``max_time``) times ``factor``, rounded to whole seconds."""
+def max_time_seconds(hms: str) -> int:
+    """Seconds in Lightning's ``max_time`` string ``DD:HH:MM:SS``."""
     d, h, m, sec = (int(x) for x in hms.split(":"))
-    t = max(1, round((((d * 24 + h) * 60 + m) * 60 + sec) * factor))
+    return ((d * 24 + h) * 60 + m) * 60 + sec
+
+
+def scale_time(hms: str, factor: float) -> str:
+    """``DD:HH:MM:SS`` times ``factor``, rounded to whole seconds."""
+    t = max(1, round(max_time_seconds(hms) * factor))
     return f"{t // 86400:02d}:{t % 86400 // 3600:02d}:{t % 3600 // 60:02d}:{t % 60:02d}"
 
 
