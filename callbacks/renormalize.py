@@ -1,4 +1,4 @@
-"""Rescale each item's latent to its initial norm after every step (the paper's renormalize_latents)."""
+"""Rescale each latent of every pair to the norm of its x_T after every step (official renormalize_latents)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ class LatentRenormalization(Callback):
 
     Without it the optimiser drifts the latents off the typical set of N(0, I) and the diffusion model
     stops producing images. Applies only to the items the latest step changed (stopped items stay
-    bit-identical). On by default through ``DOODL.renormalize``; off for editing real images.
+    bit-identical). On by default through ``DOODL(renormalize_latents=...)``; off for editing real images.
     """
 
     @torch.no_grad()
@@ -18,6 +18,6 @@ class LatentRenormalization(Callback):
         rows = pl_module.stepped
         if rows is None or not bool(rows.any()):
             return
-        z = pl_module.latents
-        norm = z[rows].flatten(1).norm(dim=1).clamp_min(1e-12)
-        z[rows] = z[rows] * (pl_module.initial_norm[rows] / norm).view(-1, *[1] * (z.dim() - 1))
+        z = pl_module.latents  # (N, P, C, h, w): each latent of the pair rescaled on its own
+        norm = z[rows].flatten(2).norm(dim=2).clamp_min(1e-12)
+        z[rows] = z[rows] * (pl_module.initial_norm[rows, None] / norm).view(*norm.shape, *[1] * (z.dim() - 2))

@@ -126,10 +126,19 @@ class Backbone(nn.Module):
         return decode_latents(self.vae, latents)
 
     @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """VAE-encode images in [-1, 1] to float32 latents (the posterior mean, as EDICT editing does)."""
+    def encode_images(self, images: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+        """VAE-encode images in [-1, 1] to float32 latents: the posterior mean, or with ``generators``
+        (one CPU generator per image) a posterior sample, mean + std N(0, I), as the official editing
+        code (``latent_dist.sample(generator)``). The noise is drawn in float32 whatever the precision."""
         cfg = self.vae.config
-        z = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist.mean.to(torch.promote_types(self.dtype, torch.float32))
+        post = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist
+        out_dtype = torch.promote_types(self.dtype, torch.float32)
+        z = post.mean.to(out_dtype)
+        if generators is not None:
+            if len(generators) != len(z):
+                raise ValueError(f"{len(generators)} generators for {len(z)} images: give one per image")
+            noise = torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators])
+            z = z + post.std.to(out_dtype) * noise.to(z.device, out_dtype)
         if getattr(cfg, "shift_factor", None):
             z = z - cfg.shift_factor
         return z * cfg.scaling_factor

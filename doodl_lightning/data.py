@@ -75,3 +75,28 @@ def step_generator(item: Item, step: int, stream: int = 0) -> torch.Generator:
     the same numbers.
     """
     return torch.Generator().manual_seed((item.seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
+
+
+def load_source_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """An image to edit as a (1, 3, H, W) float64 tensor in [-1, 1], prepared as the official code does.
+
+    EXIF orientation applied, centre-cropped to a square, resized to ``size`` (W, H) with PIL's
+    bicubic filter (the official ``load_im_into_format_from_path``; its later LANCZOS resize to the same
+    size is a no-op), and an alpha channel composited on white.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        im = ImageOps.exif_transpose(Image.open(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"source_image {path} is not a readable image ({e}): give a PNG or JPEG file") from None
+    w, h = im.size
+    m = min(w, h)
+    im = im.crop(((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m)) if w != h else im
+    im = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+    im = im.resize(size, Image.BICUBIC)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], len(im.getbands()))
+    x = x.permute(2, 0, 1).double() / 255.0
+    if x.shape[0] == 4:  # composite on white: rgb a + (1 - a)
+        x = x[:3] * x[3:] + (1 - x[3:])
+    return (x * 2 - 1).unsqueeze(0)  # float64: the encoder casts it to its own dtype

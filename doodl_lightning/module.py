@@ -10,12 +10,13 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from .backbone import Backbone, precision_dtype
-from .data import Item, initial_noise, make_items, shard, step_generator
+from .data import Item, initial_noise, load_source_image, make_items, shard, step_generator
 from .guidance.base import Guidance
 from .objective import Evaluation, evaluate
 from .optim import DOODLOptimizer, masked_step
-from .sampling import BACKPROPS, SAMPLERS, OneStepGuidance, Schedule, check_sampler, edict_invert, sample_ddim, sample_edict
+from .sampling import GRIDS, GuidedEps, OneStepGradient, Schedule, check_sampler, edict_invert, sample_ddim, sample_edict
 from .sampling.edict import check_mix_weight
+from .dtypes import at_least_float32
 
 
 def default_model() -> str:
@@ -26,18 +27,26 @@ def default_model() -> str:
 class DOODL(LightningModule):
     """End-to-end optimisation of diffusion latents (DOODL, Wallace et al. 2023, arXiv 2303.13703).
 
-    Args (the YAML keys under ``model:``):
+    The defaults are the official method (salesforce/DOODL ``doodl.py``, ``gen()``); the names of the
+    official options are kept. Args (the YAML keys under ``model:``):
         model: hub id, local diffusers directory, or one .safetensors/.ckpt file (then ``model_config``).
         prompts, seeds, prompt_file: the items, every prompt with every seed.
         guidance: guidance modules (``class_path`` + ``init_args``); the loss is their weighted sum.
         sampler / backprop: ``edict`` | ``ddim`` and ``checkpoint`` | ``reversible`` | ``autograd``.
         steps, mix_weight, guidance_scale: the sampler (mix_weight is EDICT's p).
+        timestep_grid: ``official`` (offset 0: 900, ..., 0 for 10 steps) or ``model`` (the model's
+            scheduler config, SD: 901, ..., 1).
         micro_batch: items per chain evaluation (None = all this rank's items at once).
-        opt_t: optimise only the last ``opt_t`` sampler steps (the earlier ones run once, without grad).
-        source_image: edit a real image: VAE-encode, EDICT-invert, optimise from there (renormalisation off).
-        lr, momentum, clip, perturbation: the DOODL update (``lr`` is the official ``grad_scale``).
-        renormalize: rescale latents to their initial norm after each step (default: on unless editing).
-        one_step_scale: > 0 runs the one-step guidance baseline instead of optimising (for comparisons).
+        opt_t: optimise only the last ``opt_t`` sampler steps (the earlier ones run once, without grad;
+            the pair is then tied if ``tied_latents``).
+        source_image: edit a real image: VAE-encode (a posterior sample), EDICT-invert, optimise from
+            that pair (renormalisation off, ``opt_t`` refused, as the official code).
+        grad_scale, clip_grad_val, use_momentum, momentum, use_nesterov, perturb_grad_scale,
+        tied_latents, optimize_first_edict_image_only, renormalize_latents: the official update
+            (``DOODLOptimizer``); renormalize_latents defaults to on unless editing.
+        latent_traversal: False runs the official non-traversal baselines instead of optimising:
+            guidance on eps at every step, with the one-step estimate (``one_step_baseline``) or the
+            gradient through the rest of the chain; generate with ``guided_images()``.
         cuda_graphs: replay the UNet as CUDA graphs (on CUDA devices; ignored on CPU), captured on the
             first call of each batch shape: removes the kernel-launch overhead of small batches.
     """
@@ -54,22 +63,28 @@ class DOODL(LightningModule):
         sampler: str = "edict",
         backprop: str = "checkpoint",
         steps: int = 50,
+        timestep_grid: str = "official",
         mix_weight: float = 0.93,
         guidance_scale: float = 7.5,
         resolution: int | None = None,
         micro_batch: int | None = None,
         opt_t: int | None = None,
         source_image: str | None = None,
-        lr: float = 1.0,
+        grad_scale: float = 1.0,
+        clip_grad_val: float | None = 1e-3,
+        use_momentum: bool = True,
         momentum: float = 0.9,
-        clip: float = 1e-3,
-        perturbation: float = 1e-4,
-        renormalize: bool | None = None,
+        use_nesterov: bool = False,
+        perturb_grad_scale: float = 1e-4,
+        tied_latents: bool = True,
+        optimize_first_edict_image_only: bool = False,
+        renormalize_latents: bool | None = None,
+        latent_traversal: bool = True,
+        one_step_baseline: bool = False,
         drift_tolerance: float = 1e-3,
         vae_checkpointing: bool = False,
         cuda_graphs: bool = False,
         local_files_only: bool | None = None,
-        one_step_scale: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["guidance"])
@@ -78,29 +93,39 @@ class DOODL(LightningModule):
         check_mix_weight(mix_weight)
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if timestep_grid not in GRIDS:
+            raise ValueError(f"unknown timestep_grid {timestep_grid!r}; choose one of {', '.join(GRIDS)}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or null, got {micro_batch}")
         if opt_t is not None and not 1 <= opt_t <= steps:
             raise ValueError(f"opt_t must be in [1, steps={steps}] or null, got {opt_t}")
-        if one_step_scale < 0:
-            raise ValueError(f"one_step_scale must be >= 0, got {one_step_scale}")
+        if grad_scale <= 0:
+            raise ValueError(f"grad_scale must be > 0 (it multiplies the loss), got {grad_scale}")
         if source_image is not None and not os.path.isfile(source_image):
             raise FileNotFoundError(f"source_image {source_image} does not exist")
         if source_image is not None and sampler != "edict":
             raise ValueError("editing a source_image needs sampler 'edict' (exact inversion)")
+        if source_image is not None and opt_t is not None:
+            raise ValueError("opt_t cannot be combined with source_image (the official code optimises an edit at x_T): drop opt_t")
+        if source_image is not None and renormalize_latents:
+            raise ValueError("renormalize_latents must be off when editing a source_image (the inverted pair is not "
+                             "Gaussian noise; the official code asserts it): drop renormalize_latents")
+        if optimize_first_edict_image_only and sampler != "edict":
+            raise ValueError("optimize_first_edict_image_only needs sampler 'edict' (DDIM makes one image)")
         self.items: list[Item] = make_items(prompts, seeds if seeds is not None else [0], prompt_file)
         self.guidance = nn.ModuleList(guidance or [])
         names = [g.name for g in self.guidance]
         if len(set(names)) != len(names):
             raise ValueError(f"guidance names must be unique (they are log keys), got {names}; set name: ...")
-        if not self.guidance and one_step_scale == 0:
+        if not self.guidance:
             raise ValueError("no guidance modules: give model.guidance: [{class_path: ...}] (nothing to optimise)")
         self.backbone = Backbone.load(model or default_model(), model_config=model_config,
                                       local_files_only=local_files_only, vae_checkpointing=vae_checkpointing)
         self.latent_shape = self.backbone.latent_shape(resolution)
-        self.renormalize = (source_image is None) if renormalize is None else renormalize
+        self.pair_size = 2 if sampler == "edict" else 1
+        self.renormalize = (source_image is None) if renormalize_latents is None else renormalize_latents
         self.local_items: list[Item] = []
         self._restored = False
         self._final: Evaluation | None = None
@@ -108,6 +133,7 @@ class DOODL(LightningModule):
         self.stepped = None                      # which local items the latest step changed
         self._final_step = -1
         self._graphed = None
+        self._guided_calls = 0
 
     # -- frozen weights never go into checkpoints -------------------------------------------------
     def state_dict(self, *args, **kwargs):
@@ -148,10 +174,12 @@ class DOODL(LightningModule):
             raise ValueError(f"{len(self.items)} items cannot feed {world} processes: give at least one item per process")
         self.local_items = shard(self.items, rank, world)
         z = torch.stack([initial_noise(it, self.latent_shape) for it in self.local_items])
-        self.latents = nn.Parameter(z)
-        self.register_buffer("initial_norm", z.flatten(1).norm(dim=1))
+        # the pair (x_T, y_T) of each item, both x_T at the start (official: latent_pair = [latent, latent])
+        self.latents = nn.Parameter(z.unsqueeze(1).repeat(1, self.pair_size, 1, 1, 1))
+        # the renormalisation target: the norm of x_T, kept through opt_t (official orig_norm); float64
+        # so that a 64-true run renormalises exactly
+        self.register_buffer("initial_norm", z.double().flatten(1).norm(dim=1))
         self.register_buffer("active", torch.ones(len(z), dtype=torch.bool))
-        self.register_buffer("pair_offset", torch.zeros_like(z))  # editing: x_T = z + d, y_T = z - d
         if self._trainer is not None:
             dtype = precision_dtype(self.trainer.precision)
             self.backbone.to(dtype)
@@ -179,7 +207,9 @@ class DOODL(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        return DOODLOptimizer([self.latents], lr=hp.lr, momentum=hp.momentum, clip=hp.clip, perturbation=hp.perturbation)
+        return DOODLOptimizer([self.latents], grad_scale=hp.grad_scale, clip_grad_val=hp.clip_grad_val,
+                              use_momentum=hp.use_momentum, momentum=hp.momentum, use_nesterov=hp.use_nesterov,
+                              perturb_grad_scale=hp.perturb_grad_scale, tied_latents=hp.tied_latents)
 
     def configure_callbacks(self):
         from callbacks.renormalize import LatentRenormalization
@@ -192,11 +222,20 @@ class DOODL(LightningModule):
 
     # -- the chain ---------------------------------------------------------------------------------
     @property
+    def full_schedule(self) -> Schedule:
+        """The whole chain of ``steps`` steps on ``timestep_grid``."""
+        return Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps, self.hparams.timestep_grid)
+
+    @property
     def schedule(self) -> Schedule:
-        """The chain that is optimised: all ``steps``, or the last ``opt_t`` of them."""
-        key = (self.hparams.steps, self.hparams.opt_t)
+        """The chain that is optimised: all ``steps``, or the last ``opt_t`` of them.
+
+        The tail is a chain of its own: its leapfrog order restarts at its first step (official
+        ``enumerate(timesteps)`` over the shortened list).
+        """
+        key = (self.hparams.steps, self.hparams.opt_t, self.hparams.timestep_grid)
         if getattr(self, "_schedule_key", None) != key:
-            full = Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps)
+            full = self.full_schedule
             k = self.hparams.opt_t
             self._schedule, self._schedule_key = (full if k is None else full.tail(len(full) - k)), key
         return self._schedule
@@ -221,7 +260,7 @@ class DOODL(LightningModule):
 
         def loss_fn(images: Tensor):
             gens = [step_generator(it, step, stream=1) for it in items]
-            terms = {g.name: g(images.to(_dtype_of(g, images.dtype)), prompts=prompts, generators=gens).float()
+            terms = {g.name: at_least_float32(g(images.to(_dtype_of(g, images.dtype)), prompts=prompts, generators=gens))
                      for g in self.guidance}
             total = sum((g.weight * terms[g.name] for g in self.guidance), torch.zeros(len(items), device=images.device))
             return total, terms
@@ -233,17 +272,18 @@ class DOODL(LightningModule):
         hp = self.hparams
         outs = []
         for idx in self._chunks():
-            z = self.latents[idx]
-            d = self.pair_offset[idx]
+            pair = self.latents[idx]
             outs.append(evaluate(
-                self._denoiser(idx), z + d, self.schedule, self.backbone.decode, self._loss_fn(idx, self.global_step),
+                self._denoiser(idx), pair[:, 0], self.schedule, self.backbone.decode, self._loss_fn(idx, self.global_step),
                 sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
-                y=(z - d) if hp.sampler == "edict" else None, drift_tolerance=hp.drift_tolerance, backward=backward))
+                y=pair[:, 1] if self.pair_size == 2 else None, drift_tolerance=hp.drift_tolerance, backward=backward,
+                first_image_only=hp.optimize_first_edict_image_only))
         return _concat(outs)
 
     def training_step(self, batch, batch_idx):
-        if self.hparams.one_step_scale > 0:
-            raise RuntimeError("one_step_scale > 0 is the one-step baseline: generate with DOODL.one_step_images(), not fit")
+        if not self.hparams.latent_traversal:
+            raise RuntimeError("latent_traversal: false is the official guided-sampling baseline, which optimises "
+                               "nothing: generate with DOODL.guided_images(), not fit")
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         ev = self.evaluate_items(backward=True)
@@ -286,12 +326,11 @@ class DOODL(LightningModule):
 
     def _log_step(self, ev: Evaluation, grad: Tensor) -> None:
         n = len(self.items)
-        per_item = {"loss": ev.total, "latent_norm": self.latents.detach().flatten(1).norm(dim=1),
+        per_item = {"loss": ev.total, "latent_norm": self.latents.detach()[:, 0].flatten(1).norm(dim=1),
                     "grad_norm": grad.flatten(1).norm(dim=1)}
         per_item.update({f"loss_{k}": v for k, v in ev.terms.items()})
         gathered = {k: self.gather_items(v) for k, v in per_item.items()}
         logs = {f"train/{k}": float(v.mean()) for k, v in gathered.items()}
-        logs["train/lr"] = float(self.trainer.optimizers[0].param_groups[0]["lr"])
         logs["train/active_items"] = float(self.gather_items(self.active.float()).sum())
         if "reversible_drift" in ev.info:
             logs["train/reversible_drift"] = float(ev.info["reversible_drift"])
@@ -304,40 +343,42 @@ class DOODL(LightningModule):
     # -- options around the optimisation ---------------------------------------------------------
     @torch.no_grad()
     def _invert_source(self) -> None:
-        from PIL import Image
+        """Editing: the source image's EDICT inversion becomes every item's (untied) pair.
 
-        img = Image.open(self.hparams.source_image).convert("RGB")
+        As the official code: a sample of the VAE posterior (each item's own seed draws it), not its
+        mean, then EDICT inversion over the whole chain; renormalisation is off.
+        """
         c, h, w = self.latent_shape
         f = self.backbone.vae_scale_factor
-        img = img.resize((w * f, h * f), Image.BICUBIC)
-        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h * f, w * f, 3)
-        x = (x.permute(2, 0, 1).float() / 127.5 - 1).unsqueeze(0).to(self.device)
-        z0 = self.backbone.encode_images(x)
-        full = Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps)
+        x = load_source_image(self.hparams.source_image, (w * f, h * f)).to(self.device)
+        gens = [torch.Generator().manual_seed(it.seed) for it in self.local_items]
+        z0 = self.backbone.encode_images(x.expand(len(gens), -1, -1, -1), generators=gens)
         n = len(self.local_items)
-        inv = edict_invert(self._denoiser(list(range(n))), z0.expand(n, -1, -1, -1), full, self.hparams.mix_weight)
+        inv = edict_invert(self._denoiser(list(range(n))), z0, self.full_schedule, self.hparams.mix_weight)
         self.source_round_trip_error = inv.round_trip_error
-        self.latents.data = ((inv.x + inv.y) / 2).to(self.latents.dtype)
-        self.pair_offset.copy_((inv.x - inv.y) / 2)
-        self.initial_norm.copy_(self.latents.detach().flatten(1).norm(dim=1))
+        self.latents.data = torch.stack([inv.x, inv.y], dim=1).to(self.latents.dtype)
 
     @torch.no_grad()
     def _run_prefix(self) -> None:
-        """opt_t: run the first steps - opt_t steps once, without gradient; optimise from there."""
-        full = Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps)
+        """opt_t: run the first steps - opt_t steps once, without gradient; optimise from there.
+
+        Then the pair is tied (its mean) if ``tied_latents``, and the renormalisation target stays the
+        norm of x_T (official doodl.py, the ``opt_t`` branch).
+        """
+        full = self.full_schedule
         start = len(full) - self.hparams.opt_t
         if start == 0:
             return
-        head = Schedule(full.timesteps[:start], full.alphas_cumprod[:start], full.alphas_cumprod_prev[:start])
+        head = full.head(start)
         eps = self._denoiser(list(range(len(self.local_items))))
+        z = self.latents.detach()
         if self.hparams.sampler == "ddim":
-            z = sample_ddim(eps, self.latents.detach(), head)
-            self.latents.data = z
+            pair = sample_ddim(eps, z[:, 0], head).unsqueeze(1)
         else:
-            x, y = sample_edict(eps, self.latents + self.pair_offset, self.latents - self.pair_offset, head, self.hparams.mix_weight)
-            self.latents.data = (x + y) / 2
-            self.pair_offset.copy_((x - y) / 2)
-        self.initial_norm.copy_(self.latents.detach().flatten(1).norm(dim=1))
+            pair = torch.stack(sample_edict(eps, z[:, 0], z[:, 1], head, self.hparams.mix_weight), dim=1)
+            if self.hparams.tied_latents:
+                pair = pair.mean(dim=1, keepdim=True).expand_as(pair)
+        self.latents.data = pair.to(self.latents.dtype).contiguous()
 
     def final_evaluation(self) -> Evaluation:
         """Evaluate the final latents once (no gradient); cached until the next step."""
@@ -348,23 +389,54 @@ class DOODL(LightningModule):
         return self._final
 
     @torch.no_grad()
-    def one_step_images(self) -> Evaluation:
-        """The one-step guidance baseline (no optimisation): sample with eps' = eps + s sqrt(1-abar) grad."""
+    def guided_images(self) -> Evaluation:
+        """The official ``latent_traversal=False`` baselines: sample once, adding to eps at every step
+        sqrt(1 - abar_t) times the gradient of grad_scale * loss, either the one-step estimate
+        (``one_step_baseline``) or 0.5 x the gradient through the rest of the chain (both EDICT images).
+        """
         hp = self.hparams
         outs = []
         for idx in self._chunks():
-            loss_fn = self._loss_fn(idx, 0)
-            guided = OneStepGuidance(self._denoiser(idx), lambda z0: loss_fn(self.backbone.decode(z0))[0],
-                                     self.schedule, hp.one_step_scale)
+            eps = self._denoiser(idx)
+            grad = self._one_step_gradient(idx) if hp.one_step_baseline else self._chain_gradient(idx)
+            guided = GuidedEps(eps, grad, self.schedule)
             z = self.latents[idx].detach()
             if hp.sampler == "ddim":
-                finals = (sample_ddim(guided, z, self.schedule),)
+                finals = (sample_ddim(guided, z[:, 0], self.schedule),)
             else:
-                finals = sample_edict(guided, z, z, self.schedule, hp.mix_weight)
+                finals = sample_edict(guided, z[:, 0], z[:, 1], self.schedule, hp.mix_weight)
             images = self.backbone.decode(finals[0])
-            total, terms = loss_fn(images)
+            total, terms = self._loss_fn(idx, 0)(images)
             outs.append(Evaluation(total, terms, images))
         return _concat(outs)
+
+    def _guided_loss_fn(self, idx: list[int]):
+        # fresh cutouts at every guidance call, repeatable: one generator stream per call
+        self._guided_calls += 1
+        return self._loss_fn(idx, self._guided_calls)
+
+    def _one_step_gradient(self, idx: list[int]) -> OneStepGradient:
+        eps_uncond = self.backbone.denoiser(self._cond[idx], self._uncond, 0.0)
+
+        def loss_of_latents(sample: Tensor) -> Tensor:
+            return self._guided_loss_fn(idx)(self.backbone.decode(sample))[0]
+
+        return OneStepGradient(eps_uncond, loss_of_latents, self.schedule, self.hparams.grad_scale)
+
+    def _chain_gradient(self, idx: list[int]):
+        """d(grad_scale * S)/dx_t through the rest of the chain from (x_t, x_t), times 0.5 (official cond_fn)."""
+        hp = self.hparams
+        index = {t: i for i, t in enumerate(self.schedule.timesteps)}
+
+        def grad(x: Tensor, t: int) -> Tensor:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_()
+                evaluate(self._denoiser(idx), leaf, self.schedule.tail(index[int(t)]), self.backbone.decode,
+                         self._guided_loss_fn(idx), sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
+                         y=leaf if self.pair_size == 2 else None, drift_tolerance=hp.drift_tolerance, backward=True)
+            return 0.5 * hp.grad_scale * leaf.grad
+
+        return grad
 
 
 def _dtype_of(module: nn.Module, default: torch.dtype) -> torch.dtype:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .sampling import Schedule, sample
+from .dtypes import at_least_float32
 
 LossFn = Callable[[Tensor], "tuple[Tensor, dict[str, Tensor]]"]  # images -> (total (N,), {name: (N,)})
 
@@ -22,12 +23,12 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
     if getattr(cfg, "shift_factor", None):
         z = z + cfg.shift_factor
     dtype = next(vae.parameters()).dtype
-    return vae.decode(z.to(dtype)).sample.float()
+    return at_least_float32(vae.decode(z.to(dtype)).sample)
 
 
 @dataclass
 class Evaluation:
-    total: Tensor                      # (N,) weighted loss per item, averaged over the EDICT pair
+    total: Tensor                      # (N,) weighted loss per item, averaged over the optimised images
     terms: dict[str, Tensor]           # name -> (N,) unweighted per-item guidance losses
     images: Tensor                     # (N, 3, H, W) in [-1, 1], detached: the image the item shows
     info: dict = field(default_factory=dict)
@@ -46,28 +47,32 @@ def evaluate(
     y: Tensor | None = None,
     drift_tolerance: float = 1e-3,
     backward: bool = True,
+    first_image_only: bool = False,
 ) -> Evaluation:
-    """Sample from z, decode, score; with ``backward`` accumulate d(sum of totals)/dz into z.grad.
+    """Sample from z (and y, EDICT's second latent), decode, score; with ``backward`` accumulate
+    dS/dz (and dS/dy) into their ``.grad``, S = the sum over items of the losses of the optimised images.
 
-    Each final latent (one for DDIM, the pair for EDICT) is decoded and back-propagated on its own
-    graph before the next is decoded, so only one VAE-decoder graph is alive at a time; then the
-    cotangents of all final latents go back through the chain together. For EDICT the loss is the
-    mean over the pair (the official code's 0.5 * sum).
+    As the official code: the loss is taken on the decoded image of BOTH EDICT latents and summed
+    (``first_image_only``: on x_0's image only, the official ``optimize_first_edict_image_only``).
+    Each final latent is decoded and back-propagated on its own graph before the next is decoded, so
+    only one VAE-decoder graph is alive at a time; then the cotangents of all final latents go back
+    through the chain together. ``Evaluation.total`` is the mean over the optimised images.
     """
     info: dict = {}
     with torch.set_grad_enabled(backward):
         finals = sample(eps, z, schedule, sampler=sampler, backprop=backprop, y=y, mix_weight=mix_weight,
                         drift_tolerance=drift_tolerance, info=info)
     finals = finals if isinstance(finals, tuple) else (finals,)
-    k = len(finals)
+    scored = finals[:1] if first_image_only else finals
+    k = len(scored)
     total, terms, images, cotangents = 0.0, {}, None, []
-    for final in finals:
+    for final in scored:
         leaf = final.detach().requires_grad_(backward)
         with torch.set_grad_enabled(backward):
             img = decode(leaf)
             item_total, item_terms = loss_fn(img)
         if backward:
-            (g,) = torch.autograd.grad(item_total.sum() / k, leaf)
+            (g,) = torch.autograd.grad(item_total.sum(), leaf)
             cotangents.append(g)
         total = total + item_total.detach() / k
         for name, v in item_terms.items():
@@ -75,5 +80,6 @@ def evaluate(
         if images is None:
             images = img.detach()
     if backward:
+        cotangents += [torch.zeros_like(f) for f in finals[k:]]
         torch.autograd.backward(finals, cotangents)
     return Evaluation(total, terms, images, info)

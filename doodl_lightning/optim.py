@@ -1,4 +1,4 @@
-"""The DOODL update rule (official doodl.py) as a torch.optim.Optimizer."""
+"""The DOODL update rule (official doodl.py, ``gen()``'s traversal loop) as a torch.optim.Optimizer."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -8,21 +8,41 @@ from torch import Tensor
 
 
 class DOODLOptimizer(torch.optim.Optimizer):
-    """SGD with momentum on element-wise clipped gradients plus a small Gaussian perturbation.
+    """The official hand-written update of the EDICT latent pair, under the official names.
 
-    Per step, for each latent z with gradient g:
-      1. g <- clamp(g, -clip, clip)                       (element-wise, as the official code)
-      2. m <- momentum * m + g ;  z <- z - lr * m         (torch SGD, nesterov off)
-      3. z <- z + perturbation * N(0, I)                  (keeps the search from stalling)
-    ``lr`` plays the official ``grad_scale``. The perturbation of row r (one item) at step k is drawn
-    from ``noise_generator(r, k)`` when the module sets it, so it repeats across ranks and resumes.
-    Renormalisation to the initial norm is a callback (``callbacks.LatentRenormalization``).
+    The parameter holds each item's latent pair, shape (N, P, C, h, w) with P = 2 for EDICT (x_T, y_T)
+    and P = 1 for DDIM; its ``.grad`` is d S / d pair, S the sum of the UNSCALED losses of the images
+    that are optimised (both EDICT images, or the first only). Per step, per item:
+
+      1. g = -0.5 grad_scale dS/dpair        (``loss_fn`` returns loss * grad_scale; grad = -0.5 pair.grad)
+      2. tied_latents: g = mean of g over the pair
+      3. g = clip(g, -clip_grad_val, clip_grad_val)                  (element-wise)
+      4. use_momentum: b = g at the first step, else b = momentum b + g;  g = b  (use_nesterov: g + momentum b)
+      5. pair = pair + g + perturb_grad_scale N(0, I)                 (one draw, shared by the pair)
+      6. tied_latents: both latents = their mean
+    Renormalisation to the norm of x_T follows as a callback (``callbacks.LatentRenormalization``).
+
+    There is no learning rate besides ``grad_scale``; multiplying the gradient by it equals multiplying
+    the loss, since back-propagation is linear in its cotangent. The perturbation of row r (one item) at
+    step k is drawn in float32 from ``noise_generator(r, k)`` when the module sets it, so it repeats
+    across ranks, resumes and precisions.
     """
 
-    def __init__(self, params, lr: float = 1.0, momentum: float = 0.9, clip: float = 1e-3, perturbation: float = 1e-4):
-        if lr <= 0 or clip <= 0 or perturbation < 0 or not 0 <= momentum < 1:
-            raise ValueError("need lr > 0, clip > 0, perturbation >= 0 and 0 <= momentum < 1")
-        super().__init__(params, dict(lr=lr, momentum=momentum, clip=clip, perturbation=perturbation))
+    def __init__(self, params, grad_scale: float = 1.0, clip_grad_val: float | None = 1e-3, use_momentum: bool = True,
+                 momentum: float = 0.9, use_nesterov: bool = False, perturb_grad_scale: float = 1e-4,
+                 tied_latents: bool = True):
+        if grad_scale <= 0:
+            raise ValueError(f"grad_scale must be > 0 (it multiplies the loss), got {grad_scale}")
+        if clip_grad_val is not None and clip_grad_val <= 0:
+            raise ValueError(f"clip_grad_val must be > 0 or null (no clipping), got {clip_grad_val}")
+        if perturb_grad_scale < 0:
+            raise ValueError(f"perturb_grad_scale must be >= 0, got {perturb_grad_scale}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1) (official 0.9), got {momentum}")
+        defaults = dict(grad_scale=grad_scale, clip_grad_val=clip_grad_val, use_momentum=use_momentum or use_nesterov,
+                        momentum=momentum, use_nesterov=use_nesterov, perturb_grad_scale=perturb_grad_scale,
+                        tied_latents=tied_latents)
+        super().__init__(params, defaults)
         self.noise_generator: Callable[[int, int], torch.Generator] | None = None
 
     @torch.no_grad()
@@ -35,22 +55,39 @@ class DOODLOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if p.dim() < 2:
+                    raise ValueError(f"DOODLOptimizer needs latent pairs of shape (N, P, ...), got {tuple(p.shape)}")
                 state = self.state[p]
                 k = int(state.get("step", 0))
-                g = p.grad.clamp(-group["clip"], group["clip"])
-                buf = state.get("momentum_buffer")
-                buf = g.clone() if buf is None else buf.mul_(group["momentum"]).add_(g)
-                state["momentum_buffer"] = buf
-                p.add_(buf, alpha=-group["lr"])
-                if group["perturbation"] > 0:
-                    p.add_(self._noise(p, k), alpha=group["perturbation"])
+                # 1. the official gradient: -0.5 d(grad_scale * S)/d pair
+                g = p.grad.to(p.dtype) * (-0.5 * group["grad_scale"])
+                # 2. tied latents share one gradient, the pair's mean
+                if group["tied_latents"]:
+                    g = g.mean(dim=1, keepdim=True).expand_as(p)
+                # 3. element-wise clipping, before momentum
+                if group["clip_grad_val"] is not None:
+                    g = g.clamp(-group["clip_grad_val"], group["clip_grad_val"])
+                # 4. heavy-ball momentum without dampening (b = g at the first step)
+                if group["use_momentum"]:
+                    buf = state.get("momentum_buffer")
+                    buf = g.clone() if buf is None else buf.mul_(group["momentum"]).add_(g)
+                    state["momentum_buffer"] = buf
+                    g = g + group["momentum"] * buf if group["use_nesterov"] else buf
+                # 5. step and perturbation (one draw per item, shared by its pair)
+                p.add_(g)
+                if group["perturb_grad_scale"] > 0:
+                    p.add_(self._noise(p, k).unsqueeze(1), alpha=group["perturb_grad_scale"])
+                # 6. tie the pair again
+                if group["tied_latents"]:
+                    p.copy_(p.mean(dim=1, keepdim=True).expand_as(p))
                 state["step"] = torch.tensor(k + 1)
         return loss
 
     def _noise(self, p: Tensor, k: int) -> Tensor:
+        shape = p.shape[2:]
         if self.noise_generator is None:
-            return torch.randn_like(p)
-        rows = [torch.randn(p.shape[1:], generator=self.noise_generator(r, k)) for r in range(p.shape[0])]
+            return torch.randn(p.shape[0], *shape, dtype=torch.float32).to(p.device, p.dtype)
+        rows = [torch.randn(shape, generator=self.noise_generator(r, k), dtype=torch.float32) for r in range(p.shape[0])]
         return torch.stack(rows).to(p.device, p.dtype)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from doodl_lightning.sampling import (
-    Denoiser, OneStepGuidance, ReversibleDriftWarning, Schedule, edict_invert, edict_step, edict_step_inverse,
+    Denoiser, GuidedEps, OneStepGradient, ReversibleDriftWarning, Schedule, edict_invert, edict_step, edict_step_inverse,
     relative_error, sample, sample_ddim, sample_edict,
 )
 from tiny import CROSS_DIM, sd_scheduler, tiny_unconditional_unet, tiny_unet
@@ -50,7 +50,7 @@ def grad_of(backprop, sampler, eps, x_T, schedule, mix_weight=0.93, info=None, t
 ])
 def test_gradients_equal_autograd(dtype, tol, steps, sampler, backprop, mix_weight):
     eps = make_denoiser(dtype)
-    schedule = Schedule.from_scheduler(sd_scheduler(), steps)
+    schedule = Schedule.from_scheduler(sd_scheduler(), steps, "model")
     x_T = latents(dtype)
     ref, ref_out = grad_of("autograd", sampler, eps, x_T, schedule, mix_weight)
     info = {}
@@ -68,7 +68,7 @@ def test_partial_chain_and_distinct_pair_gradients():
     """Starting later (opt_t) and a pair x_T != y_T (editing) give autograd's gradient for both."""
     dtype = torch.float64
     eps = make_denoiser(dtype)
-    schedule = Schedule.from_scheduler(sd_scheduler(), 8).tail(5)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 8, "model").tail(5)
     assert len(schedule) == 3
     x_T, y_T = latents(dtype, seed=3), latents(dtype, seed=4)
     grads = {}
@@ -82,7 +82,7 @@ def test_partial_chain_and_distinct_pair_gradients():
 
 def saved_bytes(sampler, backprop, steps):
     eps = make_denoiser(torch.float32)
-    schedule = Schedule.from_scheduler(sd_scheduler(), steps)
+    schedule = Schedule.from_scheduler(sd_scheduler(), steps, "model")
     x = latents(torch.float32).requires_grad_()
     total = 0
 
@@ -111,7 +111,7 @@ def test_saved_bytes_scale_with_steps():
 def test_edict_inversion_round_trip_float64():
     dtype = torch.float64
     eps = make_denoiser(dtype)
-    schedule = Schedule.from_scheduler(sd_scheduler(), 10)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 10, "model")
     x0 = latents(dtype, seed=5)
     inv = edict_invert(eps, x0, schedule)
     assert inv.round_trip_error < 1e-9
@@ -127,7 +127,7 @@ def test_edict_inversion_round_trip_float64():
 
 def test_leapfrog_alternates_which_latent_goes_first():
     """Even steps update x from eps(y) first; odd steps update y from eps(x) first."""
-    schedule = Schedule.from_scheduler(sd_scheduler(), 2)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 2, "model")
     seen = []
 
     def eps(z, t):
@@ -148,7 +148,7 @@ def test_ill_conditioned_model_drift_is_detected_and_gradient_still_exact():
     with torch.no_grad():
         for p in eps.unet.parameters():
             p.mul_(2.0)  # large weights: the inverse amplifies rounding error step after step
-    schedule = Schedule.from_scheduler(sd_scheduler(), 12)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 12, "model")
     x_T = latents(dtype)
     x64 = x_T.double().clone().requires_grad_()
     eps64 = make_denoiser(torch.float64, guidance_scale=7.5)
@@ -209,7 +209,7 @@ def test_v_prediction_is_converted_to_eps():
 def test_one_step_baseline_moves_prediction_downhill_and_reduces_to_unguided():
     dtype = torch.float64
     eps = make_denoiser(dtype)
-    schedule = Schedule.from_scheduler(sd_scheduler(), 5)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 5, "model")
     target = latents(dtype, seed=11)
     loss_fn = lambda z: ((z - target) ** 2).flatten(1).sum(1)  # noqa: E731
     x_T = latents(dtype)
@@ -233,7 +233,7 @@ def test_one_step_baseline_moves_prediction_downhill_and_reduces_to_unguided():
 ])
 def test_bad_sampler_arguments(kwargs, match):
     eps = make_denoiser(torch.float32)
-    schedule = Schedule.from_scheduler(sd_scheduler(), 2)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 2, "model")
     with pytest.raises(ValueError, match=match):
         sample(eps, latents(torch.float32), schedule, **kwargs)
 
@@ -241,6 +241,6 @@ def test_bad_sampler_arguments(kwargs, match):
 def test_bad_steps_and_guidance_scale():
     for steps in (0, -3, 2.5):
         with pytest.raises(ValueError, match="steps"):
-            Schedule.from_scheduler(sd_scheduler(), steps)
+            Schedule.from_scheduler(sd_scheduler(), steps, "model")
     with pytest.raises(ValueError, match=">= 0"):
         Denoiser(tiny_unet(), cond=torch.zeros(1, 5, CROSS_DIM), uncond=torch.zeros(1, 5, CROSS_DIM), guidance_scale=-1)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .base import Guidance
 from .clip import CLIPImageEncoder
 from .loading import load_into, load_open_clip, load_state_dict_file
+from ..dtypes import at_least_float32
 
 __all__ = ["AestheticGuidance", "load_aesthetic_head"]
 
@@ -100,7 +101,7 @@ class AestheticGuidance(Guidance):
         """Predicted aesthetic score per item (N,), averaged over cutouts."""
         features = self.encoder(images, generators)  # unit-norm, as the LAION predictors were trained
         weight = next(self.head.parameters())
-        return self.head(features.to(weight.dtype)).float().squeeze(-1).mean(1)
+        return at_least_float32(self.head(features.to(weight.dtype))).squeeze(-1).mean(1)
 
     def forward(
         self,

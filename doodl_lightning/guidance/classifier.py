@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .augment import Cutouts, normalize
 from .base import Guidance
 from .loading import one_line, require_file, load_into, load_state_dict_file
+from ..dtypes import at_least_float32
 
 __all__ = ["ClassifierGuidance", "build_classifier", "read_labels", "resolve_target"]
 
@@ -131,7 +132,7 @@ class ClassifierGuidance(Guidance):
         out = self.model(x if param is None else x.to(param.dtype))
         if isinstance(out, (tuple, list)):  # e.g. Inception's aux logits in some TorchScript exports
             out = out[0]
-        return out.float().view(images.shape[0], self.cutouts.cuts_per_item, -1)
+        return at_least_float32(out).view(images.shape[0], self.cutouts.cuts_per_item, -1)
 
     def forward(
         self,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .augment import Cutouts, normalize
 from .base import Guidance
 from .loading import load_images, load_open_clip, resolve_image_paths
+from ..dtypes import at_least_float32
 
 __all__ = ["spherical_dist_loss", "CLIPImageEncoder", "CLIPTextGuidance", "CLIPImageGuidance"]
 
@@ -36,7 +37,7 @@ class CLIPImageEncoder(nn.Module):
     def embed(self, pixels: Tensor) -> Tensor:
         """CLIP-normalised pixels (B, 3, s, s) -> unit embeddings (B, D)."""
         dtype = next(self.visual.parameters()).dtype
-        return F.normalize(self.visual(pixels.to(dtype)).float(), dim=-1)
+        return F.normalize(at_least_float32(self.visual(pixels.to(dtype))), dim=-1)
 
     def forward(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """images (N, 3, H, W) in [-1, 1] -> (N, cuts_per_item, D) unit embeddings."""
@@ -78,7 +79,7 @@ class CLIPTextGuidance(Guidance):
         device = next(self.model.parameters()).device
         todo = sorted({p for p in prompts if p not in self._text_cache})
         if todo:
-            emb = F.normalize(self.model.encode_text(self.tokenizer(todo).to(device)).float(), dim=-1)
+            emb = F.normalize(at_least_float32(self.model.encode_text(self.tokenizer(todo).to(device))), dim=-1)
             self._text_cache.update(zip(todo, emb))
         return torch.stack([self._text_cache[p].to(device) for p in prompts])
 
@@ -139,4 +140,4 @@ class CLIPImageGuidance(Guidance):
     ) -> Tensor:
         """Per-item spherical distance to the reference target, averaged over cutouts: (N,)."""
         image = self.encoder(images, generators)
-        return spherical_dist_loss(image, self.target.float()).mean(1)
+        return spherical_dist_loss(image, self.target.to(image.dtype)).mean(1)

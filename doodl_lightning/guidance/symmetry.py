@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .base import Guidance
+from ..dtypes import at_least_float32
 
 __all__ = ["SymmetryGuidance"]
 
@@ -27,4 +28,4 @@ class SymmetryGuidance(Guidance):
         generators: Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """(N, 3, H, W) -> (N,) mirror MSE."""
-        return (images - images.flip(-1)).float().pow(2).mean(dim=(1, 2, 3))
+        return at_least_float32(images - images.flip(-1)).pow(2).mean(dim=(1, 2, 3))

@@ -2,12 +2,12 @@
 from .backprop import BACKPROPS, SAMPLERS, ReversibleDriftWarning, check_sampler, sample
 from .ddim import ddim_step, sample_ddim
 from .denoiser import Denoiser
-from .edict import Inversion, edict_invert, edict_step, edict_step_inverse, relative_error, sample_edict
-from .one_step import OneStepGuidance
-from .schedule import Schedule
+from .edict import Inversion, edict_invert, edict_step, edict_step_inverse, mix, relative_error, sample_edict, unmix
+from .one_step import GuidedEps, OneStepGradient
+from .schedule import GRIDS, Schedule
 
 __all__ = [
-    "BACKPROPS", "SAMPLERS", "Denoiser", "Inversion", "OneStepGuidance", "ReversibleDriftWarning", "Schedule",
-    "check_sampler", "ddim_step", "edict_invert", "edict_step", "edict_step_inverse", "relative_error",
-    "sample", "sample_ddim", "sample_edict",
+    "BACKPROPS", "GRIDS", "SAMPLERS", "Denoiser", "GuidedEps", "Inversion", "OneStepGradient", "ReversibleDriftWarning",
+    "Schedule", "check_sampler", "ddim_step", "edict_invert", "edict_step", "edict_step_inverse", "mix",
+    "relative_error", "sample", "sample_ddim", "sample_edict", "unmix",
 ]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .ddim import ddim_step, sample_ddim
-from .edict import check_mix_weight, edict_step, relative_error, sample_edict
+from .edict import _order, check_mix_weight, edict_step, relative_error, sample_edict, unmix
 from .schedule import Schedule
 
 Eps = Callable[[Tensor, int], Tensor]
@@ -200,15 +200,14 @@ def _edict_reversible_step_backward(eps, schedule, i, p, x, y, gx, gy):
     """
     a, b = schedule.ddim_coefficients(i)
     t = schedule.timesteps[i]
-    # work in the step's frame: u went first, v second (leapfrog)
-    u2, v2 = (x, y) if i % 2 == 0 else (y, x)
-    gu2, gv2 = (gx, gy) if i % 2 == 0 else (gy, gx)
-    # 3'. mixing layer u2 = p u1 + (1-p) v1 ; v2 = p v1 + (1-p) u2: invert it and carry its cotangents
-    v1 = (v2 - (1 - p) * u2) / p
-    u1 = (u2 - (1 - p) * v1) / p
-    gu2 = gu2 + (1 - p) * gv2
-    gv1 = p * gv2 + (1 - p) * gu2
-    gu1 = p * gu2
+    # 3'. mixing layer x2 = p x1 + (1-p) y1 ; y2 = p y1 + (1-p) x2 (x first at every step): invert it
+    #     and carry its cotangents (x2 feeds y2, so x2's total cotangent is gx + (1-p) gy)
+    x1, y1 = unmix(x, y, p)
+    gx = gx + (1 - p) * gy
+    gx1, gy1 = p * gx, p * gy + (1 - p) * gx
+    # in the step's order: u went first, v second (leapfrog)
+    u1, v1 = _order(i, x1, y1)
+    gu1, gv1 = _order(i, gx1, gy1)
     # 2'. v1 = a v + b eps(u1): the UNet call at u1 rebuilds v and gives the VJP for u1
     u1 = u1.detach().requires_grad_()
     with torch.enable_grad():
@@ -223,5 +222,6 @@ def _edict_reversible_step_backward(eps, schedule, i, p, x, y, gx, gy):
     u = (u1.detach() - b * e.detach()) / a
     gv = gv + b * _vjp((e,), (v,), (gu1,))[0]
     gu = a * gu1
-    u, v = u.detach(), v.detach()
-    return (u, v, gu, gv) if i % 2 == 0 else (v, u, gv, gu)
+    x, y = _order(i, u.detach(), v.detach())
+    gx, gy = _order(i, gu, gv)
+    return x, y, gx, gy

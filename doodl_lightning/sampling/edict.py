@@ -17,40 +17,49 @@ def check_mix_weight(mix_weight: float) -> float:
     return float(mix_weight)
 
 
-def _frame(i: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    # "leapfrog": the latent that goes first alternates with the step (even: x, odd: y), as in the
-    # official code; without it EDICT images are wrong.
+def _order(i: int, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    # "leapfrog": which latent takes the first half-step alternates with the step (even: x, odd: y).
+    # Only the half-steps alternate; the mixing layer always mixes x first (official doodl.py,
+    # SteppingLayer.forward's offset = i % 2 against MixingLayer.forward).
     return (x, y) if i % 2 == 0 else (y, x)
+
+
+def mix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """EDICT mixing layer (eqs. 12-13): x' = p x + (1-p) y ;  y' = p y + (1-p) x'."""
+    x = p * x + (1 - p) * y
+    return x, p * y + (1 - p) * x
+
+
+def unmix(x: Tensor, y: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`mix`, the last assignment undone first."""
+    y = (y - (1 - p) * x) / p
+    return (x - (1 - p) * y) / p, y
 
 
 def edict_step(eps: Eps, x: Tensor, y: Tensor, schedule: Schedule, i: int, mix_weight: float) -> tuple[Tensor, Tensor]:
     """One EDICT denoising step (eq. 14 of the EDICT paper) at t_i -> t_{i+1}."""
     a, b = schedule.ddim_coefficients(i)
-    p, t = mix_weight, schedule.timesteps[i]
-    u, v = _frame(i, x, y)
+    t = schedule.timesteps[i]
+    u, v = _order(i, x, y)
     # 1. first latent: DDIM step with eps predicted from the other one
     u = a * u + b * eps(v, t)
     # 2. second latent: DDIM step with eps predicted from the NEW first one
     v = a * v + b * eps(u, t)
-    # 3. mixing layer: u' = p u + (1-p) v ; v' = p v + (1-p) u'
-    u = p * u + (1 - p) * v
-    v = p * v + (1 - p) * u
-    return _frame(i, u, v)
+    # 3. mixing layer, x first whatever the step's order
+    return mix(*_order(i, u, v), mix_weight)
 
 
 def edict_step_inverse(eps: Eps, x: Tensor, y: Tensor, schedule: Schedule, i: int, mix_weight: float) -> tuple[Tensor, Tensor]:
     """Exact inverse of :func:`edict_step` (eq. 15): rebuilds the step's inputs from its outputs."""
     a, b = schedule.ddim_coefficients(i)
-    p, t = mix_weight, schedule.timesteps[i]
-    u, v = _frame(i, x, y)
-    # 3'. undo the mixing layer, last assignment first
-    v = (v - (1 - p) * u) / p
-    u = (u - (1 - p) * v) / p
+    t = schedule.timesteps[i]
+    # 3'. undo the mixing layer
+    u, v = _order(i, *unmix(x, y, mix_weight))
     # 2'. the second latent's eps came from the (now rebuilt) first one
     v = (v - b * eps(u, t)) / a
     # 1'. the first latent's eps came from the (now rebuilt) second one
     u = (u - b * eps(v, t)) / a
-    return _frame(i, u, v)
+    return _order(i, u, v)
 
 
 def sample_edict(eps: Eps, x: Tensor, y: Tensor, schedule: Schedule, mix_weight: float = 0.93) -> tuple[Tensor, Tensor]:

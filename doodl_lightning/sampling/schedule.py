@@ -5,6 +5,32 @@ import math
 from dataclasses import dataclass
 
 
+GRIDS = ("official", "model")
+
+
+def _divisor_near(n: int, steps: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - steps), d))
+
+
+def _alphas_cumprod64(ddim) -> "torch.Tensor":
+    """abar in float64 (as the official code's numpy scheduler); diffusers keeps it in float32, 2e-8 off."""
+    import torch
+
+    cfg = ddim.config
+    n = cfg.num_train_timesteps
+    if cfg.get("trained_betas") is not None:
+        betas = torch.tensor(cfg.trained_betas, dtype=torch.float64)
+    elif cfg.beta_schedule == "linear":
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float64)
+    elif cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float64) ** 2
+    else:  # other schedules: diffusers' own values
+        return ddim.alphas_cumprod.double()
+    if cfg.get("rescale_betas_zero_snr"):
+        return ddim.alphas_cumprod.double()
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Timesteps t_0 > t_1 > ... of a deterministic DDIM chain with abar at each step and the next.
@@ -27,20 +53,39 @@ class Schedule:
             raise ValueError("timesteps, alphas_cumprod and alphas_cumprod_prev must have the same length")
 
     @classmethod
-    def from_scheduler(cls, scheduler, steps: int) -> "Schedule":
-        """The DDIM grid of any diffusers scheduler's noise schedule (PNDM/DDIM/Euler configs alike)."""
+    def from_scheduler(cls, scheduler, steps: int, grid: str = "official") -> "Schedule":
+        """The DDIM grid of ``steps`` steps on any diffusers scheduler's noise schedule.
+
+        ``grid="official"``: the official DOODL grid (its own DDIMScheduler, ``set_timesteps(steps)``
+        with offset 0): t = T - T/steps, ..., T/steps, 0; each step moves to t - T/steps and the last one
+        to abar_0 (``set_alpha_to_one=False``), so it is the identity. 10 steps: 900, 800, ..., 0.
+        ``grid="model"``: the model's own scheduler config (SD-1.x: ``steps_offset`` 1, 901, ..., 1).
+        """
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"unknown timestep grid {grid!r}; choose one of {', '.join(GRIDS)}")
         from diffusers import DDIMScheduler  # the sampling math is ours; diffusers only gives the grid
 
         ddim = DDIMScheduler.from_config(scheduler.config)
-        if steps > ddim.config.num_train_timesteps:
-            raise ValueError(f"steps={steps} exceeds the model's {ddim.config.num_train_timesteps} training timesteps")
-        ddim.set_timesteps(steps)
-        abar = ddim.alphas_cumprod.double()
-        final = float(ddim.final_alpha_cumprod)
-        ts = [int(t) for t in ddim.timesteps]
-        prev = [float(abar[t]) for t in ts[1:]] + [final]
+        n_train = ddim.config.num_train_timesteps
+        if steps > n_train:
+            raise ValueError(f"steps={steps} exceeds the model's {n_train} training timesteps")
+        abar = _alphas_cumprod64(ddim)
+        if grid == "official":
+            if n_train % steps:
+                raise ValueError(f"timestep_grid 'official' needs steps dividing {n_train} (the official grid "
+                                 f"is then exact), got steps={steps}; use e.g. {_divisor_near(n_train, steps)} "
+                                 "or timestep_grid: model")
+            # 1. t_i = T - (i + 1) T / N ; 2. t_prev = t_i - T / N, abar_0 past the end (official offset 0)
+            k = n_train // steps
+            ts = list(range(n_train - k, -1, -k))
+            prev = [float(abar[t - k]) if t - k >= 0 else float(abar[0]) for t in ts]
+        else:
+            ddim.set_timesteps(steps)
+            final = 1.0 if ddim.config.set_alpha_to_one else float(abar[0])
+            ts = [int(t) for t in ddim.timesteps]
+            prev = [float(abar[t]) for t in ts[1:]] + [final]
         return cls(tuple(ts), tuple(float(abar[t]) for t in ts), tuple(prev))
 
     def __len__(self) -> int:
@@ -51,6 +96,12 @@ class Schedule:
         if not 0 <= start < len(self):
             raise ValueError(f"start must be in [0, {len(self) - 1}], got {start}")
         return Schedule(self.timesteps[start:], self.alphas_cumprod[start:], self.alphas_cumprod_prev[start:])
+
+    def head(self, stop: int) -> "Schedule":
+        """The chain's first ``stop`` steps (the unoptimised prefix of ``opt_t``)."""
+        if not 1 <= stop <= len(self):
+            raise ValueError(f"stop must be in [1, {len(self)}], got {stop}")
+        return Schedule(self.timesteps[:stop], self.alphas_cumprod[:stop], self.alphas_cumprod_prev[:stop])
 
     def ddim_coefficients(self, i: int) -> tuple[float, float]:
         """(a, b) of the DDIM step x_{t_prev} = a x_t + b eps (eta = 0).

@@ -1,0 +1,784 @@
+#!/usr/bin/env python
+"""Half precision measured: how far is each chain gradient from a float64 reference of the same chain?
+
+For every sampler (``ddim``, ``edict``), backprop mode (``autograd``, ``checkpoint``, ``reversible`` for
+EDICT) and precision, one DOODL evaluation is run exactly as the LightningModule runs it
+(``doodl_lightning.objective.evaluate``: chain from x_T -> VAE decode -> loss -> d loss / d x_T), and the
+gradient is compared with the SAME evaluation in float64 (the same weights cast to float64, the same x_T,
+cond/uncond embeddings, schedule and loss; latents and sampler algebra in float64 too):
+
+    rel_err_vs_float64 = ||g - g64|| / ||g64||            (whole gradient, computed in float64)
+
+Precisions (``weights`` = the dtype the UNet and VAE are cast to; latents stay float32 as in the project):
+
+    float64            reference (``64-true``)
+    float32            ``32-true``
+    float16            fp16 weights, no autocast: ``16-true``, and exactly what produced
+                       results/sd15_h200.json (``backprop.py --dtype float16``: model.to(float16), no autocast)
+    bfloat16           ``bf16-true``
+    float16-mixed      fp16 weights under torch.autocast(float16): what DOODL runs under
+                       ``trainer.precision=16-mixed`` (the module casts the backbone to precision_dtype(16-mixed)
+                       = float16 and Lightning wraps training_step in autocast)
+    bfloat16-mixed     the same with bfloat16
+    autocast-float16   float32 weights under torch.autocast(float16): plain Lightning 16-mixed on a float32 model
+    autocast-bfloat16  the same with bfloat16
+
+Losses: horizontal-symmetry MSE of the decoded image (as backprop.py), normalised either by the image's
+own pixel count (``mean``) or by 3*512*512 (``512px``): the per-pixel loss gradient of the 512x512 images of
+the H200 run, whose size we cannot afford on a CPU. The loss gradient per pixel is ~1e-6 at 512 px: below
+float16's smallest normal number (2^-14 = 6.1e-5).
+
+Patches (proposed fixes, applied here by monkeypatching; doodl_lightning/ is not modified):
+
+    none             the project as it is
+    decode           objective.decode_latents runs inside ``cotangent_scaled``: the VAE decoder's VJP gets its
+                     cotangent (the loss's gradient w.r.t. the image) scaled to O(1) by a power of two, undone
+                     at the latent (as sampling/backprop.py's _vjp does for each UNet VJP of checkpoint)
+    decode+autograd  and backprop='autograd' runs the chain inside ``cotangent_scaled`` too (one power of two
+                     for the whole chain), so its half-precision UNet VJPs do not underflow either
+
+A loss-scale sweep (tiny model) multiplies the loss by 2^k and divides the gradient by 2^k (what a
+GradScaler does), showing the error of each mode against the size of the cotangents.
+
+Models: ``tiny`` (tests/tiny.py's UNet + a tiny VAE, 8x8 latents) and ``sd15`` (the real SD-1.5 UNet and
+VAE architecture, configs written out below, random weights, 8x8 latents = 64x64 images, CFG 7.5 batched).
+
+    python experiments/benchmarks/precision.py                 # default: ~10 min on one CPU thread
+    python experiments/benchmarks/precision.py --quick         # tiny model only, < 1 min
+    python experiments/benchmarks/precision.py --sd-steps 5 10 --sd-samplers ddim edict --budget 3000
+
+Every record is caught on its own (an unsupported op -> status 'error: ...'); ``--budget`` skips records
+that would end after that many seconds (status 'skipped: budget').
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for p in (ROOT, ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+from doodl_lightning import objective  # noqa: E402
+from doodl_lightning.sampling import Denoiser, Schedule  # noqa: E402
+
+DEFAULT_OUT = ROOT / "experiments" / "benchmarks" / "results" / "precision_cpu.json"
+F16_MIN_NORMAL = 2.0 ** -14
+
+# name -> (weights dtype, autocast dtype or None, Lightning name)
+PRECISIONS = {
+    "float64": (torch.float64, None, "64-true"),
+    "float32": (torch.float32, None, "32-true"),
+    "float16": (torch.float16, None, "16-true (= the H200 run)"),
+    "bfloat16": (torch.bfloat16, None, "bf16-true"),
+    "float16-mixed": (torch.float16, torch.float16, "16-mixed as DOODL runs it (fp16 weights + autocast)"),
+    "bfloat16-mixed": (torch.bfloat16, torch.bfloat16, "bf16-mixed as DOODL runs it (bf16 weights + autocast)"),
+    "autocast-float16": (torch.float32, torch.float16, "fp32 weights + autocast(fp16)"),
+    "autocast-bfloat16": (torch.float32, torch.bfloat16, "fp32 weights + autocast(bf16)"),
+}
+HALF = [p for p in PRECISIONS if p not in ("float64", "float32")]
+LOSS_NORMS = ("mean", "512px")
+PATCHES = ("none", "decode", "decode+autograd")
+
+# The SD-1.5 UNet and VAE configs (stable-diffusion-v1-5 unet/config.json, vae/config.json), random weights.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
+    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+    sample_size=16, scaling_factor=0.18215,
+)
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+
+
+# -- the proposed fixes, as monkeypatches ------------------------------------------------------------------
+
+def _pow2_scale(*grads: torch.Tensor) -> torch.Tensor:
+    """A power of two near max |grads| (1 when that is 0 or not finite): the same rule as
+    sampling/backprop.py's _power_of_two_scale, repeated here so the patch does not depend on its internals."""
+    m = torch.stack([g.detach().abs().max().float() for g in grads]).max()
+    ok = (m > 0) & torch.isfinite(m)
+    return torch.where(ok, torch.exp2(torch.round(torch.log2(torch.where(ok, m, torch.ones_like(m))))), torch.ones_like(m))
+
+
+class _ScaleCotangents(torch.autograd.Function):
+    """Identity on a sub-graph's outputs; backward divides their cotangents by one power of two s that brings
+    their max to O(1) (exact in any float format) and leaves s in ``box`` for _UnscaleAtInputs."""
+
+    @staticmethod
+    def forward(ctx, box, *outs):
+        ctx.box = box
+        return tuple(o.clone() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s = _pow2_scale(*grads)
+        ctx.box["s"] = s
+        return (None, *(g / s.to(g.dtype) for g in grads))
+
+
+class _UnscaleAtInputs(torch.autograd.Function):
+    """Identity on a sub-graph's inputs; backward multiplies their gradients by the s chosen at its outputs."""
+
+    @staticmethod
+    def forward(ctx, box, *ins):
+        ctx.box = box
+        return tuple(i.clone() for i in ins)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s = ctx.box.get("s")
+        return (None, *(g if s is None else g * s.to(g.dtype) for g in grads))
+
+
+def cotangent_scaled(fn, *inputs):
+    """fn(*inputs), but its backward runs on cotangents brought to O(1) by one power of two, undone at the
+    inputs: the whole sub-graph's half-precision VJPs see O(1) numbers instead of underflowing."""
+    box: dict = {}
+    ins = _UnscaleAtInputs.apply(box, *inputs)
+    out = fn(*ins)
+    outs = _ScaleCotangents.apply(box, *(out if isinstance(out, tuple) else (out,)))
+    return outs if isinstance(out, tuple) else outs[0]
+
+
+_original_sample = objective.sample
+
+
+def sample_autograd_scaled(eps, x, schedule, **kw):
+    """The proposed ``sample`` of sampling/backprop.py: unchanged except that backprop='autograd' runs the
+    chain inside cotangent_scaled."""
+    if kw.get("backprop", "checkpoint") != "autograd" or not torch.is_grad_enabled():
+        return _original_sample(eps, x, schedule, **kw)
+    y = kw.pop("y", None)
+    if kw.get("sampler", "ddim") == "edict":
+        return cotangent_scaled(lambda a, b: _original_sample(eps, a, schedule, y=b, **kw), x, x if y is None else y)
+    return cotangent_scaled(lambda a: _original_sample(eps, a, schedule, y=y, **kw), x)
+
+
+def make_decode(vae, patch: str):
+    """objective.decode_latents, or (patch 'decode...') the proposed decode_latents: the same call inside
+    cotangent_scaled, so the VAE decoder's VJP does not underflow on the loss's tiny per-pixel gradient."""
+    if patch == "none":
+        return lambda lat: objective.decode_latents(vae, lat)
+    return lambda lat: cotangent_scaled(lambda z: objective.decode_latents(vae, z), lat)
+
+
+@contextlib.contextmanager
+def patched(patch: str, recorder: list | None = None):
+    """Swap objective.sample for the proposed one ('decode+autograd') and record the cotangents the chain
+    receives (hooks on its outputs)."""
+    if patch not in PATCHES:
+        raise ValueError(f"unknown patch {patch!r}")
+    inner = sample_autograd_scaled if patch == "decode+autograd" else _original_sample
+
+    def recording_sample(*a, **kw):
+        out = inner(*a, **kw)
+        if recorder is not None and torch.is_grad_enabled():
+            for o in (out if isinstance(out, tuple) else (out,)):
+                if o.requires_grad:
+                    o.register_hook(lambda g: recorder.append(g.detach().clone()))
+        return out
+
+    saved = objective.sample
+    objective.sample = recording_sample
+    try:
+        yield objective.evaluate
+    finally:
+        objective.sample = saved
+
+
+def schedule_for(scheduler, steps: int) -> Schedule:
+    """The model's own DDIM grid (SD-1.x: 901, 801, ..., 1 at 10 steps), as backprop.py used for the H200 run."""
+    try:
+        return Schedule.from_scheduler(scheduler, steps, grid="model")
+    except TypeError:  # a Schedule without grids: the model's grid is its only one
+        return Schedule.from_scheduler(scheduler, steps)
+
+
+# -- models ------------------------------------------------------------------------------------------------
+
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+
+
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of a diffusers model in ``dtype`` without a transient float32 copy (built on the meta device)."""
+    with torch.device("meta"):
+        copy = type(module).from_config(module.config)
+    copy = copy.to(dtype).to_empty(device="cpu")
+    copy.load_state_dict(module.state_dict())  # copy_ casts
+    return copy.eval().requires_grad_(False)
+
+
+class Bundle:
+    """One model (UNet + VAE + schedule + embeddings + x_T) and its weights in any dtype, one dtype at a time.
+
+    float32 weights are the master copy; float64 is an in-place cast of it (float32 -> float64 -> float32 is
+    exact); half-precision weights are a separate copy, kept until another half dtype is asked for."""
+
+    def __init__(self, name: str, unet, vae, scheduler, cond, uncond, z_T, guidance_scale: float, note: str = ""):
+        self.name, self.unet, self.vae, self.scheduler = name, unet, vae, scheduler
+        self.cond, self.uncond, self.z_T, self.guidance_scale = cond, uncond, z_T, guidance_scale
+        self.note = note
+        self.master_dtype = torch.float32
+        self.half: tuple | None = None  # (dtype, unet, vae)
+
+    def weights(self, dtype: torch.dtype):
+        if dtype in (torch.float32, torch.float64):
+            self.half = None
+            if self.master_dtype != dtype:
+                self.unet.to(dtype)
+                self.vae.to(dtype)
+                self.master_dtype = dtype
+            return self.unet, self.vae
+        if self.master_dtype != torch.float32:
+            self.unet.to(torch.float32)
+            self.vae.to(torch.float32)
+            self.master_dtype = torch.float32
+        if self.half is None or self.half[0] != dtype:
+            self.half = None
+            self.half = (dtype, _cast_copy(self.unet, dtype), _cast_copy(self.vae, dtype))
+        return self.half[1], self.half[2]
+
+    def info(self) -> dict:
+        n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return dict(unet_parameters=n(self.unet), vae_parameters=n(self.vae), latent_shape=list(self.z_T.shape),
+                    image_side=self.z_T.shape[-1] * f, guidance_scale=self.guidance_scale, note=self.note)
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SD_SCHEDULE)
+
+
+def _embeddings(dim: int, seed: int):
+    gen = torch.Generator().manual_seed(seed + 123)  # as backprop.py: random unit-scale embeddings
+    return tuple(torch.randn((1, 77, dim), generator=gen) for _ in range(2))
+
+
+def build_tiny(seed: int, guidance_scale: float) -> Bundle:
+    from diffusers import AutoencoderKL
+    from tiny import CROSS_DIM, tiny_unet
+
+    unet = tiny_unet(seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
+    cond, uncond = _embeddings(CROSS_DIM, seed)
+    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+    return Bundle("tiny", unet, vae, _scheduler(), cond, uncond, z, guidance_scale,
+                  note="tests/tiny.py tiny_unet + AutoencoderKL (8,16), random weights")
+
+
+def build_sd15(seed: int, guidance_scale: float, latent: int, init_scale: float = 1.0) -> Bundle:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False)
+    vae = AutoencoderKL(**SD15_VAE).eval().requires_grad_(False)
+    note = "SD-1.5 UNet + VAE architecture, diffusers' default random init"
+    if init_scale != 1.0:
+        with torch.no_grad():
+            for m in (unet, vae):
+                for name, p in m.named_parameters():
+                    if p.dim() > 1:
+                        p.mul_(init_scale)
+        note += f", weight matrices scaled by {init_scale}"
+    cond, uncond = _embeddings(768, seed)
+    z = torch.randn((1, 4, latent, latent), generator=torch.Generator().manual_seed(seed))
+    return Bundle("sd15", unet, vae, _scheduler(), cond, uncond, z, guidance_scale, note=note)
+
+
+@torch.no_grad()
+def activation_ranges(b: Bundle, t: int) -> dict:
+    """Largest |activation| of any UNet / VAE-decoder submodule output, float32 weights, at x_T and t."""
+    unet, vae = b.weights(torch.float32)
+    out = {}
+    for label, model, run in (
+        ("unet", unet, lambda: Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)(b.z_T, t)),
+        ("vae_decoder", vae, lambda: objective.decode_latents(vae, b.z_T)),
+    ):
+        best = [0.0, ""]
+
+        def hook(mod, inp, outp, _best=best):
+            ts = outp if isinstance(outp, (tuple, list)) else (getattr(outp, "sample", outp),)
+            for o in ts:
+                if torch.is_tensor(o) and o.is_floating_point() and o.numel():
+                    v = float(o.detach().abs().max())
+                    if v > _best[0]:
+                        _best[0], _best[1] = v, names[mod]
+
+        names = {m: n for n, m in model.named_modules()}
+        handles = [m.register_forward_hook(hook) for m in model.modules()]
+        try:
+            run()
+        finally:
+            for h in handles:
+                h.remove()
+        out[label] = dict(max_abs=best[0], where=best[1], fits_float16=best[0] < 65504.0)
+    return out
+
+
+# -- one gradient ------------------------------------------------------------------------------------------
+
+def symmetry_loss(norm: str, log2_scale: int):
+    def loss_fn(images: torch.Tensor):
+        d = (images - images.flip(-1)).float().pow(2).sum(dim=(1, 2, 3))
+        n = images[0].numel() if norm == "mean" else 3 * 512 * 512
+        loss = d / n
+        return loss * 2.0 ** log2_scale, {"symmetry": loss}
+    return loss_fn
+
+
+def _autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def gradient(b: Bundle, job: dict) -> tuple[torch.Tensor, dict]:
+    """d loss / d x_T of one evaluation: (gradient in float64, measurements)."""
+    wdtype, acdtype, _ = PRECISIONS[job["precision"]]
+    unet, vae = b.weights(wdtype)
+    den = Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)
+    schedule = schedule_for(b.scheduler, job["steps"])
+    latent_dtype = torch.float64 if wdtype == torch.float64 else torch.float32
+    z = b.z_T.to(latent_dtype).clone().requires_grad_()
+    loss_fn = symmetry_loss(job["loss"], job["log2_scale"])
+    cot: list = []
+    t0 = time.perf_counter()
+    with patched(job["patch"], cot) as evaluate, _autocast(acdtype):
+        ev = evaluate(den, z, schedule, make_decode(vae, job["patch"]), loss_fn,
+                      sampler=job["sampler"], backprop=job["backprop"], drift_tolerance=job["drift_tolerance"])
+    seconds = time.perf_counter() - t0
+    g = z.grad.detach().double() / 2.0 ** job["log2_scale"]
+    c = torch.cat([x.flatten().double() for x in cot]) / 2.0 ** job["log2_scale"] if cot else None
+    m = dict(seconds=seconds, unet_calls=den.calls, loss_value=float(ev.terms["symmetry"].mean()),
+             grad_norm=float(g.norm()), grad_finite=bool(torch.isfinite(g).all()),
+             reversible_drift=ev.info.get("reversible_drift"), reversible_fallback=ev.info.get("reversible_fallback"))
+    if c is not None:
+        nz = c[c != 0].abs()
+        m.update(cotangent_absmax=float(c.abs().max()), cotangent_rms=float(c.pow(2).mean().sqrt()),
+                 cotangent_zero_frac=float((c == 0).double().mean()),
+                 cotangent_below_f16_normal_frac=float((c.abs() < F16_MIN_NORMAL).double().mean()),
+                 cotangent_min_nonzero=float(nz.min()) if nz.numel() else None)
+    return g, m
+
+
+def per_call(b: Bundle, precision: str, ref: dict | None, steps: int = 10) -> dict:
+    """One eps call and its VJP at (x_T, first timestep): the error floor of a single UNet call."""
+    wdtype, acdtype, _ = PRECISIONS[precision]
+    unet, _ = b.weights(wdtype)
+    den = Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)
+    t = schedule_for(b.scheduler, steps).timesteps[0]
+    latent_dtype = torch.float64 if wdtype == torch.float64 else torch.float32
+    x = b.z_T.to(latent_dtype).clone().requires_grad_()
+    c = torch.randn(b.z_T.shape, generator=torch.Generator().manual_seed(7)).to(latent_dtype)
+    out = dict(model=b.name, precision=precision, t=t)
+    with _autocast(acdtype):
+        e = den(x, t)
+        vjps = {}
+        for k in (0, -20):
+            (v,) = torch.autograd.grad(e, x, c * 2.0 ** k, retain_graph=True)
+            vjps[k] = v.detach().double() / 2.0 ** k
+    res = dict(eps=e.detach().double(), vjp0=vjps[0], vjp20=vjps[-20])
+    if ref is not None:
+        out["eps_rel_err"] = _rel(res["eps"], ref["eps"])
+        out["vjp_rel_err_cotangent_1"] = _rel(res["vjp0"], ref["vjp0"])
+        out["vjp_rel_err_cotangent_2^-20"] = _rel(res["vjp20"], ref["vjp0"])
+    out["_tensors"] = res
+    return out
+
+
+def autocast_backward_check(b: Bundle, precision: str, sampler: str, backprop: str, steps: int) -> dict:
+    """Is the gradient the same whether backward runs inside or outside the autocast region of the forward?
+    (checkpoint / reversible recompute UNet calls in backward; they must re-enter the forward's autocast
+    state, as Lightning calls backward outside autocast.) An O(1) cotangent, so underflow plays no part."""
+    from doodl_lightning.sampling import sample
+
+    wdtype, acdtype, _ = PRECISIONS[precision]
+    unet, _ = b.weights(wdtype)
+    den = Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)
+    z = b.z_T.clone().requires_grad_()
+    with _autocast(acdtype):
+        finals = sample(den, z, schedule_for(b.scheduler, steps), sampler=sampler, backprop=backprop, drift_tolerance=1.0)
+        finals = finals if isinstance(finals, tuple) else (finals,)
+        gen = torch.Generator().manual_seed(11)
+        cots = [torch.randn(f.shape, generator=gen) for f in finals]
+        (inside,) = torch.autograd.grad(finals, z, cots, retain_graph=True)
+    (outside,) = torch.autograd.grad(finals, z, cots)
+    return dict(model=b.name, precision=precision, sampler=sampler, backprop=backprop, steps=steps,
+                rel_diff_inside_vs_outside=_rel(outside.double(), inside.double()))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+# -- the plan ----------------------------------------------------------------------------------------------
+
+def _job(model, sampler, steps, precision, backprop, loss, patch="none", log2_scale=0, group="main"):
+    return dict(model=model, sampler=sampler, steps=steps, precision=precision, backprop=backprop, loss=loss,
+                patch=patch, log2_scale=log2_scale, drift_tolerance=1.0, group=group)
+
+
+def _modes(sampler):
+    return ["autograd", "checkpoint"] + (["reversible"] if sampler == "edict" else [])
+
+
+def make_plan(args) -> list[dict]:
+    """Jobs in priority order (the float64 references of a case come first)."""
+    jobs = []
+    if "tiny" in args.models:  # tiny: every precision and mode, the fixes, the loss-scale sweep
+        for loss in args.tiny_losses:
+            for steps in args.steps:
+                for sampler in args.samplers:
+                    jobs.append(_job("tiny", sampler, steps, "float64", "autograd", loss, group="reference"))
+                    if not args.quick:
+                        jobs.append(_job("tiny", sampler, steps, "float64", "checkpoint", loss, group="reference-check"))
+                    for prec in args.precisions:
+                        if prec != "float64":
+                            for mode in _modes(sampler):
+                                jobs.append(_job("tiny", sampler, steps, prec, mode, loss))
+                    for prec in ("float16",) if args.quick else ("float16", "autocast-float16"):
+                        if prec in args.precisions:
+                            for mode, patch in (("checkpoint", "decode"), ("autograd", "decode"),
+                                                ("autograd", "decode+autograd")) + ((("reversible", "decode"),) if sampler == "edict" else ()):
+                                jobs.append(_job("tiny", sampler, steps, prec, mode, loss, patch, group="fix"))
+        for k in args.sweep:  # GradScaler-style loss scale 2^k, float16 weights
+            for sampler in args.samplers:
+                for mode in ("autograd", "checkpoint"):
+                    jobs.append(_job("tiny", sampler, max(args.steps), "float16", mode, "512px", log2_scale=k, group="sweep"))
+    if "sd15" not in args.models:
+        return jobs
+    # sd15: float64 references first, then the H200 configuration (float16 weights), its fixes, then others
+    cases = [(s, n) for n in args.sd_steps for s in args.sd_samplers]
+    if args.sd_edict_max_steps is not None:
+        cases = [(s, n) for s, n in cases if s != "edict" or n <= args.sd_edict_max_steps]
+    loss = args.sd_loss
+    for s, n in cases:
+        jobs.append(_job("sd15", s, n, "float64", "autograd", loss, group="reference"))
+    for s, n in cases:
+        for mode in _modes(s):
+            jobs.append(_job("sd15", s, n, "float16", mode, loss))
+    for s, n in cases:
+        jobs.append(_job("sd15", s, n, "float16", "checkpoint", loss, "decode", group="fix"))
+        jobs.append(_job("sd15", s, n, "float16", "autograd", loss, "decode+autograd", group="fix"))
+    first = cases[0]
+    jobs.append(_job("sd15", first[0], first[1], "float16", "autograd", loss, "decode", group="fix"))
+    for prec in args.sd_extra_precisions:
+        for mode in ("autograd", "checkpoint") if prec != "float32" else ("checkpoint",):
+            jobs.append(_job("sd15", first[0], first[1], prec, mode, loss, group="other-precision"))
+    return jobs
+
+
+def _order_by_weights(jobs: list[dict]) -> list[dict]:
+    """Within each model, group jobs by weight dtype (float64, float16, bfloat16, float32) to cast weights
+    few times, keeping the priority order inside each group."""
+    rank = {torch.float64: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+    models = list(dict.fromkeys(j["model"] for j in jobs))
+    return sorted(jobs, key=lambda j: (models.index(j["model"]), rank[PRECISIONS[j["precision"]][0]]))
+
+
+def _predict(job: dict, records: list[dict]) -> float | None:
+    """Seconds a job will take, from finished records of the same model and sampler (per step)."""
+    best = None
+    for r in records:
+        if r["status"] != "ok" or r["model"] != job["model"] or r["sampler"] != job["sampler"]:
+            continue
+        same_kind = r["precision"] == job["precision"] and r["backprop"] == job["backprop"]
+        score = 2 if same_kind else (1 if PRECISIONS[r["precision"]][0] == PRECISIONS[job["precision"]][0] else 0)
+        per_step = r["seconds"] / r["steps"] * (1.0 if same_kind else 1.5)
+        if best is None or score > best[0]:
+            best = (score, per_step)
+    return None if best is None else best[1] * job["steps"]
+
+
+# -- the driver --------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output (rewritten after every record)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 steps, a few precisions (< 1 min)")
+    p.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=("tiny", "sd15"))
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="tiny model's sampler steps")
+    p.add_argument("--samplers", nargs="+", default=["ddim", "edict"], choices=("ddim", "edict"))
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--tiny-losses", nargs="+", default=["512px"], choices=LOSS_NORMS,
+                   help="tiny model's loss normalisations (the sweep covers larger cotangents)")
+    p.add_argument("--sweep", type=int, nargs="*", default=[-8, 0, 8, 16, 24],
+                   help="log2 loss scales of the tiny float16 sweep (empty: no sweep)")
+    p.add_argument("--sd-steps", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--sd-samplers", nargs="+", default=["ddim", "edict"], choices=("ddim", "edict"))
+    p.add_argument("--sd-edict-max-steps", type=int, default=5,
+                   help="SD EDICT cases only up to this many steps (budget); -1: no limit")
+    p.add_argument("--sd-loss", default="512px", choices=LOSS_NORMS)
+    p.add_argument("--sd-latent", type=int, default=8, help="SD latent side (8 -> 64x64 images)")
+    p.add_argument("--sd-init-scale", type=float, default=1.0, help="multiply SD weight matrices (scaled init)")
+    p.add_argument("--sd-extra-precisions", nargs="*",
+                   default=["bfloat16", "autocast-float16"],
+                   help="precisions measured on the first SD case (autograd and checkpoint)")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=570.0, help="skip records that would end after this many seconds")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.sd_edict_max_steps is not None and args.sd_edict_max_steps < 0:
+        args.sd_edict_max_steps = None
+    if args.quick:
+        args.models = ["tiny"]
+        args.steps = [3]
+        args.tiny_losses = ["512px"]
+        args.sweep = []
+        args.precisions = ["float64", "float32", "float16", "bfloat16", "autocast-float16"]
+    return args
+
+
+def _record(job: dict, b: Bundle | None) -> dict:
+    wd, ac, lightning = PRECISIONS[job["precision"]]
+    r = dict(job)
+    r.update(weights_dtype=str(wd).replace("torch.", ""), autocast_dtype=None if ac is None else str(ac).replace("torch.", ""),
+             lightning=lightning, status="pending", rel_err_vs_float64=None, rel_err_vs_autograd=None,
+             rel_err_vs_checkpoint=None)
+    return r
+
+
+def _case(r: dict) -> tuple:
+    return (r["model"], r["sampler"], r["steps"], r["loss"])
+
+
+def attach_errors(records: list[dict], grads: dict) -> None:
+    refs = {_case(r): grads[id(r)] for r in records
+            if r["status"] == "ok" and r["precision"] == "float64" and r["backprop"] == "autograd" and r["patch"] == "none"}
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        g = grads[id(r)]
+        ref = refs.get(_case(r))
+        if ref is not None:
+            r["rel_err_vs_float64"] = _rel(g, ref)
+        for mode, key in (("autograd", "rel_err_vs_autograd"), ("checkpoint", "rel_err_vs_checkpoint")):
+            if r["patch"] != "none":
+                continue
+            for o in records:
+                if (o["status"] == "ok" and o is not r and _case(o) == _case(r) and o["precision"] == r["precision"]
+                        and o["backprop"] == mode and o["patch"] == "none" and o["log2_scale"] == r["log2_scale"]):
+                    r[key] = _rel(g, grads[id(o)])
+
+
+def _fmt(v, kind="e"):
+    if v is None:
+        return "-"
+    if kind == "e":
+        return f"{v:.2e}"
+    if kind == "f":
+        return f"{v:.1f}"
+    if kind == "%":
+        return f"{100 * v:.1f}"
+    return str(v)
+
+
+def table(records: list[dict]) -> str:
+    cols = [("model", "model", None), ("sampler", "sampler", None), ("steps", "steps", None), ("loss", "loss", None),
+            ("precision", "precision", None), ("backprop", "backprop", None), ("patch", "patch", None),
+            ("log2 s", "log2_scale", None), ("err vs fp64", "rel_err_vs_float64", "e"),
+            ("err vs autograd", "rel_err_vs_autograd", "e"), ("cot |max|", "cotangent_absmax", "e"),
+            ("cot <f16 normal %", "cotangent_below_f16_normal_frac", "%"), ("drift", "reversible_drift", "e"),
+            ("s", "seconds", "f"), ("status", "status", None)]
+    rows = [[h for h, _, _ in cols]]
+    for r in records:
+        rows.append([_fmt(r.get(k), kind) if kind else str(r.get(k)) for _, k, kind in cols])
+        rows[-1][-1] = rows[-1][-1][:50]
+    w = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(n) for c, n in zip(row, w)) for row in rows)
+
+
+def summary(records: list[dict]) -> str:
+    """Pivot: rel. error vs float64 of the unpatched modes, one line per case and precision."""
+    lines = [f"{'model':5} {'sampler':7} {'steps':>5} {'loss':6} {'precision':18} "
+             f"{'autograd':>9} {'checkpoint':>10} {'reversible':>10} | fixes: {'ckpt+dec':>9} {'ag+dec':>9} {'ag+dec+ag':>9}"]
+    seen = []
+    for r in records:
+        key = (*_case(r), r["precision"])
+        if r["log2_scale"] == 0 and key not in seen:
+            seen.append(key)
+
+    def get(key, mode, patch):
+        for r in records:
+            if (*_case(r), r["precision"]) == key and r["backprop"] == mode and r["patch"] == patch and r["log2_scale"] == 0:
+                return _fmt(r["rel_err_vs_float64"]) if r["status"] == "ok" else r["status"][:9]
+        return ""
+
+    for key in seen:
+        lines.append(f"{key[0]:5} {key[1]:7} {key[2]:>5} {key[3]:6} {key[4]:18} {get(key, 'autograd', 'none'):>9} "
+                     f"{get(key, 'checkpoint', 'none'):>10} {get(key, 'reversible', 'none'):>10} | "
+                     f"{'':7}{get(key, 'checkpoint', 'decode'):>9} {get(key, 'autograd', 'decode'):>9} "
+                     f"{get(key, 'autograd', 'decode+autograd'):>9}")
+    return "\n".join(lines)
+
+
+def _machine(args) -> dict:
+    import diffusers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import subprocess
+
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--short", "doodl_lightning"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.split("\n")
+        dirty = [line[3:] for line in dirty if line.strip()]
+    except OSError:
+        git, dirty = None, None
+    return dict(device="cpu", git_head=git, doodl_lightning_uncommitted=dirty, cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, diffusers=diffusers.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _quiet_diffusers()
+    start = time.perf_counter()
+    out = dict(machine=_machine(args), args=vars(args), precisions={k: dict(weights=str(w).replace("torch.", ""),
+               autocast=None if a is None else str(a).replace("torch.", ""), lightning=l) for k, (w, a, l) in PRECISIONS.items()},
+               models={}, per_call=[], autocast_backward_check=[], records=[])
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        path.write_text(json.dumps(out, indent=1))
+
+    jobs = _order_by_weights(make_plan(args))
+    records, grads = out["records"], {}
+    bundles: dict[str, Bundle] = {}
+    print(f"# {len(jobs)} gradients; {out['machine']['cpu']} ({out['machine']['cpu_cores']} cores), "
+          f"{args.threads} thread(s), torch {torch.__version__}", flush=True)
+    for model in dict.fromkeys(j["model"] for j in jobs):
+        t0 = time.perf_counter()
+        b = build_tiny(args.seed, args.guidance_scale) if model == "tiny" else build_sd15(
+            args.seed, args.guidance_scale, args.sd_latent, args.sd_init_scale)
+        bundles[model] = b
+        info = b.info()
+        info["build_seconds"] = time.perf_counter() - t0
+        t_first = schedule_for(b.scheduler, 10).timesteps[0]
+        info["activations_float32"] = activation_ranges(b, t_first)
+        out["models"][model] = info
+        print(f"# {model}: {info['unet_parameters'] / 1e6:.1f}M UNet params, latents {info['latent_shape']}, "
+              f"built in {info['build_seconds']:.1f}s; max |activation| fp32 UNet "
+              f"{info['activations_float32']['unet']['max_abs']:.3g} ({info['activations_float32']['unet']['where']}), "
+              f"VAE decoder {info['activations_float32']['vae_decoder']['max_abs']:.3g}", flush=True)
+        # per-call floor, measured when a precision's weights are first in place (float64 first)
+        per_call_todo = ["float64"] + [p for p in dict.fromkeys(j["precision"] for j in jobs if j["model"] == model)
+                                       if p != "float64"]
+        if model == "sd15":
+            per_call_todo = [p for p in per_call_todo if p in ("float64", "float16", "bfloat16")]
+        per_call_ref: dict = {}
+
+        def run_per_call(prec, _b=b, _model=model, _ref=per_call_ref):
+            try:
+                pc = per_call(_b, prec, _ref.get("t"))
+                if prec == "float64":
+                    _ref["t"] = pc["_tensors"]
+                pc.pop("_tensors")
+                pc["status"] = "ok"
+            except Exception as e:  # unsupported on this CPU: record it
+                pc = dict(model=_model, precision=prec, status=f"error: {type(e).__name__}: {str(e)[:200]}")
+            out["per_call"].append(pc)
+
+        if model == "tiny":
+            for prec in [q for q in ("autocast-float16", "float16-mixed") if q in args.precisions]:
+                for sampler in args.samplers:
+                    for mode in _modes(sampler):
+                        try:
+                            chk = autocast_backward_check(b, prec, sampler, mode, max(args.steps))
+                            chk["status"] = "ok"
+                        except Exception as e:
+                            chk = dict(model=model, precision=prec, sampler=sampler, backprop=mode,
+                                       status=f"error: {type(e).__name__}: {str(e)[:200]}")
+                        out["autocast_backward_check"].append(chk)
+        save()
+
+        for job in [j for j in jobs if j["model"] == model]:
+            rec = _record(job, b)
+            wd = PRECISIONS[job["precision"]][0]
+            for prec in [q for q in per_call_todo if PRECISIONS[q][0] == wd and (q == "float64" or "t" in per_call_ref)]:
+                per_call_todo.remove(prec)
+                if time.perf_counter() - start < args.budget:
+                    run_per_call(prec)
+            elapsed = time.perf_counter() - start
+            pred = _predict(job, records)
+            if elapsed > args.budget or (pred is not None and elapsed + pred > args.budget):
+                rec["status"] = f"skipped: budget ({elapsed:.0f}s elapsed, ~{pred or 0:.0f}s needed)"
+            else:
+                try:
+                    g, m = gradient(b, job)
+                    rec.update(m, status="ok")
+                    grads[id(rec)] = g
+                except Exception as e:
+                    rec["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    traceback.print_exc()
+            records.append(rec)
+            attach_errors(records, grads)
+            print(f"[{time.perf_counter() - start:6.1f}s] {model} {job['sampler']}-{job['steps']} {job['loss']} "
+                  f"{job['precision']} {job['backprop']} patch={job['patch']} 2^{job['log2_scale']}: {rec['status']} "
+                  f"err vs fp64 {_fmt(rec['rel_err_vs_float64'])}", flush=True)
+            save()
+        del bundles[model], b
+    out["seconds"] = time.perf_counter() - start
+    save()
+    print(table(records))
+    print()
+    print(summary(records))
+    sweep = [r for r in records if r["group"] == "sweep"]
+    if sweep:
+        print("\nloss-scale sweep (loss x 2^k, gradient / 2^k), rel. error vs float64:")
+        for r in sweep:
+            print(f"  {r['model']} {r['sampler']:5}-{r['steps']} {r['precision']} {r['backprop']:10} k={r['log2_scale']:>3}: "
+                  f"{_fmt(r['rel_err_vs_float64'])}  (finite: {r.get('grad_finite')}) {r['status'][:40]}")
+    print("\nper UNet call at (x_T, t_0):")
+    for pc in out["per_call"]:
+        print(f"  {pc['model']:5} {pc['precision']:18} eps {_fmt(pc.get('eps_rel_err'))}  VJP(cot~1) "
+              f"{_fmt(pc.get('vjp_rel_err_cotangent_1'))}  VJP(cot~2^-20) {_fmt(pc.get('vjp_rel_err_cotangent_2^-20'))}  {pc['status'][:60]}")
+    print("\nbackward inside vs outside the forward's autocast region (O(1) cotangent), rel. difference:")
+    for c in out["autocast_backward_check"]:
+        print(f"  {c['model']} {c['precision']:16} {c['sampler']:5} {c['backprop']:10} "
+              f"{_fmt(c.get('rel_diff_inside_vs_outside'))} {c['status'][:60]}")
+    print(f"\n# {out['seconds']:.0f}s; wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""The official DOODL equations, transcribed into plain torch for parity tests (batch 1, any dtype).
+
+Written from reading salesforce/DOODL at commit 52a52da (``doodl.py``, ``helper_functions.py`` and its
+vendored ``my_half_diffusers/schedulers/scheduling_ddim.py``); line numbers below refer to that commit.
+Nothing here imports doodl_lightning's samplers, schedules or optimiser: it is an independent second
+implementation kept deliberately close to the official control flow (index juggling included), so a
+mismatch points at us. The official code's globals (unet, vae, text encoder) become arguments, its
+memcnn wrappers plain calls (memcnn only changes memory, not values), and its global-RNG draws
+(perturbation, VAE posterior sample) are passed in, since our RNG is per item by design.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+VAE_SCALE = 0.18215  # hard-coded in doodl.py (l. 513, 911)
+
+
+class OfficialScheduler:
+    """The DDIMScheduler doodl.py builds (l. 41-48): SD betas, clip_sample off, set_alpha_to_one off,
+    ``set_timesteps(N)`` with offset 0 (scheduling_ddim.py l. 141-161)."""
+
+    def __init__(self, num_inference_steps: int, num_train_timesteps: int = 1000):
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.final_alpha_cumprod = self.alphas_cumprod[0]  # set_alpha_to_one=False
+        self.num_train_timesteps = num_train_timesteps
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = list(range(0, num_train_timesteps, num_train_timesteps // num_inference_steps))[::-1]
+
+
+def get_alpha_and_beta(t: float, s: OfficialScheduler) -> tuple[float, float]:
+    """helper_functions.py l. 31-38 (the integer branch; the fractional one is never reached for N | 1000)."""
+    if t < 0:
+        a = float(s.final_alpha_cumprod)
+        return a, 1 - a
+    assert t == int(t), "fractional timesteps (steps not dividing 1000) are not transcribed"
+    a = float(s.alphas_cumprod[int(t)])
+    return a, 1 - a
+
+
+def forward_step(s: OfficialScheduler, model_output, timestep: int, sample):
+    """helper_functions.py l. 54-79."""
+    prev_timestep = timestep - s.num_train_timesteps / s.num_inference_steps
+    alpha_prod_t, beta_prod_t = get_alpha_and_beta(timestep, s)
+    alpha_prod_t_prev, _ = get_alpha_and_beta(prev_timestep, s)
+    alpha_quotient = (alpha_prod_t / alpha_prod_t_prev) ** 0.5
+    first_term = (1.0 / alpha_quotient) * sample
+    second_term = (1.0 / alpha_quotient) * (beta_prod_t**0.5) * model_output
+    third_term = ((1 - alpha_prod_t_prev) ** 0.5) * model_output
+    return first_term - second_term + third_term
+
+
+def reverse_step(s: OfficialScheduler, model_output, timestep: int, sample):
+    """helper_functions.py l. 82-108."""
+    prev_timestep = timestep - s.num_train_timesteps / s.num_inference_steps
+    alpha_prod_t, beta_prod_t = get_alpha_and_beta(timestep, s)
+    alpha_prod_t_prev, _ = get_alpha_and_beta(prev_timestep, s)
+    alpha_quotient = (alpha_prod_t / alpha_prod_t_prev) ** 0.5
+    first_term = alpha_quotient * sample
+    second_term = (beta_prod_t**0.5) * model_output
+    third_term = alpha_quotient * ((1 - alpha_prod_t_prev) ** 0.5) * model_output
+    return first_term + second_term - third_term
+
+
+class Official:
+    """The official EDICT stepping and mixing layers and the DOODL loop, over a given UNet and VAE."""
+
+    def __init__(self, unet, vae, e_uc, e_c, steps: int, guidance_scale: float = 7.5, mix_weight: float = 0.93):
+        self.unet, self.vae, self.e_uc, self.e_c = unet, vae, e_uc, e_c
+        self.scheduler = OfficialScheduler(steps)
+        self.num_timesteps = steps
+        self.guidance_scale, self.p = guidance_scale, mix_weight
+
+    # -- SteppingLayer.forward (doodl.py l. 55-132) ------------------------------------------------
+    def stepping(self, i: int, t: int, latent_pair, reverse: bool = False, clip_cond_fn=None):
+        first_output = second_output = None
+        for base_latent_i in range(2):
+            if reverse:
+                orig_i = self.num_timesteps - (i + 1)
+                offset = (orig_i + 1) % 2
+            else:
+                offset = i % 2
+            latent_i = (base_latent_i + offset) % 2
+            latent_j = (latent_i + 1) % 2
+            latent_model_input = latent_pair[latent_j:latent_j + 1] if base_latent_i == 0 else first_output
+            latent_base = latent_pair[latent_i:latent_i + 1]
+            tt = torch.tensor(t, dtype=torch.float64)
+            noise_pred_uncond = self.unet(latent_model_input, tt, encoder_hidden_states=self.e_uc).sample
+            noise_pred_cond = self.unet(latent_model_input, tt, encoder_hidden_states=self.e_c).sample
+            noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+            if clip_cond_fn is not None:  # l. 100-105
+                clip_grad = clip_cond_fn(latent_model_input, t)
+                _, beta_prod_t = get_alpha_and_beta(t, self.scheduler)
+                noise_pred = noise_pred - beta_prod_t**0.5 * clip_grad
+            step_call = reverse_step if reverse else forward_step
+            new_latent = step_call(self.scheduler, noise_pred, t, latent_base)
+            if base_latent_i == 0:
+                first_output = new_latent
+            else:
+                second_output = new_latent
+                combined = (torch.cat([first_output, second_output]) if latent_i == 1
+                            else torch.cat([second_output, first_output]))
+        return combined
+
+    # -- MixingLayer (l. 152-162) ------------------------------------------------------------------
+    def mix(self, x):
+        x0, x1 = x[:1], x[1:]
+        x0 = self.p * x0 + (1 - self.p) * x1
+        x1 = (1 - self.p) * x0 + self.p * x1
+        return torch.cat([x0, x1])
+
+    def mix_inverse(self, x):
+        x0, x1 = x[:1], x[1:]
+        x1 = (x1 - (1 - self.p) * x0) / self.p
+        x0 = (x0 - (1 - self.p) * x1) / self.p
+        return torch.cat([x0, x1])
+
+    # -- chains --------------------------------------------------------------------------------------
+    def run(self, latent_pair, timesteps, clip_cond_fn=None):
+        """``for i, t in enumerate(timesteps): s(i, t, pair); mix(pair)`` (l. 463-471, 872-881, 901-909)."""
+        for i, t in enumerate(timesteps):
+            latent_pair = self.stepping(i, t, latent_pair, clip_cond_fn=clip_cond_fn)
+            latent_pair = self.mix(latent_pair)
+        return latent_pair
+
+    def invert(self, init_latent):
+        """Editing's EDICT inversion (l. 854-864): mix.inverse then s.inverse over the flipped grid."""
+        latent_pair = init_latent.repeat(2, 1, 1, 1)
+        for i, t in enumerate(self.scheduler.timesteps[::-1]):
+            latent_pair = self.mix_inverse(latent_pair)
+            latent_pair = self.stepping(i, t, latent_pair, reverse=True)
+        return latent_pair
+
+    def decode(self, latent):
+        return self.vae.decode(latent / VAE_SCALE).sample
+
+    # -- the DOODL loop (gen(), latent_traversal=True, l. 836-982) ---------------------------------
+    def doodl(self, loss_fn: Callable, latent, num_traversal_steps: int, noise: Callable[[int], torch.Tensor], *,
+              tied_latents=True, use_momentum=True, use_nesterov=False, renormalize_latents=True,
+              optimize_first_edict_image_only=False, opt_t=None, perturb_grad_scale=1e-4, clip_grad_val=1e-3,
+              latent_pair=None):
+        """``loss_fn`` returns loss * grad_scale; ``noise(m)`` the perturbation's N(0, I) draw at step m.
+
+        ``latent_pair`` (editing) replaces the pair [latent, latent]. Returns the pair after the loop.
+        """
+        if use_nesterov:
+            use_momentum = True
+        if latent_pair is None:
+            latent_pair = torch.cat([latent.clone(), latent.clone()])
+        if renormalize_latents:
+            orig_norm = latent.norm().item()
+        timesteps = self.scheduler.timesteps
+        prev_b_arr = [None, None]
+        if opt_t is not None:  # l. 866-885
+            initial_timesteps = timesteps[:-1 * opt_t] if opt_t != 0 else timesteps
+            timesteps = timesteps[-1 * opt_t:] if opt_t != 0 else []
+            with torch.no_grad():
+                latent_pair = self.run(latent_pair, initial_timesteps)
+            if tied_latents:
+                combined_l = 0.5 * (latent_pair[0] + latent_pair[1])
+                latent_pair = combined_l.repeat(2, 1, 1, 1)
+        for m in range(num_traversal_steps):
+            orig_latent_pair = latent_pair.clone().detach().requires_grad_(True)
+            input_latent_pair = self.run(orig_latent_pair.clone(), timesteps)
+            ims = [self.decode(lat) for lat in input_latent_pair.chunk(2)]
+            losses = []
+            for im in ims:
+                losses.append(loss_fn(im))
+                if optimize_first_edict_image_only:
+                    break
+            sum(losses).backward()
+            grad = -0.5 * orig_latent_pair.grad
+            if tied_latents:
+                grad = grad.mean(dim=0, keepdim=True).repeat(2, 1, 1, 1)
+            new_latents = []
+            perturbation = perturb_grad_scale * noise(m) if perturb_grad_scale else 0
+            for grad_idx, (g, lat) in enumerate(zip(grad.chunk(2), orig_latent_pair.detach().chunk(2))):
+                if clip_grad_val is not None:
+                    g = g.clip(-clip_grad_val, clip_grad_val)
+                if use_momentum:
+                    mom = 0.9
+                    b = g if m == 0 else mom * prev_b_arr[grad_idx] + g
+                    g = g + mom * b if use_nesterov else b
+                    prev_b_arr[grad_idx] = b.clone()
+                new_latents.append((lat + g + perturbation).clone())
+            if tied_latents:
+                combined_l = 0.5 * (new_latents[0] + new_latents[1])
+                latent_pair = combined_l.repeat(2, 1, 1, 1)
+            else:
+                latent_pair = torch.cat(new_latents)
+            if renormalize_latents:
+                for norm_i in range(2):
+                    latent_pair[norm_i] = latent_pair[norm_i] * orig_norm / latent_pair[norm_i].norm().item()
+        return latent_pair.detach()
+
+    # -- latent_traversal=False: guidance at every step (get_generic_cond_fn, l. 403-522) ------------
+    def cond_fn(self, loss_fn: Callable, one_step_baseline: bool):
+        def fn(x, t):
+            with torch.enable_grad():
+                lat = x.clone().detach().requires_grad_(True)
+                start_i = self.scheduler.timesteps.index(t)
+                if one_step_baseline:  # l. 492-503
+                    tt = torch.tensor(t, dtype=torch.float64)
+                    internal_noise_pred = self.unet(lat, tt, encoder_hidden_states=self.e_uc).sample
+                    alpha_prod_t, beta_prod_t = get_alpha_and_beta(t, self.scheduler)
+                    fac = beta_prod_t**0.5
+                    pred_original_sample = (lat - fac * internal_noise_pred) / (alpha_prod_t**0.5)
+                    sample = pred_original_sample * fac + lat * (1 - fac)
+                    pred_original_pair = sample.repeat(2, 1, 1, 1)
+                else:  # l. 447-472: the rest of the chain, its leapfrog order restarting at 0
+                    pred_original_pair = self.run(torch.cat([lat.clone(), lat.clone()]),
+                                                  self.scheduler.timesteps[start_i:])
+                for k, sample in enumerate(pred_original_pair.chunk(2)):
+                    # memcnn's wrappers (num_bwd_passes=2) let the shared chain be back-propagated twice
+                    loss_fn(self.decode(sample)).backward(retain_graph=k == 0)
+                    if one_step_baseline:
+                        break
+                return (-1 if one_step_baseline else -0.5) * lat.grad
+        return fn
+
+    def guided_sample(self, loss_fn: Callable, latent, one_step_baseline: bool):
+        """gen(latent_traversal=False) without editing (l. 987-1054): returns the decoded first image."""
+        with torch.no_grad():
+            pair = self.run(torch.cat([latent.clone(), latent.clone()]), self.scheduler.timesteps,
+                            clip_cond_fn=self.cond_fn(loss_fn, one_step_baseline))
+            return self.decode(pair[:1])
+
+
+def symmetry_loss_fn(grad_scale: float):
+    """doodl.py l. 322-337 (horizontal)."""
+    return lambda im_pix: grad_scale * F.mse_loss(im_pix, im_pix.flip(-1))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+__all__ = ["Official", "OfficialScheduler", "symmetry_loss_fn", "relative", "VAE_SCALE"]

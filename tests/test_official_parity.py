@@ -1,0 +1,245 @@
+"""Parity with the official DOODL, run through the LightningModule, in float64 on a tiny SD pipeline.
+
+The reference is ``official_doodl.py``: the official equations transcribed from salesforce/DOODL.
+Everything is compared to <= 1e-8 relative (the two implementations differ only in rounding).
+DDIM, which the official code has no optimisation loop for, is checked against diffusers'
+``DDIMScheduler.step`` instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cli import main
+from doodl_lightning.data import step_generator
+from doodl_lightning.sampling import Schedule, sample_ddim, sample_edict
+from official_doodl import Official, OfficialScheduler, relative, symmetry_loss_fn
+from tiny import save_tiny_pipeline, sd_scheduler
+
+TOL = 1e-8
+CFG = 3.0
+PROMPTS = ["a red circle", "a blue square"]
+SEEDS = [3]  # items: (prompt 0, seed 3), (prompt 1, seed 3) -- two items, so batching is exercised too
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parity")
+    pipe = save_tiny_pipeline(tmp / "pipe", seed=1)
+    g = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()  # not square: centre-cropped
+    Image.fromarray(pixels).save(tmp / "source.png")
+    return tmp, pipe
+
+
+def config(tmp: Path, name: str, pipe: str, max_steps: int = 3, **model) -> str:
+    cfg = {
+        "trainer": {"max_steps": max_steps, "default_root_dir": str(tmp / name), "accelerator": "cpu", "devices": 1,
+                    "precision": "64-true", "enable_progress_bar": False, "enable_model_summary": False,
+                    "enable_checkpointing": False, "logger": False, "callbacks": []},
+        "model": {"model": pipe, "prompts": PROMPTS, "seeds": SEEDS, "steps": 4, "guidance_scale": CFG,
+                  "guidance": [{"class_path": "doodl_lightning.guidance.SymmetryGuidance"}], **model},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def prepared(tmp, name, pipe, **model):
+    """A module set up as ``fit`` does (float64), without optimising."""
+    cli = main(["--config", config(tmp, name, pipe, **model)], run=False)
+    m = cli.model
+    m.setup("fit")
+    m.double()
+    m.on_fit_start()
+    return m
+
+
+def official_for(m, item) -> Official:
+    """The transcription over the module's own frozen UNet / VAE, with independently encoded prompts."""
+    bb = m.backbone
+    hp = m.hparams
+
+    def encode(text):
+        ids = bb.tokenizer(text, padding="max_length", max_length=bb.tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+        return bb.text_encoder(ids).last_hidden_state
+
+    assert bb.vae.config.scaling_factor == 0.18215
+    with torch.no_grad():
+        e_uc, e_c = encode(hp.negative_prompt), encode(item.prompt)
+    return Official(bb.unet, bb.vae, e_uc, e_c, steps=hp.steps, guidance_scale=hp.guidance_scale,
+                    mix_weight=hp.mix_weight)
+
+
+def x_T(item, m) -> torch.Tensor:
+    g = torch.Generator().manual_seed(item.seed)
+    return torch.randn((1, *m.latent_shape), generator=g, dtype=torch.float32).double()
+
+
+def perturbation_draws(item, m):
+    # our RNG is per (item, step), by design; the official one is global: the draws are handed over
+    return lambda k: torch.randn(m.latent_shape, generator=step_generator(item, k, stream=2), dtype=torch.float32).double()
+
+
+# -- the grid -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 20, 50])
+def test_official_grid_is_offset_zero_and_ends_with_the_identity(steps):
+    ours = Schedule.from_scheduler(sd_scheduler(), steps, "official")
+    ref = OfficialScheduler(steps)
+    assert list(ours.timesteps) == ref.timesteps
+    k = 1000 // steps
+    for i, t in enumerate(ref.timesteps):
+        assert ours.alphas_cumprod[i] == pytest.approx(float(ref.alphas_cumprod[t]), rel=1e-14)
+        prev = float(ref.alphas_cumprod[t - k]) if t - k >= 0 else float(ref.final_alpha_cumprod)
+        assert ours.alphas_cumprod_prev[i] == pytest.approx(prev, rel=1e-14)
+    assert ours.ddim_coefficients(steps - 1) == (1.0, 0.0)  # t = 0 -> abar_0: the identity
+    model = Schedule.from_scheduler(sd_scheduler(), steps, "model")
+    assert model.timesteps[-1] == 1 and model.timesteps[0] == ref.timesteps[0] + 1  # SD's steps_offset 1
+
+
+def test_official_grid_refuses_steps_not_dividing_1000():
+    with pytest.raises(ValueError, match="steps dividing 1000"):
+        Schedule.from_scheduler(sd_scheduler(), 30, "official")
+
+
+# -- sampling ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_edict_sampling_matches_official(world, steps):
+    tmp, pipe = world
+    m = prepared(tmp, f"edict{steps}", pipe, steps=steps)
+    with torch.no_grad():
+        ev = m.evaluate_items(backward=False)
+        for j, item in enumerate(m.local_items):
+            off = official_for(m, item)
+            z = x_T(item, m)
+            ref_pair = off.run(torch.cat([z, z]), off.scheduler.timesteps)
+            x, y = sample_edict(m._denoiser([j]), m.latents[j:j + 1, 0], m.latents[j:j + 1, 1], m.schedule, 0.93)
+            assert relative(torch.cat([x, y]), ref_pair) < TOL
+            assert relative(ev.images[j:j + 1], off.decode(ref_pair[:1])) < TOL
+
+
+@pytest.mark.parametrize("grid", ["official", "model"])
+def test_ddim_sampling_matches_diffusers_scheduler_step(world, grid):
+    from diffusers import DDIMScheduler
+
+    tmp, pipe = world
+    m = prepared(tmp, f"ddim_{grid}", pipe, sampler="ddim", steps=10, timestep_grid=grid)
+    # official grid = diffusers' DDIM with offset 0 and set_alpha_to_one off; model grid = its own config
+    sched = DDIMScheduler.from_config(m.backbone.scheduler.config, **({"steps_offset": 0} if grid == "official" else {}))
+    sched.set_timesteps(10)
+    assert [int(t) for t in sched.timesteps] == list(m.schedule.timesteps)
+    # diffusers keeps abar in float32 (2e-8 off); the official numpy scheduler, and we, in float64
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    sched.alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sched.final_alpha_cumprod = sched.alphas_cumprod[0]
+    with torch.no_grad():
+        ev = m.evaluate_items(backward=False)
+        eps = m._denoiser([0, 1])
+        ref = m.latents[:, 0].clone()
+        for t in sched.timesteps:
+            ref = sched.step(eps(ref, int(t)), t, ref).prev_sample
+        ours = sample_ddim(eps, m.latents[:, 0], m.schedule)
+    assert relative(ours, ref) < TOL
+    assert relative(ev.images, m.backbone.decode(ref)) < TOL
+
+
+def test_edict_inversion_for_editing_matches_official(world):
+    tmp, pipe = world
+    m = prepared(tmp, "invert", pipe, steps=10, source_image=str(tmp / "source.png"))
+    # the official preparation: centre crop, PIL's default resize filter, [-1, 1]; posterior sample
+    im = Image.open(tmp / "source.png")
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)).resize((16, 16))
+    x = torch.tensor(list(im.getdata()), dtype=torch.float64).view(16, 16, 3).permute(2, 0, 1)[None] / 255.0 * 2.0 - 1.0
+    assert m.renormalize is False
+    for j, item in enumerate(m.local_items):
+        off = official_for(m, item)
+        with torch.no_grad():
+            post = m.backbone.vae.encode(x).latent_dist
+            noise = torch.randn(post.mean.shape[1:], generator=torch.Generator().manual_seed(item.seed)).double()
+            init_latent = (post.mean + post.std * noise) * 0.18215
+            ref = off.invert(init_latent)
+        assert relative(m.latents[j].detach(), ref) < TOL
+    assert m.source_round_trip_error < 1e-9
+
+
+# -- the DOODL update, through Trainer.fit ------------------------------------------------------------
+
+UPDATES = {
+    "tied": dict(),
+    "tied_nesterov": dict(use_nesterov=True),
+    "untied": dict(tied_latents=False),
+    "untied_nesterov": dict(tied_latents=False, use_nesterov=True),
+    "no_momentum": dict(use_momentum=False),
+    "first_image_only": dict(optimize_first_edict_image_only=True),
+    "no_clip_no_renormalize": dict(clip_grad_val=None, renormalize_latents=False, grad_scale=2.0),
+    "opt_t": dict(opt_t=2),
+    "opt_t_untied": dict(opt_t=3, tied_latents=False),
+}
+
+
+@pytest.mark.parametrize("name", list(UPDATES))
+def test_three_doodl_updates_match_official(world, name):
+    tmp, pipe = world
+    kw = dict(grad_scale=4.0, clip_grad_val=2e-3, perturb_grad_scale=1e-3)
+    kw.update(UPDATES[name])
+    cli = main(["fit", "--config", config(tmp, f"upd_{name}", pipe, **kw)])
+    m = cli.model
+    assert m.latents.dtype == torch.float64 and cli.trainer.global_step == 3
+    for j, item in enumerate(m.local_items):
+        off = official_for(m, item)
+        official_kw = {k: v for k, v in kw.items() if k != "grad_scale"}
+        ref = off.doodl(symmetry_loss_fn(kw["grad_scale"]), x_T(item, m), 3, perturbation_draws(item, m),
+                        **official_kw)
+        assert relative(m.latents[j].detach(), ref) < TOL, name
+        assert relative(m.latents[j].detach(), x_T(item, m).expand(2, -1, -1, -1)) > 1e-4  # it did move
+
+
+def test_clipping_is_active_in_the_update_tests(world):
+    """The settings above clip some elements and not others, so scale-then-clip vs clip-then-scale differ."""
+    tmp, pipe = world
+    m = prepared(tmp, "clipcheck", pipe)
+    m.latents.grad = None
+    m.evaluate_items(backward=True)
+    g = (-0.5 * 4.0 * m.latents.grad).mean(dim=1)
+    frac = float((g.abs() > 2e-3).double().mean())
+    assert 0.05 < frac < 0.95, frac
+
+
+def test_editing_doodl_updates_match_official(world):
+    """The notebook's editing run: untied latents, no renormalisation, from the inverted pair."""
+    tmp, pipe = world
+    kw = dict(grad_scale=4.0, clip_grad_val=2e-3, perturb_grad_scale=1e-3, tied_latents=False)
+    cli = main(["fit", "--config", config(tmp, "edit_upd", pipe, source_image=str(tmp / "source.png"), **kw)])
+    m = cli.model
+    start = prepared(tmp, "edit_start", pipe, source_image=str(tmp / "source.png"), **kw)
+    for j, item in enumerate(m.local_items):
+        off = official_for(m, item)
+        ref = off.doodl(symmetry_loss_fn(4.0), None, 3, perturbation_draws(item, m), renormalize_latents=False,
+                        latent_pair=start.latents[j].detach().clone(),
+                        **{k: v for k, v in kw.items() if k != "grad_scale"})
+        assert relative(m.latents[j].detach(), ref) < TOL
+
+
+# -- latent_traversal=False: the official guided-sampling baselines -----------------------------------
+
+@pytest.mark.parametrize("one_step_baseline", [True, False])
+def test_guided_sampling_baselines_match_official(world, one_step_baseline):
+    tmp, pipe = world
+    m = prepared(tmp, f"guided{one_step_baseline}", pipe, latent_traversal=False, one_step_baseline=one_step_baseline,
+                 grad_scale=30.0, steps=4 if one_step_baseline else 2)
+    ev = m.guided_images()
+    for j, item in enumerate(m.local_items):
+        off = official_for(m, item)
+        ref = off.guided_sample(symmetry_loss_fn(30.0), x_T(item, m), one_step_baseline)
+        plain = off.guided_sample(symmetry_loss_fn(0.0), x_T(item, m), one_step_baseline)
+        assert relative(ev.images[j:j + 1], ref) < TOL
+        assert relative(ref, plain) > 1e-6  # the guidance did something
