@@ -20,4 +20,5 @@ class LatentRenormalization(Callback):
             return
         z = pl_module.latents  # (N, P, C, h, w): each latent of the pair rescaled on its own
         norm = z[rows].flatten(2).norm(dim=2).clamp_min(1e-12)
-        z[rows] = z[rows] * (pl_module.initial_norm[rows, None] / norm).view(*norm.shape, *[1] * (z.dim() - 2))
+        scale = (pl_module.initial_norm[rows, None] / norm).to(z.dtype)
+        z[rows] = z[rows] * scale.view(*norm.shape, *[1] * (z.dim() - 2))

@@ -66,7 +66,8 @@ def test_sd15_architecture_is_the_released_one():
     counts = {k: A.parameter_count(v) for k, v in parts.items() if k != "scheduler"}
     assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}  # SD-1.5's
     assert parts["vae"].config.scaling_factor == 0.18215 and A.latent_size("sd15") == 64
-    assert Schedule.from_scheduler(parts["scheduler"], 50).timesteps[:2] == (981, 961)  # scaled-linear, offset 1
+    assert Schedule.from_scheduler(parts["scheduler"], 50, "model").timesteps[:2] == (981, 961)  # SD config: offset 1
+    assert Schedule.from_scheduler(parts["scheduler"], 50).timesteps[:2] == (980, 960)  # official grid: offset 0
     assert A.build_scheduler("sd21").config.prediction_type == "v_prediction"
 
 
@@ -119,7 +120,7 @@ def _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedu
     torch.manual_seed(0)
     unet, vae = A.build_unet("tiny"), A.build_vae("tiny")
     cond, uncond = torch.randn(1, 77, 16), torch.randn(1, 77, 16)
-    schedule = Schedule.from_scheduler(A.build_scheduler("tiny"), 3)
+    schedule = Schedule.from_scheduler(A.build_scheduler("tiny"), 3, "model")
     z0 = torch.randn(2, 4, 8, 8)
     expected_refreshes = {("ddim", "autograd"): 2, ("ddim", "checkpoint"): 0, ("edict", "autograd"): 5,
                           ("edict", "checkpoint"): 3, ("edict", "reversible"): 0}

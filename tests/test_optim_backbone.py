@@ -13,33 +13,57 @@ from doodl_lightning.optim import DOODLOptimizer, masked_step
 from tiny import save_tiny_pipeline
 
 
-def test_doodl_update_is_momentum_sgd_on_clipped_gradients_plus_seeded_noise():
+def test_doodl_update_against_the_rule_written_out():
+    """g = clip(-0.5 grad_scale dS, clip) (mean over a tied pair), heavy-ball momentum, one noise draw per
+    item shared by its pair; the full parity with the official loop is in test_official_parity.py."""
     torch.manual_seed(0)
     z = torch.nn.Parameter(torch.randn(3, 2, 4, 4))
-    ref = torch.nn.Parameter(z.detach().clone())
-    opt = DOODLOptimizer([z], lr=0.5, momentum=0.9, clip=1e-2, perturbation=0.0)
-    sgd = torch.optim.SGD([ref], lr=0.5, momentum=0.9)
+    ref = z.detach().clone()
+    opt = DOODLOptimizer([z], grad_scale=3.0, momentum=0.9, clip_grad_val=1e-2, perturb_grad_scale=0.0,
+                         tied_latents=False)
+    b = None
     for _ in range(3):
         g = torch.randn_like(z)
-        z.grad, ref.grad = g.clone(), g.clamp(-1e-2, 1e-2)
+        z.grad = g.clone()
         opt.step()
-        sgd.step()
-    assert torch.allclose(z, ref, atol=1e-7)
-    # the perturbation of row r at step k comes from noise_generator(r, k): repeatable
-    a = torch.nn.Parameter(torch.zeros(2, 3))
-    b = torch.nn.Parameter(torch.zeros(2, 3))
-    for p in (a, b):
-        o = DOODLOptimizer([p], lr=1.0, perturbation=1e-4)
+        step = (-0.5 * 3.0 * g).clamp(-1e-2, 1e-2)
+        b = step if b is None else 0.9 * b + step
+        ref = ref + b
+    assert torch.allclose(z, ref, atol=1e-6)
+    # tied: one gradient (the pair's mean), and the pair equal after the step
+    t = torch.nn.Parameter(torch.randn(1, 2, 3))
+    start = t.detach().clone()
+    o = DOODLOptimizer([t], grad_scale=1.0, clip_grad_val=None, use_momentum=False, perturb_grad_scale=0.0)
+    t.grad = torch.tensor([[[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]])
+    o.step()
+    assert torch.allclose(t[0, 0], t[0, 1]) and torch.allclose(t[0, 0], start[0].mean(0) - 0.5 * 2.0)
+    # the perturbation of row r at step k comes from noise_generator(r, k), one draw for the pair
+    a = torch.nn.Parameter(torch.zeros(2, 2, 3))
+    b2 = torch.nn.Parameter(torch.zeros(2, 2, 3))
+    for p in (a, b2):
+        o = DOODLOptimizer([p], perturb_grad_scale=1e-4, tied_latents=False)
         o.noise_generator = lambda r, k: torch.Generator().manual_seed(100 * r + k)
         p.grad = torch.zeros_like(p)
         o.step()
-    assert torch.equal(a, b) and a.abs().max() > 0
-    assert torch.allclose(a[1], 1e-4 * torch.randn(3, generator=torch.Generator().manual_seed(100)))
+    assert torch.equal(a, b2) and a.abs().max() > 0 and torch.equal(a[:, 0], a[:, 1])
+    assert torch.allclose(a[1, 0], 1e-4 * torch.randn(3, generator=torch.Generator().manual_seed(100)))
+
+
+def test_perturbation_does_not_depend_on_precision():
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        p = torch.nn.Parameter(torch.zeros(1, 1, 5, dtype=dtype))
+        o = DOODLOptimizer([p], perturb_grad_scale=1.0)
+        o.noise_generator = lambda r, k: torch.Generator().manual_seed(7)
+        p.grad = torch.zeros_like(p)
+        o.step()
+        outs.append(p.detach().float())
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_masked_step_leaves_stopped_rows_and_their_momentum_untouched():
-    z = torch.nn.Parameter(torch.ones(3, 2))
-    opt = DOODLOptimizer([z], lr=1.0, clip=1.0, perturbation=0.0)
+    z = torch.nn.Parameter(torch.ones(3, 1, 2))
+    opt = DOODLOptimizer([z], grad_scale=1.0, clip_grad_val=1.0, perturb_grad_scale=0.0)
     z.grad = torch.full_like(z, 0.5)
     opt.step()
     before_row, before_buf = z[1].detach().clone(), opt.state[z]["momentum_buffer"][1].clone()
@@ -49,9 +73,15 @@ def test_masked_step_leaves_stopped_rows_and_their_momentum_untouched():
     assert not torch.equal(z[0], before_row)
 
 
-def test_bad_optimizer_arguments():
-    with pytest.raises(ValueError, match="lr > 0"):
-        DOODLOptimizer([torch.nn.Parameter(torch.zeros(1))], lr=0)
+@pytest.mark.parametrize("kw,match", [
+    (dict(grad_scale=0), "grad_scale must be > 0"),
+    (dict(clip_grad_val=-1.0), "clip_grad_val must be > 0"),
+    (dict(perturb_grad_scale=-1e-4), "perturb_grad_scale must be >= 0"),
+    (dict(momentum=1.0), "momentum must be in"),
+])
+def test_bad_optimizer_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        DOODLOptimizer([torch.nn.Parameter(torch.zeros(1, 1))], **kw)
 
 
 def test_backbone_loads_a_saved_pipeline_frozen_and_in_dtype(tmp_path):

@@ -209,18 +209,23 @@ def test_v_prediction_is_converted_to_eps():
 def test_one_step_baseline_moves_prediction_downhill_and_reduces_to_unguided():
     dtype = torch.float64
     eps = make_denoiser(dtype)
-    schedule = Schedule.from_scheduler(sd_scheduler(), 5, "model")
+    eps_uncond = make_denoiser(dtype, guidance_scale=0.0)
+    schedule = Schedule.from_scheduler(sd_scheduler(), 5)
     target = latents(dtype, seed=11)
     loss_fn = lambda z: ((z - target) ** 2).flatten(1).sum(1)  # noqa: E731
+
+    def guided(scale):
+        return GuidedEps(eps, OneStepGradient(eps_uncond, loss_fn, schedule, scale), schedule)
+
     x_T = latents(dtype)
     with torch.no_grad():
         plain = sample_ddim(eps, x_T, schedule)
-        same = sample_ddim(OneStepGuidance(eps, loss_fn, schedule, scale=0.0), x_T, schedule)
-        guided = sample_ddim(OneStepGuidance(eps, loss_fn, schedule, scale=0.05), x_T, schedule)
-        gx, gy = sample_edict(OneStepGuidance(eps, loss_fn, schedule, scale=0.05), x_T, x_T, schedule)
+        same = sample_ddim(guided(0.0), x_T, schedule)
+        down = sample_ddim(guided(0.05), x_T, schedule)
+        gx, gy = sample_edict(guided(0.05), x_T, x_T, schedule)
         px, _ = sample_edict(eps, x_T, x_T, schedule)
     assert torch.allclose(same, plain, atol=1e-12)
-    assert (loss_fn(guided) < loss_fn(plain)).all()
+    assert (loss_fn(down) < loss_fn(plain)).all()
     assert (loss_fn(gx) < loss_fn(px)).all()
 
 

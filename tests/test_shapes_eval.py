@@ -97,9 +97,10 @@ def test_tiny_run_writes_every_output_with_its_schema(tmp_path):
         for r in e["runs"].values():
             c = r["compute"]
             # analytic count (checkpoint backprop): DDIM 1 eps per step, EDICT 2; DOODL = K chains forward without
-            # grad + K recomputed with grad (back-propagated) + the final evaluation; one-step: every eps back-propagated
+            # grad + K recomputed with grad (back-propagated) + the final evaluation; the official one-step baseline:
+            # each eps (a CFG pair, 2 rows) plus one back-propagated UNCONDITIONAL call (1 row = half a pair)
             per_chain = S * (2 if r["sampler"] == "edict" else 1)
-            expect = {"render": (0, 0), "unguided": (per_chain, 0), "one_step": (per_chain, per_chain),
+            expect = {"render": (0, 0), "unguided": (per_chain, 0), "one_step": (1.5 * per_chain, 0.5 * per_chain),
                       "doodl": ((2 * K + 1) * per_chain, K * per_chain)}[r["method"]]
             assert (c["unet_forward_per_image"], c["unet_backward_per_image"]) == expect, (r["key"], c)
     assert sorted(p.name for p in (out / "refs").iterdir())

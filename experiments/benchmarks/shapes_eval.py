@@ -78,8 +78,9 @@ MODES = {
                  scales=[1.0], step=0.1, step_sweep=[0.3], step_sweep_samplers=["ddim"]),
 }
 CFG_SCALE = 7.5  # classifier-free guidance of every sampler (SD's default)
-CLIP = 1e-3      # DOODL's element-wise gradient clip (the official value; --clip); lr = step / clip, so that
-                 # ``step`` bounds each element's move per iteration (before momentum)
+CLIP = 1e-3      # the gradient clip the DOODL step is expressed against (the official clip_grad_val; --clip):
+                 # a DOODL run of step s uses clip_grad_val = s and grad_scale = 2 s / CLIP, which is
+                 # s/CLIP x clip(dS, CLIP): ``step`` bounds each element's move per iteration (before momentum)
 # the full run starts no DOODL step-sweep run after this many minutes (keeps it within 45 min on 2 cores)
 FULL_SWEEP_DEADLINE_MINUTES = 26.0
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
@@ -512,7 +513,7 @@ def make_module(ctx: Ctx, exp: Experiment, sampler: str, **kw):
 
     m = DOODL(model=ctx.weights.sd, prompts=exp.prompts, seeds=exp.seeds, guidance=[exp.guidance], sampler=sampler,
               backprop=ctx.args.backprop, steps=ctx.mode["steps"], guidance_scale=CFG_SCALE, mix_weight=0.93,
-              momentum=0.9, clip=ctx.args.clip, perturbation=1e-4, **kw)
+              momentum=0.9, perturb_grad_scale=1e-4, timestep_grid="official", **kw)
     if ctx.counter is None:
         ctx.counter = UNetCounter(m.backbone.unet)
     return m
@@ -554,15 +555,16 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         m.on_fit_start()
         ev = m.final_evaluation()
     elif method == "one_step":
-        m = make_module(ctx, exp, sampler, one_step_scale=params["scale"])
+        # the official one-step baseline: latent_traversal off, grad_scale = the guidance scale
+        m = make_module(ctx, exp, sampler, latent_traversal=False, one_step_baseline=True, grad_scale=params["scale"])
         ctx.counter.reset()
         t0 = time.time()
         m.setup("fit")
         m.to(ctx.device)
         m.on_fit_start()
-        ev = m.one_step_images()
+        ev = m.guided_images()
     else:
-        m = make_module(ctx, exp, sampler, lr=params["lr"])
+        m = make_module(ctx, exp, sampler, grad_scale=params["grad_scale"], clip_grad_val=params["clip_grad_val"])
         ctx.counter.reset()
         t0 = time.time()
         trace = LossTrace()
@@ -572,7 +574,8 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         extra["loss_trace"] = trace.losses
         extra["final_loss"] = round(float(ev.total.mean()), 5)
         if grad is not None:
-            extra["last_grad_fraction_at_clip"] = round(float((grad.abs() >= ctx.args.clip).float().mean()), 4)
+            moved = 0.5 * params["grad_scale"] * grad.abs()
+            extra["last_grad_fraction_at_clip"] = round(float((moved >= params["clip_grad_val"]).float().mean()), 4)
             extra["last_grad_abs_median"] = float(grad.abs().median())
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
@@ -612,7 +615,7 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
 def _doodl(ctx: Ctx, exp: Experiment, sampler: str, step: float) -> None:
     clip = ctx.args.clip
     run_method(ctx, exp, f"doodl_{sampler}_step{step:g}", f"DOODL-{sampler.upper()} (step {step:g})", "doodl",
-               sampler, step=step, lr=step / clip, clip=clip, iters=ctx.mode["iters"])
+               sampler, step=step, grad_scale=2 * step / clip, clip_grad_val=step, iters=ctx.mode["iters"])
 
 
 def run_experiment(ctx: Ctx, exp: Experiment) -> None:
@@ -665,9 +668,9 @@ def method_setting(rec: dict, mode: dict) -> str:
     if rec["method"] == "unguided":
         return f"{mode['steps']} steps"
     if rec["method"] == "one_step":
-        return f"scale {rec['params']['scale']:g}"
+        return f"grad_scale {rec['params']['scale']:g}"
     p = rec["params"]
-    return f"{p['iters']} it, step {p['step']:g} (lr {p['lr']:g}, clip {p['clip']:g})"
+    return f"{p['iters']} it, step {p['step']:g} (grad_scale {p['grad_scale']:g}, clip_grad_val {p['clip_grad_val']:g})"
 
 
 def table(exp: Experiment, keys: list[str], mode: dict, best: str | None) -> list[str]:
@@ -733,15 +736,17 @@ def targets_check(exp: Experiment, mode: dict) -> dict:
 
 def write_outputs(ctx: Ctx, exps: list[Experiment], meta: dict) -> dict:
     out, mode = ctx.out, ctx.mode
-    res = {"meta": meta, "config": {**mode, "cfg_scale": CFG_SCALE, "clip": ctx.args.clip, "momentum": 0.9, "perturbation": 1e-4,
-                                     "mix_weight": 0.93, "backprop": ctx.args.backprop, "renormalize": True,
-                                     "num_cuts": 0, "one_step_sampler": "ddim"},
+    res = {"meta": meta, "config": {**mode, "cfg_scale": CFG_SCALE, "clip": ctx.args.clip, "momentum": 0.9,
+                                     "perturb_grad_scale": 1e-4, "timestep_grid": "official", "tied_latents": True,
+                                     "mix_weight": 0.93, "backprop": ctx.args.backprop, "renormalize_latents": True,
+                                     "num_cuts": 0, "one_step_sampler": "ddim", "one_step": "official (latent_traversal off)"},
            "experiments": {}}
     md = [f"# DOODL in the shapes world ({meta['mode']} run)", "",
           f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; {meta['date']}; total {meta['total_seconds']:.0f} s.  ",
           f"Every method: {mode['steps']} sampler steps, CFG {CFG_SCALE}; DOODL {mode['iters']} iterations of the framework's "
-          f"update (momentum 0.9, element-wise clip {ctx.args.clip:g}, lr = step / clip so that `step` bounds each "
-          f"element's move per iteration before momentum; perturbation 1e-4, renormalised latents, backprop `{ctx.args.backprop}`); one-step guidance on DDIM. Mean [95% bootstrap interval over "
+          f"official update (momentum 0.9, clip_grad_val = step and grad_scale = 2 step / {ctx.args.clip:g}, so that `step` bounds each "
+          f"element's move per iteration before momentum; perturb_grad_scale 1e-4, tied latents, renormalised latents, official grid, backprop `{ctx.args.backprop}`); "
+          "the official one-step baseline (unconditional x0 estimate) on DDIM, its grad_scale swept. Mean [95% bootstrap interval over "
           "seeds: " + ", ".join(f"{e.name} {len(e.seeds)}" for e in exps) + "]. UNet evaluations per image counted by a forward hook (a CFG pair = 1); "
           "seconds per image = the run's wall clock / its images (batched).", ""]
     md += summary_table(exps) + [""]
