@@ -150,8 +150,9 @@ class DOODL(LightningModule):
         return result
 
     def _apply(self, fn, recurse=True):
-        # Lightning's half "-true" precisions cast the whole module; the latents (and their norms)
-        # stay float32: only their device follows. ("64-true" may widen them.)
+        # Lightning's half "-true" precisions cast the whole module; the latents (float32) and the
+        # renormalisation target (float64) keep their dtype: only their device follows. ("64-true"
+        # may widen them.)
         # .data aliases the storage, not the object: safe even when torch swaps parameter objects
         keep = {n: t.data for n, t in self._parameters.items() if t is not None}
         keep.update({n: b.data for n, b in self._buffers.items() if b is not None and b.is_floating_point()})
