@@ -1,6 +1,7 @@
 """DDP over seeds on CPU (gloo): every item ends exactly where a one-process run leaves it."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -52,9 +53,21 @@ def check_run(run_dir: Path, ref: dict[int, torch.Tensor]) -> None:
     assert sorted(got) == sorted(ref) == list(range(6))
     for i in ref:
         assert torch.equal(got[i], ref[i]), f"item {i} differs from the one-process run"
-    lines = (run_dir / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and {'"rank": 0', '"rank": 1'} <= {f'"rank": {r}' for r in (0, 1) if f'"rank": {r}' in "".join(lines)}
+    records = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(6))
+    # item i runs on rank i % world_size (items[rank::world_size]), not in contiguous blocks
+    assert [r["rank"] for r in records] == [r["index"] % 2 for r in records] == [0, 1, 0, 1, 0, 1]
     assert (run_dir / "contact_sheet.png").is_file()
+
+
+def test_shard_deals_items_round_robin():
+    from doodl_lightning.data import Item, shard
+
+    items = [Item(i, f"p{i // 3}", i % 3) for i in range(7)]
+    parts = [shard(items, rank, 3) for rank in range(3)]
+    assert [[it.index for it in part] for part in parts] == [[0, 3, 6], [1, 4], [2, 5]]
+    assert all(it.index % 3 == rank for rank, part in enumerate(parts) for it in part)
+    assert [it.index for it in shard(items, 0, 1)] == list(range(7))
 
 
 def test_two_processes_equal_one_process(setup):

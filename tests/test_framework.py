@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch import Callback
 
 from cli import main
 from tiny import save_tiny_pipeline
@@ -50,6 +51,27 @@ def fit(tmp_path, pipe, name="run", extra=(), **kw):
     cfg = write_config(tmp_path / f"{name}.yaml", pipe, out, **kw)
     cli = main(["fit", "--config", cfg, *extra])
     return cli, out
+
+
+class StepRecorder(Callback):
+    """What each optimisation step saw (``class_path: test_framework.StepRecorder``): the latents before
+    it, and after it the items' losses and images and which items it stepped."""
+
+    def __init__(self):
+        self.latents, self.losses, self.images, self.stepped = [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.latents.append(pl_module.latents.detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(pl_module.last.total.detach().float().cpu().clone())
+        self.images.append(pl_module.last.images.detach().cpu().clone())
+        self.stepped.append(pl_module.stepped.detach().cpu().clone())
+
+
+def recorder(cli) -> StepRecorder:
+    (rec,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "StepRecorder"]
+    return rec
 
 
 def latents_by_item(module) -> dict[int, torch.Tensor]:
@@ -127,6 +149,33 @@ def test_renormalization_keeps_norms_and_callbacks_write_logs(tmp_path, pipe_dir
     assert not list(run.rglob("*.tmp"))  # nothing half-written
 
 
+def test_results_keep_the_best_iteration_not_the_last(tmp_path, pipe_dir):
+    """best_loss / best_step / best_image are those of the lowest loss over every step and the final latents."""
+    from PIL import Image
+
+    from doodl_lightning.io import to_pil
+
+    cb = [{"class_path": "callbacks.ResultsWriter"}, {"class_path": "test_framework.StepRecorder"}]
+    # a large perturbation: the losses go up and down, so best, first, last and final differ
+    cli, out = fit(tmp_path, pipe_dir, "b", steps=4, callbacks=cb, perturb_grad_scale=0.3)
+    rec = recorder(cli)
+    final = cli.model.final_evaluation()
+    records = [json.loads(x) for x in (out / "lightning_logs/version_0/results.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [it.index for it in cli.model.local_items] == [0, 1, 2, 3]
+    inside = 0
+    for j, r in enumerate(records):
+        seen = [float(loss[j]) for loss in rec.losses] + [float(final.total[j])]  # steps 0..3, then final
+        images = [im[j] for im in rec.images] + [final.images[j]]
+        assert r["initial_loss"] == seen[0] and r["final_loss"] == seen[-1] and r["steps"] == 4
+        best = min(range(len(seen)), key=seen.__getitem__)
+        assert r["best_loss"] == seen[best] and r["best_step"] == best, (j, seen, r["best_loss"], r["best_step"])
+        assert r["best_terms"]["symmetry"] == pytest.approx(seen[best], rel=1e-6)
+        with Image.open(r["best_image"]) as im:
+            assert im.tobytes() == to_pil(images[best]).tobytes()
+        inside += 0 < best < len(rec.losses) - 1
+    assert inside >= 1  # some item's best is neither its first nor its last step (nor the final latents)
+
+
 def test_renormalization_off_lets_norms_move(tmp_path, pipe_dir):
     cli, _ = fit(tmp_path, pipe_dir, "n", steps=2, renormalize_latents=False, clip_grad_val=5.0, grad_scale=10.0)
     m = cli.model
@@ -139,10 +188,28 @@ def test_per_item_early_stopping_freezes_items_and_ends_fit(tmp_path, pipe_dir):
     cli, _ = fit(tmp_path, pipe_dir, "e", steps=10, callbacks=cb)
     assert cli.trainer.global_step == 1  # every item reached the target after its first evaluation
     assert not cli.model.active.any()
-    # a stopped item's latent is bit-identical from then on, while the others move
     cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"patience": 1, "min_delta": 1e9}}]
     cli, _ = fit(tmp_path, pipe_dir, "p", steps=5, callbacks=cb)
     assert cli.trainer.global_step == 2
+    # a stopped item's latent is bit-identical from then on, while the others move: the target stops
+    # the items of the first prompt (initial losses ~0.13) after step 0, not those of the second (~0.21)
+    cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"stop_at": 0.17}},
+          {"class_path": "test_framework.StepRecorder"}]
+    cli, _ = fit(tmp_path, pipe_dir, "s", steps=3, callbacks=cb)
+    rec = recorder(cli)
+    m = cli.model
+    assert cli.trainer.global_step == 3 and len(rec.latents) == 3
+    first = rec.losses[0] <= 0.17
+    assert first.tolist() == [True, False, True, False]
+    assert rec.stepped[0].all() and all(torch.equal(s, ~first) for s in rec.stepped[1:])
+    assert m.active.cpu().tolist() == (~first).tolist()
+    snapshots = rec.latents + [m.latents.detach().clone()]  # before each step, and after the last
+    for k, stepped in enumerate(rec.stepped):
+        before, after = snapshots[k], snapshots[k + 1]
+        for j in range(len(stepped)):
+            same = torch.equal(after[j], before[j])
+            # an active item moves; a stopped one stays bit-identical
+            assert same != bool(stepped[j]), f"step {k}, item {j}: {'stopped' if not stepped[j] else 'active'}, moved={not same}"
 
 
 def test_lightning_early_stopping_on_mean_loss_works(tmp_path, pipe_dir):

@@ -42,14 +42,32 @@ def test_diffusion_captions_never_name_the_fine_polygon_class():
 
 
 def test_shapes_are_drawn_where_the_ground_truth_says():
+    """Pixels wholly within the outline's nearest point (ratio * radius from the centre) are the shape's
+    colour; pixels wholly beyond its farthest point (the circumradius) are background."""
     attrs = D.sample_attributes(11, 16, p_degraded=0.0)
+    assert bool((attrs.n_objects == 1).all())
     x = D.render(attrs)
     bg = attrs.background_rgb * 2 - 1
+    centres = torch.arange(D.IMAGE_SIZE, dtype=torch.float32) + 0.5  # pixel (row r, col c) is centred at (c + .5, r + .5)
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    margin = 0.75  # > the farthest sub-sample of a 4x4 super-sampled pixel from its centre (0.375 * sqrt 2)
+    sizes = set()
     for i in range(16):
-        cx, cy = (int(v) for v in attrs.center[i, 0])
-        centre = x[i, :, cy, cx]
-        assert torch.allclose(centre, attrs.colour_rgb[i, 0] * 2 - 1, atol=0.02)  # the centre is the shape's colour
-        assert torch.allclose(x[i, :, 0, 0], bg[i], atol=0.02) or attrs.radius[i, 0] > 10  # a corner is background
+        cx, cy = attrs.center[i, 0]
+        rho = ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt()
+        radius = float(attrs.radius[i, 0])
+        ratio = D.SHAPE_GEOMETRY[D.SHAPES[attrs.shape[i, 0]]][1]
+        inside, outside = rho < ratio * radius - margin, rho > radius + margin
+        assert inside.any() and outside.any()
+        colour = attrs.colour_rgb[i, 0] * 2 - 1
+        assert torch.allclose(x[i][:, inside], colour[:, None].expand(-1, int(inside.sum())), atol=1e-5), i
+        assert torch.allclose(x[i][:, outside], bg[i][:, None].expand(-1, int(outside.sum())), atol=1e-5), i
+        # the pixel under the centre is the shape's colour, and the farthest corner always background
+        assert torch.allclose(x[i, :, int(cy), int(cx)], colour, atol=0.02)
+        far = (0 if cy > D.IMAGE_SIZE / 2 else -1, 0 if cx > D.IMAGE_SIZE / 2 else -1)
+        assert torch.allclose(x[i, :, far[0], far[1]], bg[i], atol=1e-5)
+        sizes.add(D.SIZES[attrs.size[i, 0]])
+    assert sizes == set(D.SIZES)  # large shapes too, with no excuse
 
 
 def test_quality_score_range_and_degradation():

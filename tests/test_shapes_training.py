@@ -10,12 +10,16 @@ FAST = ["--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "-
         "--trainer.logger", "false", "--model.init_args.batch_size", "4", "--model.init_args.warmup_steps", "1"]
 
 
-def _fit(stage, tmp, *extra):
+def _run(stage, tmp, *extra):
     out = tmp / stage
-    main(["fit", "--config", str(CONFIGS / f"{stage}.yaml"), "--model.init_args.export_dir", str(out),
-          "--trainer.default_root_dir", str(tmp / "logs"), *FAST, *extra])
+    cli = main(["fit", "--config", str(CONFIGS / f"{stage}.yaml"), "--model.init_args.export_dir", str(out),
+                "--trainer.default_root_dir", str(tmp / "logs"), *FAST, *extra])
     assert (out / "README.md").exists()
-    return out
+    return out, cli
+
+
+def _fit(stage, tmp, *extra):
+    return _run(stage, tmp, *extra)[0]
 
 
 @pytest.mark.parametrize("stage", ["vae", "diffusion", "clip", "aesthetic", "classifier", "evaluator"])
@@ -50,10 +54,40 @@ def test_train_clip_then_aesthetic(tmp_path):
 def test_train_classifier_and_evaluator(tmp_path):
     cls = _fit("classifier", tmp_path)
     assert (cls / "labels.txt").read_text().split() == ["circle", "triangle", "square", "pentagon", "hexagon", "star"]
-    ev = _fit("evaluator", tmp_path)
-    from doodl_lightning.shapes.evaluator import load_evaluator
+    ev, cli = _run("evaluator", tmp_path)
+    import torch
 
-    assert load_evaluator(ev)  # loads
+    from doodl_lightning.shapes import data as D
+    from doodl_lightning.shapes.evaluator import ShapesEvaluatorNet, load_evaluator
+
+    trained = cli.model.net.eval()
+    hp = cli.model.hparams
+    with torch.random.fork_rng():  # the module's own initialisation, to show that training moved it
+        torch.manual_seed(hp.seed)
+        init = ShapesEvaluatorNet(hp.width, hp.hidden).state_dict()
+    weights = {k: v for k, v in trained.state_dict().items() if k.endswith("weight")}
+    assert any(not torch.equal(v, init[k]) for k, v in weights.items())  # it trained
+    evaluator = load_evaluator(ev)
+    loaded = evaluator.net.state_dict()
+    assert set(loaded) == set(trained.state_dict())
+    for k, v in trained.state_dict().items():  # exported in float16, loaded back as float32
+        want = v.half().float() if v.is_floating_point() else v
+        assert loaded[k].dtype == want.dtype and torch.equal(loaded[k], want), k
+    # and it measures images as the trained network (with its float16-rounded weights) does
+    _, x, _ = D.make_batch(5, 6)
+    with torch.no_grad():
+        ref = ShapesEvaluatorNet(hp.width, hp.hidden)
+        ref.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in trained.state_dict().items()})
+        logits = ref.eval()(x)
+    pred = evaluator(x)
+    for a in D.ATTRIBUTES:
+        assert pred[a].shape == (6,) and pred[a].dtype == torch.long
+        assert torch.equal(pred[a], logits[a].argmax(-1))
+        assert pred[a + "_probs"].shape == (6, D.NUM_CLASSES[a])
+        assert torch.allclose(pred[a + "_probs"].sum(-1), torch.ones(6))
+    assert torch.allclose(pred["quality"], logits["quality"])
+    assert [set(n) for n in evaluator.names(pred)] == [set(D.ATTRIBUTES) | {"quality"}] * 6
 
 
 def test_clip_aux_heads_train_but_are_not_exported(tmp_path):
