@@ -623,18 +623,20 @@ def run_experiment(ctx: Ctx, exp: Experiment) -> None:
     mode = ctx.mode
     t0 = time.time()
     run_method(ctx, exp, "render", "procedural render of the prompt", "render", "none")
-    run_method(ctx, exp, "unguided_ddim", "unguided (DDIM)", "unguided", "ddim")
-    run_method(ctx, exp, "unguided_edict", "unguided (EDICT)", "unguided", "edict")
+    samplers = ctx.args.samplers
+    for sampler in samplers:
+        run_method(ctx, exp, f"unguided_{sampler}", f"unguided ({sampler.upper()})", "unguided", sampler)
     for s in mode["scales"]:
         run_method(ctx, exp, f"one_step_s{s:g}", f"one-step (scale {s:g})", "one_step", "ddim", scale=s)
-    for sampler in ("ddim", "edict"):
+    for sampler in samplers:
         _doodl(ctx, exp, sampler, mode["step"])
     # the best one-step scale by the evaluator's primary metric (ties: the smaller scale)
     one = [k for k in exp.runs if k.startswith("one_step_")]
     best = max(one, key=lambda k: (exp.runs[k]["metrics"][exp.primary]["mean"], -exp.runs[k]["params"]["scale"]))
     exp.extra["one_step_best"] = best
     step = mode["step"]
-    exp.extra["headline"] = ["render", "unguided_ddim", "unguided_edict", best, f"doodl_ddim_step{step:g}", f"doodl_edict_step{step:g}"]
+    exp.extra["headline"] = (["render"] + [f"unguided_{s}" for s in samplers] + [best]
+                             + [f"doodl_{s}_step{step:g}" for s in samplers])
     exp.extra["seconds"] = round(time.time() - t0, 1)
 
 
@@ -692,7 +694,10 @@ def table(exp: Experiment, keys: list[str], mode: dict, best: str | None) -> lis
 
 def summary_table(exps: list[Experiment]) -> list[str]:
     """One row per experiment and judge: the primary metric of every headline method."""
-    cols = ["procedural render (reference)", "unguided (DDIM)", "unguided (EDICT)", "one-step (best scale)", "DOODL-DDIM", "DOODL-EDICT"]
+    first = exps[0]
+    cols = [("one-step (best scale)" if k == first.extra["one_step_best"] else
+             "procedural render (reference)" if k == "render" else first.runs[k]["label"].split(" (step")[0])
+            for k in first.extra["headline"]]
     lines = ["## Summary", "", "| experiment | measure | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for exp in exps:
         for name in (exp.primary, exp.guide_metric):
@@ -713,9 +718,9 @@ def targets_check(exp: Experiment, mode: dict) -> dict:
         return {}
     step = mode["step"]
     one = exp.runs[exp.extra["one_step_best"]]["metrics"]
-    ung = exp.runs["unguided_ddim"]["metrics"]
     out = {}
-    for sampler in ("edict", "ddim"):
+    for sampler in [s for s in ("edict", "ddim") if f"doodl_{s}_step{step:g}" in exp.runs]:
+        ung = exp.runs.get("unguided_ddim", exp.runs[f"unguided_{sampler}"])["metrics"]
         d = exp.runs[f"doodl_{sampler}_step{step:g}"]["metrics"]
         gain = 100 * (d["evaluator_target"]["mean"] - one["evaluator_target"]["mean"])
         out[f"DOODL-{sampler.upper()}"] = {
@@ -840,6 +845,8 @@ def main(argv=None) -> int:
                     help="extra DOODL steps for vocabulary expansion, DDIM then EDICT each (overrides the mode)")
     ap.add_argument("--clip", type=float, default=CLIP, help="DOODL element-wise gradient clip (lr = step / clip)")
     ap.add_argument("--backprop", default="checkpoint", choices=["checkpoint", "autograd", "reversible"])
+    ap.add_argument("--samplers", nargs="+", default=["ddim", "edict"], choices=["ddim", "edict"],
+                    help="samplers of the unguided and DOODL runs (one-step guidance always runs on DDIM)")
     ap.add_argument("--deadline-minutes", type=float, default=None,
                     help="skip the remaining vocabulary DOODL step sweep once this much time has passed")
     ap.add_argument("--device", default="cpu", help="cpu (the reference machine) or cuda")
