@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .sampling import Schedule, sample
+from .sampling.backprop import cotangent_scaled
 from .dtypes import at_least_float32
 
 LossFn = Callable[[Tensor], "tuple[Tensor, dict[str, Tensor]]"]  # images -> (total (N,), {name: (N,)})
@@ -23,7 +24,9 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
     if getattr(cfg, "shift_factor", None):
         z = z + cfg.shift_factor
     dtype = next(vae.parameters()).dtype
-    return at_least_float32(vae.decode(z.to(dtype)).sample)
+    # the loss's gradient per pixel is ~1e-6 at 512 px, below float16's normal range: run the decoder's
+    # VJP on a cotangent brought to O(1) by a power of two (undone at the latent), as _vjp does per UNet call
+    return cotangent_scaled(lambda z: at_least_float32(vae.decode(z.to(dtype)).sample), z)
 
 
 @dataclass

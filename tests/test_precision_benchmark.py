@@ -44,7 +44,7 @@ def test_quick_precision_benchmark(tmp_path):
                 r = find(sampler, precision, mode)
                 assert r["status"] == "ok", r["status"]
                 assert r["grad_finite"] and r["rel_err_vs_float64"] is not None
-                assert r["steps"] == 3 and r["loss"] == "512px"
+                assert r["steps"] == 2 and r["loss"] == "512px"
         # float32 checkpoint is the float64 gradient up to float32 rounding
         assert find(sampler, "float32", "checkpoint")["rel_err_vs_float64"] < 1e-4
         assert find(sampler, "float32", "autograd")["rel_err_vs_float64"] < 1e-4

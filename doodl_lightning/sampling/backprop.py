@@ -61,12 +61,12 @@ def sample(
     check_sampler(sampler, backprop)
     if sampler == "ddim":
         if backprop == "autograd":
-            return sample_ddim(eps, x, schedule)
+            return cotangent_scaled(lambda x: sample_ddim(eps, x, schedule), x)
         return _DDIMCheckpoint.apply(x, eps, schedule)
     p = check_mix_weight(mix_weight)
     y = x if y is None else y
     if backprop == "autograd":
-        return sample_edict(eps, x, y, schedule, p)
+        return cotangent_scaled(lambda x, y: sample_edict(eps, x, y, schedule, p), x, y)
     if backprop == "checkpoint":
         return _EDICTCheckpoint.apply(x, y, eps, schedule, p)
     return _EDICTReversible.apply(x, y, eps, schedule, p, float(drift_tolerance), info)
@@ -91,6 +91,45 @@ def _vjp(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tu
     s = _power_of_two_scale(*cotangents)
     grads = torch.autograd.grad(outputs, inputs, tuple(c / s.to(c.dtype) for c in cotangents), allow_unused=True)
     return tuple(torch.zeros_like(i) if g is None else g * s.to(g.dtype) for g, i in zip(grads, inputs))
+
+
+class _ScaleCotangents(torch.autograd.Function):
+    """Identity on a sub-graph's outputs; backward divides their cotangents by one power of two s that
+    brings their max to O(1) (as _vjp does) and leaves s in ``box`` for _UnscaleAtInputs."""
+
+    @staticmethod
+    def forward(ctx, box, *outs):
+        ctx.box = box
+        return tuple(o.clone() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s = _power_of_two_scale(*grads)
+        ctx.box["s"] = s
+        return (None, *(g / s.to(g.dtype) for g in grads))
+
+
+class _UnscaleAtInputs(torch.autograd.Function):
+    """Identity on a sub-graph's inputs; backward multiplies their gradients by the s of its outputs."""
+
+    @staticmethod
+    def forward(ctx, box, *ins):
+        ctx.box = box
+        return tuple(i.clone() for i in ins)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        s = ctx.box.get("s")
+        return (None, *(g if s is None else g * s.to(g.dtype) for g in grads))
+
+
+def cotangent_scaled(fn, *inputs):
+    """fn(*inputs), its backward run on cotangents brought to O(1) by one power of two (exact in any float
+    format) and undone at the inputs: half-precision VJPs inside fn do not underflow on tiny loss gradients."""
+    box: dict = {}
+    out = fn(*_UnscaleAtInputs.apply(box, *inputs))
+    outs = _ScaleCotangents.apply(box, *(out if isinstance(out, tuple) else (out,)))
+    return outs if isinstance(out, tuple) else outs[0]
 
 
 def _edict_checkpoint_backward(eps, schedule, p, xs, ys, gx, gy):

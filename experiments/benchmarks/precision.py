@@ -45,7 +45,8 @@ VAE architecture, configs written out below, random weights, 8x8 latents = 64x64
 
     python experiments/benchmarks/precision.py                 # default: ~10 min on one CPU thread
     python experiments/benchmarks/precision.py --quick         # tiny model only, < 1 min
-    python experiments/benchmarks/precision.py --sd-steps 5 10 --sd-samplers ddim edict --budget 3000
+    python experiments/benchmarks/precision.py --sd-cases ddim:10 edict:5 ddim:5 edict:10 \\
+        --sd-extra-precisions bfloat16 autocast-float16 float16-mixed float32 --budget 3000
 
 Every record is caught on its own (an unsupported op -> status 'error: ...'); ``--budget`` skips records
 that would end after that many seconds (status 'skipped: budget').
@@ -56,7 +57,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -179,32 +179,27 @@ def sample_autograd_scaled(eps, x, schedule, **kw):
     return cotangent_scaled(lambda a: _original_sample(eps, a, schedule, y=y, **kw), x)
 
 
-def make_decode(vae, patch: str):
+def make_decode(vae, patch: str, recorder: list | None = None):
     """objective.decode_latents, or (patch 'decode...') the proposed decode_latents: the same call inside
-    cotangent_scaled, so the VAE decoder's VJP does not underflow on the loss's tiny per-pixel gradient."""
-    if patch == "none":
-        return lambda lat: objective.decode_latents(vae, lat)
-    return lambda lat: cotangent_scaled(lambda z: objective.decode_latents(vae, z), lat)
+    cotangent_scaled, so the VAE decoder's VJP does not underflow on the loss's tiny per-pixel gradient.
+    ``recorder`` receives the gradient w.r.t. each decoded latent: the cotangent the chain is handed."""
+    def decode(lat):
+        if recorder is not None and lat.requires_grad:
+            lat.register_hook(lambda g: recorder.append(g.detach().clone()))
+        if patch == "none":
+            return objective.decode_latents(vae, lat)
+        return cotangent_scaled(lambda z: objective.decode_latents(vae, z), lat)
+    return decode
 
 
 @contextlib.contextmanager
-def patched(patch: str, recorder: list | None = None):
-    """Swap objective.sample for the proposed one ('decode+autograd') and record the cotangents the chain
-    receives (hooks on its outputs)."""
+def patched(patch: str):
+    """Swap objective.sample for the proposed one ('decode+autograd'); yields objective.evaluate."""
     if patch not in PATCHES:
         raise ValueError(f"unknown patch {patch!r}")
-    inner = sample_autograd_scaled if patch == "decode+autograd" else _original_sample
-
-    def recording_sample(*a, **kw):
-        out = inner(*a, **kw)
-        if recorder is not None and torch.is_grad_enabled():
-            for o in (out if isinstance(out, tuple) else (out,)):
-                if o.requires_grad:
-                    o.register_hook(lambda g: recorder.append(g.detach().clone()))
-        return out
-
     saved = objective.sample
-    objective.sample = recording_sample
+    if patch == "decode+autograd":
+        objective.sample = sample_autograd_scaled
     try:
         yield objective.evaluate
     finally:
@@ -372,8 +367,8 @@ def gradient(b: Bundle, job: dict) -> tuple[torch.Tensor, dict]:
     loss_fn = symmetry_loss(job["loss"], job["log2_scale"])
     cot: list = []
     t0 = time.perf_counter()
-    with patched(job["patch"], cot) as evaluate, _autocast(acdtype):
-        ev = evaluate(den, z, schedule, make_decode(vae, job["patch"]), loss_fn,
+    with patched(job["patch"]) as evaluate, _autocast(acdtype):
+        ev = evaluate(den, z, schedule, make_decode(vae, job["patch"], cot), loss_fn,
                       sampler=job["sampler"], backprop=job["backprop"], drift_tolerance=job["drift_tolerance"])
     seconds = time.perf_counter() - t0
     g = z.grad.detach().double() / 2.0 ** job["log2_scale"]
@@ -477,20 +472,18 @@ def make_plan(args) -> list[dict]:
     if "sd15" not in args.models:
         return jobs
     # sd15: float64 references first, then the H200 configuration (float16 weights), its fixes, then others
-    cases = [(s, n) for n in args.sd_steps for s in args.sd_samplers]
-    if args.sd_edict_max_steps is not None:
-        cases = [(s, n) for s, n in cases if s != "edict" or n <= args.sd_edict_max_steps]
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.sd_cases]
     loss = args.sd_loss
     for s, n in cases:
         jobs.append(_job("sd15", s, n, "float64", "autograd", loss, group="reference"))
-    for s, n in cases:
+    for k, (s, n) in enumerate(cases):  # case by case: as-is modes, then the fixes
         for mode in _modes(s):
             jobs.append(_job("sd15", s, n, "float16", mode, loss))
-    for s, n in cases:
         jobs.append(_job("sd15", s, n, "float16", "checkpoint", loss, "decode", group="fix"))
         jobs.append(_job("sd15", s, n, "float16", "autograd", loss, "decode+autograd", group="fix"))
+        if k == 0:
+            jobs.append(_job("sd15", s, n, "float16", "autograd", loss, "decode", group="fix"))
     first = cases[0]
-    jobs.append(_job("sd15", first[0], first[1], "float16", "autograd", loss, "decode", group="fix"))
     for prec in args.sd_extra_precisions:
         for mode in ("autograd", "checkpoint") if prec != "float32" else ("checkpoint",):
             jobs.append(_job("sd15", first[0], first[1], prec, mode, loss, group="other-precision"))
@@ -524,7 +517,7 @@ def _predict(job: dict, records: list[dict]) -> float | None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON output (rewritten after every record)")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 3 steps, a few precisions (< 1 min)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, 2 steps, a few precisions (< 1 min)")
     p.add_argument("--models", nargs="+", default=["tiny", "sd15"], choices=("tiny", "sd15"))
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10], help="tiny model's sampler steps")
     p.add_argument("--samplers", nargs="+", default=["ddim", "edict"], choices=("ddim", "edict"))
@@ -533,26 +526,25 @@ def parse_args(argv=None):
                    help="tiny model's loss normalisations (the sweep covers larger cotangents)")
     p.add_argument("--sweep", type=int, nargs="*", default=[-8, 0, 8, 16, 24],
                    help="log2 loss scales of the tiny float16 sweep (empty: no sweep)")
-    p.add_argument("--sd-steps", type=int, nargs="+", default=[5, 10])
-    p.add_argument("--sd-samplers", nargs="+", default=["ddim", "edict"], choices=("ddim", "edict"))
-    p.add_argument("--sd-edict-max-steps", type=int, default=5,
-                   help="SD EDICT cases only up to this many steps (budget); -1: no limit")
+    p.add_argument("--sd-cases", nargs="+", default=["ddim:10", "edict:5"], metavar="SAMPLER:STEPS",
+                   help="SD cases, most important first (the default fits the budget; e.g. ddim:5 ddim:10 edict:5 edict:10)")
     p.add_argument("--sd-loss", default="512px", choices=LOSS_NORMS)
     p.add_argument("--sd-latent", type=int, default=8, help="SD latent side (8 -> 64x64 images)")
     p.add_argument("--sd-init-scale", type=float, default=1.0, help="multiply SD weight matrices (scaled init)")
     p.add_argument("--sd-extra-precisions", nargs="*",
                    default=["bfloat16", "autocast-float16"],
-                   help="precisions measured on the first SD case (autograd and checkpoint)")
+                   help="precisions measured on the first SD case (autograd and checkpoint; float32: checkpoint)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=570.0, help="skip records that would end after this many seconds")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    if args.sd_edict_max_steps is not None and args.sd_edict_max_steps < 0:
-        args.sd_edict_max_steps = None
+    for c in args.sd_cases:
+        if c.count(":") != 1 or c.split(":")[0] not in ("ddim", "edict") or not c.split(":")[1].isdigit():
+            p.error(f"--sd-cases takes SAMPLER:STEPS (ddim:10, edict:5), got {c!r}")
     if args.quick:
         args.models = ["tiny"]
-        args.steps = [3]
+        args.steps = [2]
         args.tiny_losses = ["512px"]
         args.sweep = []
         args.precisions = ["float64", "float32", "float16", "bfloat16", "autocast-float16"]
@@ -733,14 +725,15 @@ def main(argv=None) -> dict:
 
         for job in [j for j in jobs if j["model"] == model]:
             rec = _record(job, b)
-            wd = PRECISIONS[job["precision"]][0]
-            for prec in [q for q in per_call_todo if PRECISIONS[q][0] == wd and (q == "float64" or "t" in per_call_ref)]:
-                per_call_todo.remove(prec)
-                if time.perf_counter() - start < args.budget:
-                    run_per_call(prec)
             elapsed = time.perf_counter() - start
             pred = _predict(job, records)
-            if elapsed > args.budget or (pred is not None and elapsed + pred > args.budget):
+            skip = elapsed > args.budget or (pred is not None and elapsed + pred > args.budget)
+            wd = PRECISIONS[job["precision"]][0]
+            for prec in [q for q in per_call_todo if PRECISIONS[q][0] == wd and (q == "float64" or "t" in per_call_ref)]:
+                if not skip:  # measured with the first job that runs on these weights
+                    per_call_todo.remove(prec)
+                    run_per_call(prec)
+            if skip:
                 rec["status"] = f"skipped: budget ({elapsed:.0f}s elapsed, ~{pred or 0:.0f}s needed)"
             else:
                 try:
@@ -766,7 +759,7 @@ def main(argv=None) -> dict:
     if sweep:
         print("\nloss-scale sweep (loss x 2^k, gradient / 2^k), rel. error vs float64:")
         for r in sweep:
-            print(f"  {r['model']} {r['sampler']:5}-{r['steps']} {r['precision']} {r['backprop']:10} k={r['log2_scale']:>3}: "
+            print(f"  {r['model']} {r['sampler'] + '-' + str(r['steps']):8} {r['precision']} {r['backprop']:10} k={r['log2_scale']:>3}: "
                   f"{_fmt(r['rel_err_vs_float64'])}  (finite: {r.get('grad_finite')}) {r['status'][:40]}")
     print("\nper UNet call at (x_T, t_0):")
     for pc in out["per_call"]:
