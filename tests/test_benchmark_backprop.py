@@ -54,7 +54,9 @@ def test_subprocess_records_and_fp32_reference(tmp_path):
     assert [(r["role"], r["dtype"]) for r in records] == [("timed", "bfloat16"), ("reference", "float32")]
     for r in records:
         assert r["status"] == "ok" and r["peak_memory_kind"] == "rss_fresh_subprocess" and r["peak_memory_bytes"] > 0
-    assert 0 < records[0]["grad_rel_error_vs_fp32"] < 0.2  # bfloat16 is not float32, but close
+    # measured 6.0% (tiny model, 2 steps, CPU, 2026-11-30); the SD-1.5 architecture's bf16 error is
+    # 1.8-4.2% (experiments/benchmarks/precision.py). 10% leaves room for kernels, not for a broken chain.
+    assert 0 < records[0]["grad_rel_error_vs_fp32"] < 0.1
 
 
 def test_sd15_architecture_is_the_released_one():
