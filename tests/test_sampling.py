@@ -161,9 +161,10 @@ def test_ill_conditioned_model_drift_is_detected_and_gradient_still_exact():
         for i in reversed(range(len(schedule))):
             x, y = edict_step_inverse(eps, x, y, schedule, i, 0.93)
     drift_x, drift_y = relative_error(x, x_T), relative_error(y, x_T)
-    # a tolerance between the two drifts: only a drift measured on BOTH latents (their max) exceeds it
-    tol = 2e-3
-    assert drift_y < tol / 3 and drift_x > 3 * tol, (drift_x, drift_y)
+    # a tolerance between the two drifts (their geometric mean: float32 rounding, and so each drift,
+    # depends on the thread count): only a drift measured on BOTH latents (their max) exceeds it
+    assert max(drift_x, drift_y) > 10 * min(drift_x, drift_y), (drift_x, drift_y)
+    tol = (drift_x * drift_y) ** 0.5
     info = {}
     with pytest.warns(ReversibleDriftWarning, match="drift"):
         got, _ = grad_of("reversible", "edict", eps, x_T, schedule, info=info, tol=tol)
