@@ -7,23 +7,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .frozen import leave_out_of_checkpoints
 from .objective import decode_latents
+from .precision import at_least_float32, module_dtype, to_module_dtype
 from .sampling import Denoiser
-
-PRECISION_DTYPES = {
-    "32": torch.float32, "32-true": torch.float32, "64": torch.float64, "64-true": torch.float64,
-    "16": torch.float16, "16-mixed": torch.float16, "16-true": torch.float16, "transformer-engine-float16": torch.float16,
-    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
-}
-
-
-def precision_dtype(precision) -> torch.dtype:
-    """The dtype frozen weights are kept in under a Lightning ``precision`` setting."""
-    key = str(precision)
-    if key not in PRECISION_DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_DTYPES)}")
-    return PRECISION_DTYPES[key]
-
 
 class ModelNotFoundError(FileNotFoundError):
     pass
@@ -33,7 +20,7 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
     from diffusers import StableDiffusionPipeline
 
     path = Path(os.path.expanduser(model))
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
             raise ValueError(f"{model}: a single-file checkpoint must be .safetensors or .ckpt")
@@ -64,34 +51,27 @@ class Backbone(nn.Module):
     """A frozen Stable-Diffusion-layout model (SD-1.x, SD-2.x, or the shapes world) in one dtype."""
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+        """Any diffusers UNet2DConditionModel, AutoencoderKL, text encoder, tokenizer and scheduler (a test double too)."""
         super().__init__()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.requires_grad_(False)
         self.eval()
+        leave_out_of_checkpoints(self)
 
     @classmethod
     def load(cls, model: str, *, model_config: str | None = None, local_files_only: bool | None = None,
              dtype: torch.dtype = torch.float32, vae_checkpointing: bool = False) -> "Backbone":
         """Load by hub id, local diffusers directory, or one .safetensors/.ckpt file (+ ``model_config``)."""
-        pipe = _load_pipeline(model, model_config, local_files_only)
-        bb = cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler).to(dtype)
-        try:  # scaled-dot-product attention, the fast and memory-lean kernel
-            from diffusers.models.attention_processor import AttnProcessor2_0
-            bb.unet.set_attn_processor(AttnProcessor2_0())
-            bb.vae.set_attn_processor(AttnProcessor2_0())
-        except Exception:  # noqa: BLE001 - older/newer diffusers already default to SDPA
-            pass
-        if vae_checkpointing:
-            bb.vae.enable_gradient_checkpointing()
-        return bb
+        return PretrainedBackbone(model, model_config=model_config, local_files_only=local_files_only,
+                                  vae_checkpointing=vae_checkpointing).to(dtype)
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout and friends stay off
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return module_dtype(self.unet)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -131,14 +111,44 @@ class Backbone(nn.Module):
         (one CPU generator per image) a posterior sample, mean + std N(0, I), as the official editing
         code (``latent_dist.sample(generator)``). The noise is drawn in float32 whatever the precision."""
         cfg = self.vae.config
-        post = self.vae.encode(images.to(self.vae.device, self.dtype)).latent_dist
-        out_dtype = torch.promote_types(self.dtype, torch.float32)
-        z = post.mean.to(out_dtype)
+        post = self.vae.encode(to_module_dtype(images.to(self.vae.device), self.vae)).latent_dist
+        z = at_least_float32(post.mean)
         if generators is not None:
             if len(generators) != len(z):
                 raise ValueError(f"{len(generators)} generators for {len(z)} images: give one per image")
             noise = torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators])
-            z = z + post.std.to(out_dtype) * noise.to(z.device, out_dtype)
+            z = z + post.std.to(z.dtype) * noise.to(z.device, z.dtype)
         if getattr(cfg, "shift_factor", None):
             z = z - cfg.shift_factor
         return z * cfg.scaling_factor
+
+
+def resolve_backbone(model: "Backbone | str", model_config: str | None = None, local_files_only: bool | None = None,
+                     vae_checkpointing: bool = False) -> Backbone:
+    """The module's ``model:`` value as a Backbone: an object as it is, a path or hub id loaded (the shortcut)."""
+    if isinstance(model, Backbone):
+        if model_config is not None or vae_checkpointing or local_files_only is not None:
+            raise ValueError("model_config, vae_checkpointing and local_files_only go with model: <path or id>; "
+                             "for a Backbone object set them in its own init_args")
+        return model
+    return PretrainedBackbone(model, model_config=model_config, local_files_only=local_files_only,
+                              vae_checkpointing=vae_checkpointing)
+
+
+class PretrainedBackbone(Backbone):
+    """A Backbone loaded from a hub id, a local diffusers directory, or one .safetensors/.ckpt file (then
+    ``model_config``): the ``class_path`` form of the module's ``model:`` key, in float32."""
+
+    def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
+                 vae_checkpointing: bool = False):
+        pipe = _load_pipeline(path, model_config, local_files_only)
+        super().__init__(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+        try:  # scaled-dot-product attention, the fast and memory-lean kernel
+            from diffusers.models.attention_processor import AttnProcessor2_0
+            self.unet.set_attn_processor(AttnProcessor2_0())
+            self.vae.set_attn_processor(AttnProcessor2_0())
+        except Exception:  # noqa: BLE001 - older/newer diffusers already default to SDPA
+            pass
+        if vae_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        self.float()  # the module's precision casts it later; loading keeps full precision

@@ -62,6 +62,16 @@ def shard(items: list[Item], rank: int, world_size: int) -> list[Item]:
     return items[rank::world_size]
 
 
+def unshard(rows: torch.Tensor, n_items: int) -> torch.Tensor:
+    """The inverse of ``shard`` for per-item values: row r of ``rows`` (world, m) holds items r, r + world, ...
+    (padded); returns the (n_items,) vector in item order."""
+    world = rows.shape[0]
+    out = torch.empty(n_items, dtype=rows.dtype)
+    for r in range(world):
+        out[r::world] = rows[r, : len(range(r, n_items, world))]
+    return out
+
+
 def initial_noise(item: Item, shape: tuple[int, ...]) -> torch.Tensor:
     """x_T of an item from its own seed: the same whatever the batch, rank or device (float32, CPU)."""
     g = torch.Generator().manual_seed(item.seed)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .sampling import Schedule, sample
 from .sampling.backprop import cotangent_scaled
-from .dtypes import at_least_float32
+from .precision import at_least_float32, to_module_dtype
 
 LossFn = Callable[[Tensor], "tuple[Tensor, dict[str, Tensor]]"]  # images -> (total (N,), {name: (N,)})
 
@@ -23,10 +23,9 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
     z = latents / cfg.scaling_factor
     if getattr(cfg, "shift_factor", None):
         z = z + cfg.shift_factor
-    dtype = next(vae.parameters()).dtype
     # the loss's gradient per pixel is ~1e-6 at 512 px, below float16's normal range: run the decoder's
     # VJP on a cotangent brought to O(1) by a power of two (undone at the latent), as _vjp does per UNet call
-    return cotangent_scaled(lambda z: at_least_float32(vae.decode(z.to(dtype)).sample), z)
+    return cotangent_scaled(lambda z: at_least_float32(vae.decode(to_module_dtype(z, vae)).sample), z)
 
 
 @dataclass
@@ -65,7 +64,6 @@ def evaluate(
     with torch.set_grad_enabled(backward):
         finals = sample(eps, z, schedule, sampler=sampler, backprop=backprop, y=y, mix_weight=mix_weight,
                         drift_tolerance=drift_tolerance, info=info)
-    finals = finals if isinstance(finals, tuple) else (finals,)
     scored = finals[:1] if first_image_only else finals
     k = len(scored)
     total, terms, images, cotangents = 0.0, {}, None, []
@@ -86,3 +84,34 @@ def evaluate(
         cotangents += [torch.zeros_like(f) for f in finals[k:]]
         torch.autograd.backward(finals, cotangents)
     return Evaluation(total, terms, images, info)
+
+
+def check_guidance(guidance) -> None:
+    """At least one guidance module, with unique names (they are log keys)."""
+    if not guidance:
+        raise ValueError("no guidance modules: give model.guidance: [{class_path: ...}] (nothing to optimise)")
+    names = [g.name for g in guidance]
+    if len(set(names)) != len(names):
+        raise ValueError(f"guidance names must be unique (they are log keys), got {names}; set name: ...")
+
+
+def weighted_guidance(guidance, prompts: list[str], generators: list[torch.Generator]) -> LossFn:
+    """images -> (sum of weight x loss over the guidance modules, {name: loss}), per item."""
+
+    def loss_fn(images: Tensor):
+        terms = {g.name: g(images, prompts=prompts, generators=generators) for g in guidance}
+        total = sum((g.weight * terms[g.name] for g in guidance), torch.zeros(len(prompts), device=images.device))
+        return total, terms
+
+    return loss_fn
+
+
+def concat_evaluations(outs: list[Evaluation]) -> Evaluation:
+    """Micro-batch evaluations -> one over all their items (info: the worst value of each entry)."""
+    info: dict = {}
+    for o in outs:
+        for k, v in o.info.items():
+            info[k] = max(info.get(k, v), v)
+    return Evaluation(total=torch.cat([o.total for o in outs]),
+                      terms={k: torch.cat([o.terms[k] for o in outs]) for k in outs[0].terms},
+                      images=torch.cat([o.images for o in outs]), info=info)

@@ -7,6 +7,18 @@ import torch
 from torch import Tensor
 
 
+def check_update(grad_scale: float, clip_grad_val: float | None, momentum: float, perturb_grad_scale: float) -> None:
+    """One-line errors for the update's settings, raised before any model is loaded."""
+    if grad_scale <= 0:
+        raise ValueError(f"grad_scale must be > 0 (it multiplies the loss), got {grad_scale}")
+    if clip_grad_val is not None and clip_grad_val <= 0:
+        raise ValueError(f"clip_grad_val must be > 0 or null (no clipping), got {clip_grad_val}")
+    if perturb_grad_scale < 0:
+        raise ValueError(f"perturb_grad_scale must be >= 0, got {perturb_grad_scale}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1) (official 0.9), got {momentum}")
+
+
 class DOODLOptimizer(torch.optim.Optimizer):
     """The official hand-written update of the EDICT latent pair, under the official names.
 
@@ -20,7 +32,7 @@ class DOODLOptimizer(torch.optim.Optimizer):
       4. use_momentum: b = g at the first step, else b = momentum b + g;  g = b  (use_nesterov: g + momentum b)
       5. pair = pair + g + perturb_grad_scale N(0, I)                 (one draw, shared by the pair)
       6. tied_latents: both latents = their mean
-    Renormalisation to the norm of x_T follows as a callback (``callbacks.LatentRenormalization``).
+    Renormalisation to the norm of x_T follows (``renormalize_latents``; the module applies it after any optimiser).
 
     There is no learning rate besides ``grad_scale``; multiplying the gradient by it equals multiplying
     the loss, since back-propagation is linear in its cotangent. The perturbation of row r (one item) at
@@ -31,14 +43,7 @@ class DOODLOptimizer(torch.optim.Optimizer):
     def __init__(self, params, grad_scale: float = 1.0, clip_grad_val: float | None = 1e-3, use_momentum: bool = True,
                  momentum: float = 0.9, use_nesterov: bool = False, perturb_grad_scale: float = 1e-4,
                  tied_latents: bool = True):
-        if grad_scale <= 0:
-            raise ValueError(f"grad_scale must be > 0 (it multiplies the loss), got {grad_scale}")
-        if clip_grad_val is not None and clip_grad_val <= 0:
-            raise ValueError(f"clip_grad_val must be > 0 or null (no clipping), got {clip_grad_val}")
-        if perturb_grad_scale < 0:
-            raise ValueError(f"perturb_grad_scale must be >= 0, got {perturb_grad_scale}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1) (official 0.9), got {momentum}")
+        check_update(grad_scale, clip_grad_val, momentum, perturb_grad_scale)
         defaults = dict(grad_scale=grad_scale, clip_grad_val=clip_grad_val, use_momentum=use_momentum or use_nesterov,
                         momentum=momentum, use_nesterov=use_nesterov, perturb_grad_scale=perturb_grad_scale,
                         tied_latents=tied_latents)
@@ -105,3 +110,17 @@ def masked_step(optimizer: torch.optim.Optimizer, latents: Tensor, active: Seque
         latents[~active] = keep
         for k, v in saved.items():
             optimizer.state[latents][k][~active] = v
+
+
+@torch.no_grad()
+def renormalize_latents(latents: Tensor, target_norm: Tensor, rows: Tensor) -> None:
+    """Rescale each latent of the pairs in ``rows`` to its item's norm of x_T (official ``renormalize_latents``).
+
+    Gaussian noise of dimension d lives near the sphere of radius sqrt(d); off it the diffusion model
+    stops producing images. Rows that did not step (stopped items) stay bit-identical.
+    """
+    if not bool(rows.any()):
+        return
+    norm = latents[rows].flatten(2).norm(dim=2).clamp_min(1e-12)  # (n, P): each latent on its own
+    scale = (target_norm[rows, None] / norm).to(latents.dtype)
+    latents[rows] = latents[rows] * scale.view(*norm.shape, *[1] * (latents.dim() - 2))

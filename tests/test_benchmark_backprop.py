@@ -1,6 +1,7 @@
 """The chain-gradient benchmark script runs end to end on the tiny model and reports sane records."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +16,14 @@ SCHEMA = {
     "peak_memory_bytes", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32", "reversible_drift", "unet_calls",
     "status", "role",
 }
+
+
+def load_script():
+    """The benchmark script as a module, loaded from its path (it is not on sys.path)."""
+    spec = importlib.util.spec_from_file_location("backprop_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run(tmp_path, *extra):
@@ -61,7 +70,7 @@ def test_subprocess_records_and_fp32_reference(tmp_path):
 
 def test_sd15_architecture_is_the_released_one():
     # built on the meta device: shapes and parameter counts without allocating 1B parameters
-    from doodl_lightning import architectures as A
+    from doodl_lightning.testing import architectures as A
     from doodl_lightning.sampling import Schedule
 
     parts = A.build_components("sd15", device="meta")
@@ -73,14 +82,32 @@ def test_sd15_architecture_is_the_released_one():
     assert A.build_scheduler("sd21").config.prediction_type == "v_prediction"
 
 
+def test_model_is_the_core_backbone_noise_and_guidance():
+    # the benchmark builds nothing of its own: a core Backbone, the items' initial noise, SymmetryGuidance
+    import torch
+
+    from doodl_lightning.backbone import Backbone
+    from doodl_lightning.data import Item, initial_noise
+    from doodl_lightning.guidance import SymmetryGuidance
+
+    B = load_script()
+    args = B.parse_args(["--quick", "--seed", "3"])
+    model = B.Model(args)
+    assert isinstance(model.backbone, Backbone) and model.unet is model.backbone.unet
+    z = model.latents(2, 16)
+    assert torch.equal(z[1], initial_noise(Item(1, args.prompt, 4), (4, 8, 8)))  # item i: seed --seed + i
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    total, terms = model.loss_fn(2)(images)
+    assert torch.equal(total, SymmetryGuidance()(images)) and set(terms) == {"symmetry"}
+    assert not any(hasattr(B, name) for name in ("symmetry_loss", "_load_pretrained"))
+
+
 def test_graphed_unet_gradients_survive_overwritten_replays():
     # CUDA graphs own ONE set of activations; simulate that on CPU (each "replay" overwrites the single
     # static graph) and check every mode's gradient equals plain eager, refreshing where it must
     import torch
 
-    sys.path.insert(0, str(SCRIPT.parent))
-    import backprop as B
-    from doodl_lightning import architectures as A
+    from doodl_lightning.testing import architectures as A
     from doodl_lightning.objective import decode_latents, evaluate
     from doodl_lightning.sampling import Denoiser, Schedule
 
@@ -113,17 +140,21 @@ def test_graphed_unet_gradients_survive_overwritten_replays():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add contention
     try:
-        _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedule, fake_graphs)
+        _check_graphed_modes(torch, A, decode_latents, evaluate, Denoiser, Schedule, fake_graphs)
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedule, fake_graphs):
+def _check_graphed_modes(torch, A, decode_latents, evaluate, Denoiser, Schedule, fake_graphs):
+    from doodl_lightning.guidance import SymmetryGuidance
+    from doodl_lightning.objective import weighted_guidance
+
     torch.manual_seed(0)
     unet, vae = A.build_unet("tiny"), A.build_vae("tiny")
     cond, uncond = torch.randn(1, 77, 16), torch.randn(1, 77, 16)
     schedule = Schedule.from_scheduler(A.build_scheduler("tiny"), 3, "model")
     z0 = torch.randn(2, 4, 8, 8)
+    loss_fn = weighted_guidance([SymmetryGuidance()], ["", ""], None)
     expected_refreshes = {("ddim", "autograd"): 2, ("ddim", "checkpoint"): 0, ("edict", "autograd"): 5,
                           ("edict", "checkpoint"): 3, ("edict", "reversible"): 0}
     for (sampler, backprop), refreshes in expected_refreshes.items():
@@ -136,8 +167,7 @@ def _check_graphed_modes(torch, B, A, decode_latents, evaluate, Denoiser, Schedu
                 fake = fake_graphs(unet, x, torch.tensor(schedule.timesteps[0]), c)
                 den.unet.graphs[(tuple(x.shape), tuple(c.shape), x.dtype)] = fake
             z = z0.clone().requires_grad_()
-            evaluate(den, z, schedule, lambda lat: decode_latents(vae, lat), B.symmetry_loss, sampler=sampler,
-                     backprop=backprop)
+            evaluate(den, z, schedule, lambda lat: decode_latents(vae, lat), loss_fn, sampler=sampler, backprop=backprop)
             grads.append(z.grad)
         assert torch.equal(grads[0], grads[1]), (sampler, backprop)
         assert fake.refreshes == refreshes, (sampler, backprop, fake.refreshes)

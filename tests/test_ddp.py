@@ -12,16 +12,14 @@ import pytest
 import torch
 
 from cli import main
-from test_framework import write_config
-from tiny import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_pipeline_dir, write_config):
     tmp = tmp_path_factory.mktemp("ddp")
-    pipe = save_tiny_pipeline(tmp / "pipe")
+    pipe = tiny_pipeline_dir
     # micro_batch 1: every item is evaluated alone in both runs, so CPU kernels see identical shapes;
     # one thread: Lightning gives each of 2 DDP processes cores // 2 threads, and the reduction order
     # of CPU kernels depends on the thread count (2 vs 1 threads differ by ~1e-7, float32 rounding)
@@ -70,7 +68,7 @@ def test_shard_deals_items_round_robin():
     assert [it.index for it in shard(items, 0, 1)] == list(range(7))
 
 
-def test_two_processes_equal_one_process(setup):
+def test_two_processes_equal_one_process(setup, write_config):
     tmp, pipe, ref = setup
     cfg = write_config(tmp / "two.yaml", pipe, tmp / "two", steps=2, micro_batch=1, seeds=[0, 1, 2])
     r = subprocess.run([sys.executable, "cli.py", "fit", "--config", cfg, "--trainer.devices", "2",
@@ -80,7 +78,7 @@ def test_two_processes_equal_one_process(setup):
     check_run(tmp / "two/lightning_logs/version_0", ref)
 
 
-def test_two_nodes_through_torchrun_environment(setup):
+def test_two_nodes_through_torchrun_environment(setup, write_config):
     """Two single-process 'nodes' on 127.0.0.1, launched by torchrun as on a cluster."""
     tmp, pipe, ref = setup
     cfg = write_config(tmp / "nodes.yaml", pipe, tmp / "nodes", steps=2, micro_batch=1, seeds=[0, 1, 2])

@@ -9,48 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch import Callback
 
 from cli import main
-from tiny import save_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def pipe_dir(tmp_path_factory):
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe")
+@pytest.fixture
+def fit(tmp_path, tiny_pipeline_dir, write_config):
+    """``fit(name="run", extra=(), **config) -> (cli, out)``: ``cli.py fit`` on the tiny pipeline, config and logs
+    in ``tmp_path`` (``config``: ``write_config``'s steps, callbacks and model entries; ``extra``: CLI arguments)."""
 
+    def run(name="run", extra=(), **kw):
+        out = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_pipeline_dir, out, **kw)
+        return main(["fit", "--config", cfg, *extra]), out
 
-def write_config(path: Path, pipe: str, out: Path, steps: int = 3, callbacks=None, **model) -> str:
-    cfg = {
-        "trainer": {
-            "max_steps": steps, "default_root_dir": str(out), "accelerator": "cpu", "devices": 1,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "callbacks": callbacks if callbacks is not None else [
-                {"class_path": "callbacks.ResultsWriter"},
-                {"class_path": "callbacks.ImageLogger", "init_args": {"every_n_steps": 2}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0}},
-            ],
-        },
-        "model": {
-            "model": pipe, "prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "steps": 4,
-            "guidance_scale": 3.0, "grad_scale": 1.0, "clip_grad_val": 0.025,
-            "guidance": [{"class_path": "doodl_lightning.guidance.SymmetryGuidance"}],
-            **model,
-        },
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def fit(tmp_path, pipe, name="run", extra=(), **kw):
-    out = tmp_path / name
-    cfg = write_config(tmp_path / f"{name}.yaml", pipe, out, **kw)
-    cli = main(["fit", "--config", cfg, *extra])
-    return cli, out
+    return run
 
 
 class StepRecorder(Callback):
@@ -78,13 +54,13 @@ def latents_by_item(module) -> dict[int, torch.Tensor]:
     return {it.index: module.latents.detach()[j].clone() for j, it in enumerate(module.local_items)}
 
 
-def test_only_latents_change_and_frozen_weights_stay_out_of_checkpoints(tmp_path, pipe_dir):
+def test_only_latents_change_and_frozen_weights_stay_out_of_checkpoints(tmp_path, tiny_pipeline_dir, write_config):
     out = tmp_path / "a"
-    cli = main(["fit", "--config", write_config(tmp_path / "a.yaml", pipe_dir, out, steps=3)])
+    cli = main(["fit", "--config", write_config(tmp_path / "a.yaml", tiny_pipeline_dir, out, steps=3)])
     from doodl_lightning.backbone import Backbone
     from doodl_lightning.data import initial_noise
 
-    before = Backbone.load(pipe_dir).state_dict()
+    before = Backbone.load(tiny_pipeline_dir).state_dict()
     after = cli.model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     z0 = torch.stack([initial_noise(it, cli.model.latent_shape) for it in cli.model.items])
@@ -95,27 +71,27 @@ def test_only_latents_change_and_frozen_weights_stay_out_of_checkpoints(tmp_path
     assert ckpt["doodl_items"][3] == {"index": 3, "prompt": "a blue square", "seed": 1}
 
 
-def test_same_config_same_images_bitwise(tmp_path, pipe_dir):
-    a, out_a = fit(tmp_path, pipe_dir, "a")
-    b, out_b = fit(tmp_path, pipe_dir, "b")
+def test_same_config_same_images_bitwise(fit):
+    a, out_a = fit("a")
+    b, out_b = fit("b")
     assert torch.equal(a.model.latents, b.model.latents)
     for png in sorted((out_a / "lightning_logs/version_0/images").glob("*.png")):
         twin = out_b / "lightning_logs/version_0/images" / png.name
         assert png.read_bytes() == twin.read_bytes()
 
 
-def test_item_noise_does_not_depend_on_batch_position(tmp_path, pipe_dir):
+def test_item_noise_does_not_depend_on_batch_position():
     from doodl_lightning.data import Item, initial_noise
     x = initial_noise(Item(0, "p", 7), (4, 8, 8))
     y = initial_noise(Item(5, "q", 7), (4, 8, 8))
     assert torch.equal(x, y)
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, pipe_dir):
-    full, _ = fit(tmp_path, pipe_dir, "full", steps=4)
-    part, out = fit(tmp_path, pipe_dir, "part", steps=2)
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, fit):
+    full, _ = fit("full", steps=4)
+    part, out = fit("part", steps=2)
     ckpt = out / "lightning_logs/version_0/checkpoints/last.ckpt"
-    resumed, out2 = fit(tmp_path, pipe_dir, "part", steps=4, extra=["--ckpt_path", str(ckpt)])
+    resumed, out2 = fit("part", steps=4, extra=["--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == 4
     assert torch.equal(full.model.latents, resumed.model.latents)
     lines = (out2 / "lightning_logs/version_1/results.jsonl").read_text().splitlines()
@@ -124,8 +100,8 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, pipe_dir):
     assert [strip(r) for r in lines] == [strip(r) for r in full_lines]
 
 
-def test_renormalization_keeps_norms_and_callbacks_write_logs(tmp_path, pipe_dir):
-    cli, out = fit(tmp_path, pipe_dir, "r", steps=3)
+def test_renormalization_keeps_norms_and_callbacks_write_logs(fit):
+    cli, out = fit("r", steps=3)
     m = cli.model
     norms = m.latents.detach().flatten(2).norm(dim=2)  # (items, pair)
     assert torch.allclose(norms, m.initial_norm[:, None].float().expand_as(norms), rtol=1e-6)
@@ -149,7 +125,7 @@ def test_renormalization_keeps_norms_and_callbacks_write_logs(tmp_path, pipe_dir
     assert not list(run.rglob("*.tmp"))  # nothing half-written
 
 
-def test_results_keep_the_best_iteration_not_the_last(tmp_path, pipe_dir):
+def test_results_keep_the_best_iteration_not_the_last(fit):
     """best_loss / best_step / best_image are those of the lowest loss over every step and the final latents."""
     from PIL import Image
 
@@ -157,7 +133,7 @@ def test_results_keep_the_best_iteration_not_the_last(tmp_path, pipe_dir):
 
     cb = [{"class_path": "callbacks.ResultsWriter"}, {"class_path": "test_framework.StepRecorder"}]
     # a large perturbation: the losses go up and down, so best, first, last and final differ
-    cli, out = fit(tmp_path, pipe_dir, "b", steps=4, callbacks=cb, perturb_grad_scale=0.3)
+    cli, out = fit("b", steps=4, callbacks=cb, perturb_grad_scale=0.3)
     rec = recorder(cli)
     final = cli.model.final_evaluation()
     records = [json.loads(x) for x in (out / "lightning_logs/version_0/results.jsonl").read_text().splitlines()]
@@ -176,26 +152,26 @@ def test_results_keep_the_best_iteration_not_the_last(tmp_path, pipe_dir):
     assert inside >= 1  # some item's best is neither its first nor its last step (nor the final latents)
 
 
-def test_renormalization_off_lets_norms_move(tmp_path, pipe_dir):
-    cli, _ = fit(tmp_path, pipe_dir, "n", steps=2, renormalize_latents=False, clip_grad_val=5.0, grad_scale=10.0)
+def test_renormalization_off_lets_norms_move(fit):
+    cli, _ = fit("n", steps=2, renormalize_latents=False, clip_grad_val=5.0, grad_scale=10.0)
     m = cli.model
     norms = m.latents.detach().flatten(2).norm(dim=2)
     assert not torch.allclose(norms, m.initial_norm[:, None].float().expand_as(norms), rtol=1e-6)
 
 
-def test_per_item_early_stopping_freezes_items_and_ends_fit(tmp_path, pipe_dir):
+def test_per_item_early_stopping_freezes_items_and_ends_fit(fit):
     cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"stop_at": 1e9}}]
-    cli, _ = fit(tmp_path, pipe_dir, "e", steps=10, callbacks=cb)
+    cli, _ = fit("e", steps=10, callbacks=cb)
     assert cli.trainer.global_step == 1  # every item reached the target after its first evaluation
     assert not cli.model.active.any()
     cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"patience": 1, "min_delta": 1e9}}]
-    cli, _ = fit(tmp_path, pipe_dir, "p", steps=5, callbacks=cb)
+    cli, _ = fit("p", steps=5, callbacks=cb)
     assert cli.trainer.global_step == 2
     # a stopped item's latent is bit-identical from then on, while the others move: the target stops
     # the items of the first prompt (initial losses ~0.13) after step 0, not those of the second (~0.21)
     cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"stop_at": 0.17}},
           {"class_path": "test_framework.StepRecorder"}]
-    cli, _ = fit(tmp_path, pipe_dir, "s", steps=3, callbacks=cb)
+    cli, _ = fit("s", steps=3, callbacks=cb)
     rec = recorder(cli)
     m = cli.model
     assert cli.trainer.global_step == 3 and len(rec.latents) == 3
@@ -212,28 +188,28 @@ def test_per_item_early_stopping_freezes_items_and_ends_fit(tmp_path, pipe_dir):
             assert same != bool(stepped[j]), f"step {k}, item {j}: {'stopped' if not stepped[j] else 'active'}, moved={not same}"
 
 
-def test_lightning_early_stopping_on_mean_loss_works(tmp_path, pipe_dir):
+def test_lightning_early_stopping_on_mean_loss_works(fit):
     cb = [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
            "init_args": {"monitor": "train/loss", "patience": 1, "min_delta": 1e9, "check_on_train_epoch_end": True}}]
-    cli, _ = fit(tmp_path, pipe_dir, "l", steps=10, callbacks=cb)
+    cli, _ = fit("l", steps=10, callbacks=cb)
     assert cli.trainer.global_step < 10
 
 
 @pytest.mark.parametrize("sampler,backprop", [("ddim", "checkpoint"), ("edict", "reversible"), ("ddim", "autograd")])
-def test_samplers_and_micro_batches_give_the_same_gradient_step(tmp_path, pipe_dir, sampler, backprop):
-    a, _ = fit(tmp_path, pipe_dir, "a", steps=1, sampler=sampler, backprop=backprop, perturb_grad_scale=0.0)
-    b, _ = fit(tmp_path, pipe_dir, "b", steps=1, sampler=sampler, backprop="autograd", micro_batch=1, perturb_grad_scale=0.0)
+def test_samplers_and_micro_batches_give_the_same_gradient_step(fit, sampler, backprop):
+    a, _ = fit("a", steps=1, sampler=sampler, backprop=backprop, perturb_grad_scale=0.0)
+    b, _ = fit("b", steps=1, sampler=sampler, backprop="autograd", micro_batch=1, perturb_grad_scale=0.0)
     assert torch.allclose(a.model.latents, b.model.latents, atol=1e-6)
 
 
-def test_optimizer_can_be_swapped_from_the_cli(tmp_path, pipe_dir):
-    cli, _ = fit(tmp_path, pipe_dir, "o", steps=2, extra=["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.01"])
+def test_optimizer_can_be_swapped_from_the_cli(fit):
+    cli, _ = fit("o", steps=2, extra=["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.01"])
     assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
 
 
-def test_prompt_file_items(tmp_path, pipe_dir):
+def test_prompt_file_items(tmp_path, fit):
     (tmp_path / "p.csv").write_text("prompt,other\na red circle,1\na green star,2\n")
-    cli, _ = fit(tmp_path, pipe_dir, "f", steps=1, prompts=None, prompt_file=str(tmp_path / "p.csv"))
+    cli, _ = fit("f", steps=1, prompts=None, prompt_file=str(tmp_path / "p.csv"))
     assert [(it.prompt, it.seed) for it in cli.model.items] == [("a red circle", 0), ("a red circle", 1),
                                                                ("a green star", 0), ("a green star", 1)]
 
@@ -248,41 +224,41 @@ def test_prompt_file_items(tmp_path, pipe_dir):
     (dict(sampler="ddim", backprop="reversible"), "needs sampler 'edict'"),
     (dict(model="/nonexistent/model"), "not found"),
 ])
-def test_bad_input_fails_before_any_work(tmp_path, pipe_dir, model_kw, match):
+def test_bad_input_fails_before_any_work(tmp_path, tiny_pipeline_dir, write_config, model_kw, match):
     out = tmp_path / "bad"
-    cfg = write_config(tmp_path / "bad.yaml", pipe_dir, out, **model_kw)
+    cfg = write_config(tmp_path / "bad.yaml", tiny_pipeline_dir, out, **model_kw)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         main(["fit", "--config", cfg])
     assert not out.exists()
 
 
-def test_unknown_class_path_and_unwritable_output_dir(tmp_path, pipe_dir):
-    cfg = write_config(tmp_path / "c.yaml", pipe_dir, tmp_path / "c",
+def test_unknown_class_path_and_unwritable_output_dir(tmp_path, tiny_pipeline_dir, write_config):
+    cfg = write_config(tmp_path / "c.yaml", tiny_pipeline_dir, tmp_path / "c",
                        guidance=[{"class_path": "doodl_lightning.guidance.NoSuchGuidance"}])
     with pytest.raises(SystemExit):
         main(["fit", "--config", cfg])
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    cfg = write_config(tmp_path / "d.yaml", pipe_dir, ro / "out")
+    cfg = write_config(tmp_path / "d.yaml", tiny_pipeline_dir, ro / "out")
     if os.geteuid() == 0:  # root ignores permissions; use a path below a regular file instead
         (tmp_path / "file").write_text("x")
-        cfg = write_config(tmp_path / "d.yaml", pipe_dir, tmp_path / "file" / "out")
+        cfg = write_config(tmp_path / "d.yaml", tiny_pipeline_dir, tmp_path / "file" / "out")
     with pytest.raises((PermissionError, OSError), match="not writable|Not a directory|exists"):
         main(["fit", "--config", cfg])
 
 
-def test_cli_prints_one_line_error(tmp_path, pipe_dir):
-    cfg = write_config(tmp_path / "e.yaml", pipe_dir, tmp_path / "e", seeds=[-3])
+def test_cli_prints_one_line_error(tmp_path, tiny_pipeline_dir, write_config):
+    cfg = write_config(tmp_path / "e.yaml", tiny_pipeline_dir, tmp_path / "e", seeds=[-3])
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", cfg], capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: seeds must be non-negative integers")
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, pipe_dir):
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_pipeline_dir, write_config, fit):
     """SIGKILL after step 3 of 5, resume from last.ckpt: same latents, complete results and images."""
-    full, _ = fit(tmp_path, pipe_dir, "full", steps=5)
+    full, _ = fit("full", steps=5)
     out = tmp_path / "killed"
     callbacks = [
         {"class_path": "callbacks.ResultsWriter"},
@@ -290,7 +266,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, pipe_dir):
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
          "init_args": {"save_last": True, "every_n_train_steps": 1, "save_top_k": 0}},
     ]
-    cfg = write_config(tmp_path / "killed.yaml", pipe_dir, out, steps=5, callbacks=callbacks + [
+    cfg = write_config(tmp_path / "killed.yaml", tiny_pipeline_dir, out, steps=5, callbacks=callbacks + [
         {"class_path": "killer.KillAfter", "init_args": {"step": 3}}])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", cfg], cwd=ROOT, env=env,
@@ -304,15 +280,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, pipe_dir):
     for png in run.rglob("*.png"):
         Image.open(png).load()  # only complete images
     assert not list(run.rglob("*.tmp"))
-    cfg = write_config(tmp_path / "resume.yaml", pipe_dir, out, steps=5, callbacks=callbacks)
+    cfg = write_config(tmp_path / "resume.yaml", tiny_pipeline_dir, out, steps=5, callbacks=callbacks)
     resumed = main(["fit", "--config", cfg, "--ckpt_path", str(run / "checkpoints/last.ckpt")])
     assert resumed.trainer.global_step == 5
     assert torch.equal(full.model.latents, resumed.model.latents)
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-def test_half_precisions_keep_latents_and_optimiser_in_float32(tmp_path, pipe_dir, precision):
-    cli, _ = fit(tmp_path, pipe_dir, "h", steps=2, extra=["--trainer.precision", precision])
+def test_half_precisions_keep_latents_and_optimiser_in_float32(fit, precision):
+    cli, _ = fit("h", steps=2, extra=["--trainer.precision", precision])
     m = cli.model
     assert m.backbone.dtype == torch.bfloat16
     assert m.latents.dtype == torch.float32 and m.initial_norm.dtype == torch.float64

@@ -19,7 +19,7 @@ from doodl_lightning.guidance import (
     SymmetryGuidance,
     spherical_dist_loss,
 )
-from tiny_clip import TINY_CLIP_CONFIG, save_tiny_clip, write_tiny_clip_config
+from doodl_lightning.testing.tiny import TINY_CLIP_CONFIG
 
 EMBED_DIM = TINY_CLIP_CONFIG["embed_dim"]
 
@@ -50,14 +50,14 @@ def optimise_pixels(guidance: Guidance, steps: int = 15, lr: float = 0.05, **kwa
 
 
 @pytest.fixture(scope="module")
-def clip_files(tmp_path_factory):
-    """A tiny open_clip config + its seeded random weights saved as .safetensors and as a torch .pt."""
-    folder = tmp_path_factory.mktemp("clip")
-    config = write_tiny_clip_config(folder)
-    state = save_tiny_clip(config, folder / "tiny.safetensors")
-    save_tiny_clip(config, folder / "tiny.pt")
-    return {"config": str(config), "safetensors": str(folder / "tiny.safetensors"), "pt": str(folder / "tiny.pt"),
-            "state": state, "folder": folder}
+def clip_files(tmp_path_factory, tiny_clip):
+    """The tiny open_clip config + its seeded random weights as .safetensors and as a torch .pt."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_clip.weights))
+    pt = tmp_path_factory.mktemp("clip") / "tiny.pt"
+    torch.save(state, pt)
+    return {"config": str(tiny_clip.config), "safetensors": str(tiny_clip.weights), "pt": str(pt), "state": state}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,49 @@ def test_symmetry():
     assert torch.allclose(g(x + x.flip(-1)), torch.zeros(2))
     first, last = optimise_pixels(g)
     assert last < first
+
+
+class _Probe(Guidance):
+    """A one-weight guidance that records the dtype its ``loss`` receives."""
+
+    def __init__(self):
+        super().__init__(name="probe")
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[torch.dtype] = []
+        self.freeze()
+
+    def loss(self, images, prompts, generators):
+        self.seen.append(images.dtype)
+        return (images * self.scale).flatten(1).mean(1)
+
+
+@pytest.mark.parametrize("model_dtype,image_dtype,out_dtype", [
+    (torch.float16, torch.float32, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),
+    (torch.float64, torch.float32, torch.float64),
+    (torch.float32, torch.float64, torch.float32),
+])
+def test_base_casts_images_to_the_guidance_dtype_and_widens_the_loss(model_dtype, image_dtype, out_dtype):
+    g = _Probe().to(model_dtype)
+    x = images(2).to(image_dtype).requires_grad_(True)
+    out = g(x)
+    assert g.seen == [model_dtype] and out.dtype == out_dtype and out.shape == (2,)
+    out.sum().backward()
+    assert x.grad.dtype == image_dtype and torch.isfinite(x.grad).all()  # gradients flow back through the cast
+
+
+def test_base_without_weights_keeps_the_image_dtype():
+    g = SymmetryGuidance()
+    assert g(images(2).double()).dtype == torch.float64
+    assert g(images(2).bfloat16()).dtype == torch.float32
+
+
+def test_guidance_without_loss_is_abstract():
+    class NoLoss(Guidance):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoLoss()
 
 
 # ---------------------------------------------------------------- CLIP text
@@ -264,6 +307,40 @@ def test_clip_image_errors(clip_files, tmp_path):
         CLIPImageGuidance(references=str(tmp_path), **kw)
     with pytest.raises(ValueError, match="needs references"):
         CLIPImageGuidance(**kw)
+
+
+def test_clip_image_per_prompt_references_match_single_sets(clip_files, reference_folder):
+    kw = dict(pretrained=clip_files["safetensors"], model_config=clip_files["config"], num_cuts=2)
+    files = sorted(str(p) for p in reference_folder.iterdir() if p.suffix != ".txt")
+    sets = {"a red circle": files[:2], "a blue square": str(reference_folder), "a star": files[3]}
+    per = CLIPImageGuidance(references=sets, **kw)
+    assert per.index == {"a red circle": 0, "a blue square": 1, "a star": 2} and per.target is None
+    assert per.targets.shape == (3, EMBED_DIM) and len(per.references["a blue square"]) == 4
+    singles = {p: CLIPImageGuidance(references=r, **kw) for p, r in sets.items()}
+    for p, single in singles.items():  # each set's target is exactly the single-set guidance's
+        assert torch.allclose(per.targets[per.index[p]], single.target, atol=1e-6)
+    x = images(4)
+    prompts = ["a star", "a red circle", "a star", "a blue square"]
+    loss = per(x, prompts, gens(0, 1, 2, 3))
+    expected = torch.cat([singles[p](x[i:i + 1], generators=gens(i)) for i, p in enumerate(prompts)])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert not torch.allclose(loss, singles["a star"](x, generators=gens(0, 1, 2, 3)), atol=1e-4)
+    with pytest.raises(ValueError, match="prompt 'a cat' is not in references.*add 'a cat'"):
+        per(x[:1], ["a cat"], gens(0))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        per(x[:1])
+    with pytest.raises(FileNotFoundError, match="ghost.png"):
+        CLIPImageGuidance(references={"a": files[:1], "b": [str(reference_folder / "ghost.png")]}, **kw)
+
+
+def test_clip_image_embed_images_is_the_whole_image_embedding(clip_files, reference_folder):
+    g = CLIPImageGuidance(pretrained=clip_files["safetensors"], model_config=clip_files["config"],
+                          references=str(reference_folder), num_cuts=0)
+    x = images(3, 37)
+    with torch.no_grad():
+        emb = g.embed_images(x)
+        assert emb.shape == (3, EMBED_DIM) and torch.allclose(emb, g.encoder(x)[:, 0], atol=1e-6)
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-6)
 
 
 # ---------------------------------------------------------------- aesthetic
@@ -405,6 +482,55 @@ def test_classifier_errors(classifier_files, tmp_path):
         ClassifierGuidance(arch="torchvision:squeezenet1_1", checkpoint=None, target="robin")
 
 
+def test_classifier_per_prompt_targets_match_single_targets(classifier_files):
+    kw = dict(arch="torchvision:squeezenet1_1", checkpoint=str(classifier_files / "squeezenet.safetensors"),
+              num_classes=5, input_size=32, labels=str(classifier_files / "labels.txt"), num_cuts=2)
+    per = ClassifierGuidance(target={"a crow": "crow", "a wren": 4, "a robin": "Robin"}, **kw)
+    assert per.target == {"a crow": 0, "a wren": 4, "a robin": 3}
+    x = images(4)
+    prompts = ["a wren", "a crow", "a wren", "a robin"]
+    loss = per(x, prompts, gens(0, 1, 2, 3))
+    expected = torch.cat([ClassifierGuidance(target=per.target[p], **kw)(x[i:i + 1], generators=gens(i))
+                          for i, p in enumerate(prompts)])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="prompt 'a dog' is not in target.*add 'a dog'"):
+        per(x[:2], ["a crow", "a dog"], gens(0, 1))
+    with pytest.raises(ValueError, match="one prompt per image"):
+        per(x[:2])
+    with pytest.raises(ValueError, match="unknown class 'bluejay'"):
+        ClassifierGuidance(target={"a": "crow", "b": "bluejay"}, **kw)
+    with pytest.raises(ValueError, match="out of range"):
+        ClassifierGuidance(target={"a": 9}, **kw)
+
+
+def test_classifier_loss_is_the_models_cross_entropy(classifier_files):
+    """Independent of the guidance code: the model's own log-softmax at each item's target class."""
+    import torchvision
+    from safetensors.torch import load_file
+    model = torchvision.models.get_model("squeezenet1_1", weights=None, num_classes=5).eval()
+    checkpoint = str(classifier_files / "squeezenet.safetensors")
+    model.load_state_dict(load_file(checkpoint))
+    g = ClassifierGuidance(arch="torchvision:squeezenet1_1", checkpoint=checkpoint, num_classes=5, input_size=40,
+                           target={"p": 1, "q": 3})
+    x = images(2, 40)  # already the input size: no resize
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logp = model(((x + 1) / 2 - mean) / std).log_softmax(-1)
+    assert torch.allclose(g(x, ["q", "p"]), -logp[[0, 1], [3, 1]], atol=1e-5)
+
+
+def test_classifier_in_bf16_returns_float32(classifier_files):
+    g = ClassifierGuidance(arch="torchvision:squeezenet1_1", num_classes=5, input_size=32, target=2, num_cuts=2,
+                           checkpoint=str(classifier_files / "squeezenet.safetensors"))
+    x = images(2).requires_grad_(True)
+    ref = g(x, generators=gens(0, 1))
+    low = g.to(torch.bfloat16)(x, generators=gens(0, 1))
+    low.sum().backward()
+    assert low.dtype == torch.float32 and x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+    assert torch.allclose(low, ref, rtol=0.1)
+
+
 # ---------------------------------------------------------------- YAML (LightningCLI / jsonargparse)
 
 def test_every_guidance_builds_from_yaml(clip_files, reference_folder, classifier_files, tmp_path):
@@ -438,13 +564,31 @@ guidance:
     init_args:
       weight: 0.5
       name: mirror
+  - class_path: doodl_lightning.guidance.ClassifierGuidance
+    init_args:
+      arch: torchvision:squeezenet1_1
+      checkpoint: {classifier_files / "squeezenet.safetensors"}
+      target: {{p: robin, q: 1}}
+      labels: {classifier_files / "labels.txt"}
+      input_size: 32
+      name: per_prompt_classifier
+  - class_path: doodl_lightning.guidance.CLIPImageGuidance
+    init_args:
+      {clip}
+      references:
+        p: {reference_folder}
+        q: [{reference_folder / "d_rgb.jpg"}]
+      name: per_prompt_clip_image
 """
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--guidance", type=list[Guidance])
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
     built = instantiate(parser.parse_string(yaml)).guidance
-    assert [g.name for g in built] == ["clip_text", "clip_image", "aesthetic", "classifier", "mirror"]
+    assert [g.name for g in built] == ["clip_text", "clip_image", "aesthetic", "classifier", "mirror",
+                                       "per_prompt_classifier", "per_prompt_clip_image"]
     assert built[3].target == 3 and built[2].target == 6.5 and built[4].weight == 0.5
+    assert built[5].target == {"p": 3, "q": 1} and built[6].index == {"p": 0, "q": 1}
+    assert len(built[6].references["p"]) == 4 and built[6].references["q"][0].endswith("d_rgb.jpg")
     x = images(2).requires_grad_(True)
     total = sum(g.weight * g(x, ["p", "q"], gens(0, 1)) for g in built)
     total.sum().backward()

@@ -10,21 +10,18 @@ import yaml
 from PIL import Image
 
 from cli import main
+from doodl_lightning.baselines import guided_sampling
 from doodl_lightning.sampling import Schedule, sample_ddim, sample_edict
-from test_framework import write_config
-from tiny import save_tiny_pipeline
-from tiny_clip import save_tiny_clip, write_tiny_clip_config
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_pipeline_dir, tiny_clip):
     tmp = tmp_path_factory.mktemp("guided")
-    pipe = save_tiny_pipeline(tmp / "pipe")
-    clip_cfg = write_tiny_clip_config(tmp)
-    save_tiny_clip(clip_cfg, tmp / "clip.safetensors")
+    pipe = tiny_pipeline_dir
     from safetensors.torch import save_file
 
-    save_file({"weight": torch.randn(1, 16), "bias": torch.zeros(1)}, str(tmp / "head.safetensors"))
+    head = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    save_file({"weight": head, "bias": torch.zeros(1)}, str(tmp / "head.safetensors"))
     import timm
 
     torch.manual_seed(0)
@@ -36,7 +33,7 @@ def world(tmp_path_factory):
     Image.new("RGBA", (20, 13), (255, 0, 0, 128)).save(refs / "a.png")
     Image.new("L", (9, 9), 40).save(refs / "b.png")
     Image.new("RGB", (16, 16), (0, 255, 0)).save(tmp / "source.png")
-    clip = {"model_config": str(clip_cfg), "pretrained": str(tmp / "clip.safetensors"), "num_cuts": 2}
+    clip = {"model_config": str(tiny_clip.config), "pretrained": str(tiny_clip.weights), "num_cuts": 2}
     kinds = {
         "clip_text": {"class_path": "doodl_lightning.guidance.CLIPTextGuidance",
                       "init_args": {**clip, "prompt": "a green star"}},
@@ -53,7 +50,7 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["clip_text", "clip_image", "aesthetic", "classifier", "symmetry"])
-def test_every_guidance_kind_runs_through_the_cli(world, kind):
+def test_every_guidance_kind_runs_through_the_cli(world, write_config, kind):
     tmp, pipe, kinds = world
     out = tmp / kind
     cfg = write_config(tmp / f"{kind}.yaml", pipe, out, steps=2, guidance=[kinds[kind]], grad_scale=2.0, clip_grad_val=0.05)
@@ -64,7 +61,7 @@ def test_every_guidance_kind_runs_through_the_cli(world, kind):
     assert cli.model.latents.grad is not None and cli.model.latents.grad.abs().sum() > 0
 
 
-def test_weighted_sum_of_two_guidances_logs_each_term(world):
+def test_weighted_sum_of_two_guidances_logs_each_term(world, write_config):
     tmp, pipe, kinds = world
     two = [kinds["symmetry"], {**kinds["clip_text"], "init_args": {**kinds["clip_text"]["init_args"], "weight": 0.5}}]
     cli = main(["fit", "--config", write_config(tmp / "two.yaml", pipe, tmp / "two", steps=1, guidance=two)])
@@ -72,7 +69,7 @@ def test_weighted_sum_of_two_guidances_logs_each_term(world):
     assert torch.allclose(ev.total, ev.terms["symmetry"] + 0.5 * ev.terms["clip_text"], atol=1e-6)
 
 
-def test_editing_inverts_the_source_and_regenerates_it(world):
+def test_editing_inverts_the_source_and_regenerates_it(world, write_config):
     """The inverted pair regenerates the (sampled) source latent; exactness vs the official code is in
     test_official_parity.py."""
     tmp, pipe, kinds = world
@@ -80,14 +77,14 @@ def test_editing_inverts_the_source_and_regenerates_it(world):
                        source_image=str(tmp / "source.png"), guidance=[kinds["symmetry"]])
     cli = main(["--config", cfg], run=False)
     m = cli.model
-    assert m.renormalize is False  # editing: renormalisation off, as the official code
+    assert m.start.renormalize is False  # editing: renormalisation off, as the official code
     m.setup("fit")
     m.double()  # what --trainer.precision 64-true does: float64 end to end for a tight check
     m.on_fit_start()
-    eps = m._denoiser([0, 1])
+    eps = m.denoiser([0, 1])
     x0, y0 = sample_edict(eps, m.latents[:, 0], m.latents[:, 1], m.schedule, m.hparams.mix_weight)
     assert m.latents.dtype == torch.float64
-    assert m.source_round_trip_error < 1e-9
+    assert m.start.round_trip_error < 1e-9
     assert (x0 - y0).norm() / y0.norm() < 1e-9  # both regenerate the same encoded source...
     assert not torch.allclose(x0[0], x0[1])  # ...a posterior sample drawn with each item's own seed
     assert not torch.allclose(m.latents[:, 0], m.latents[:, 1])  # the inverted pair is untied
@@ -97,7 +94,7 @@ def test_editing_inverts_the_source_and_regenerates_it(world):
     (dict(opt_t=2), "opt_t cannot be combined with source_image"),
     (dict(renormalize_latents=True), "renormalize_latents must be off"),
 ])
-def test_editing_refuses_what_the_official_code_refuses(world, bad, match):
+def test_editing_refuses_what_the_official_code_refuses(world, write_config, bad, match):
     tmp, pipe, kinds = world
     cfg = write_config(tmp / "editbad.yaml", pipe, tmp / "editbad", source_image=str(tmp / "source.png"),
                        guidance=[kinds["symmetry"]], **bad)
@@ -106,7 +103,7 @@ def test_editing_refuses_what_the_official_code_refuses(world, bad, match):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "edict"])
-def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, sampler):
+def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, write_config, sampler):
     tmp, pipe, kinds = world
     cfg = write_config(tmp / "optt.yaml", pipe, tmp / "optt", steps=1, opt_t=2, sampler=sampler,
                        guidance=[kinds["symmetry"]])
@@ -117,7 +114,7 @@ def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, sampler):
     m.on_fit_start()
     full = Schedule.from_scheduler(m.backbone.scheduler, 4)
     assert m.schedule.timesteps == full.timesteps[2:]
-    eps = m._denoiser(list(range(4)))
+    eps = m.denoiser(list(range(4)))
     if sampler == "ddim":
         expect = sample_ddim(eps, z_T, full.head(2))
         assert torch.allclose(m.latents[:, 0], expect, atol=1e-6)
@@ -130,18 +127,19 @@ def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, sampler):
 
 
 @pytest.mark.parametrize("one_step_baseline", [True, False])
-def test_guided_sampling_baselines_generate_without_optimising(world, one_step_baseline):
+def test_guided_sampling_baselines_generate_without_optimising(world, write_config, one_step_baseline):
     tmp, pipe, kinds = world
-    cfg = write_config(tmp / "os.yaml", pipe, tmp / "os", steps=1, latent_traversal=False,
-                       one_step_baseline=one_step_baseline, grad_scale=2.0, guidance=[kinds["symmetry"]])
-    cli = main(["--config", cfg], run=False)
-    m = cli.model
-    m.setup("fit")
-    m.on_fit_start()
-    guided = m.guided_images()
-    m.hparams.grad_scale = 1e-12
-    plain = m.guided_images()
+    cfg = write_config(tmp / "os.yaml", pipe, tmp / "os", steps=1, guidance=[kinds["symmetry"]])
+    m = main(["--config", cfg], run=False).model
+    with pytest.raises(RuntimeError, match="prepare"):
+        guided_sampling(m, grad_scale=2.0)
+    m.prepare("cpu")
+    before = m.latents.detach().clone()
+    estimate = "one_step" if one_step_baseline else "chain"
+    guided = guided_sampling(m, grad_scale=2.0, estimate=estimate)
+    plain = guided_sampling(m, grad_scale=0.0, estimate=estimate)
     assert guided.images.shape == plain.images.shape == (4, 3, 16, 16)
     assert (guided.total < plain.total).float().mean() >= 0.5
-    with pytest.raises(RuntimeError, match="guided_images"):
-        m.training_step(0, 0)
+    assert torch.equal(m.latents, before)  # nothing optimised
+    with pytest.raises(ValueError, match="one_step, chain"):
+        guided_sampling(m, grad_scale=2.0, estimate="two_step")

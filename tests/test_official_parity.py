@@ -15,10 +15,11 @@ import yaml
 from PIL import Image
 
 from cli import main
+from doodl_lightning.baselines import guided_sampling
 from doodl_lightning.data import step_generator
 from doodl_lightning.sampling import Schedule, sample_ddim, sample_edict
 from official_doodl import Official, OfficialScheduler, relative, symmetry_loss_fn
-from tiny import save_tiny_pipeline, sd_scheduler
+from doodl_lightning.testing.tiny import save_tiny_pipeline, sd_scheduler
 
 TOL = 1e-8
 CFG = 3.0
@@ -120,7 +121,7 @@ def test_edict_sampling_matches_official(world, steps):
             off = official_for(m, item)
             z = x_T(item, m)
             ref_pair = off.run(torch.cat([z, z]), off.scheduler.timesteps)
-            x, y = sample_edict(m._denoiser([j]), m.latents[j:j + 1, 0], m.latents[j:j + 1, 1], m.schedule, 0.93)
+            x, y = sample_edict(m.denoiser([j]), m.latents[j:j + 1, 0], m.latents[j:j + 1, 1], m.schedule, 0.93)
             assert relative(torch.cat([x, y]), ref_pair) < TOL
             assert relative(ev.images[j:j + 1], off.decode(ref_pair[:1])) < TOL
 
@@ -136,12 +137,11 @@ def test_ddim_sampling_matches_diffusers_scheduler_step(world, grid):
     sched.set_timesteps(10)
     assert [int(t) for t in sched.timesteps] == list(m.schedule.timesteps)
     # diffusers keeps abar in float32 (2e-8 off); the official numpy scheduler, and we, in float64
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    sched.alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sched.alphas_cumprod = OfficialScheduler(10).alphas_cumprod
     sched.final_alpha_cumprod = sched.alphas_cumprod[0]
     with torch.no_grad():
         ev = m.evaluate_items(backward=False)
-        eps = m._denoiser([0, 1])
+        eps = m.denoiser([0, 1])
         ref = m.latents[:, 0].clone()
         for t in sched.timesteps:
             ref = sched.step(eps(ref, int(t)), t, ref).prev_sample
@@ -159,7 +159,7 @@ def test_edict_inversion_for_editing_matches_official(world):
     s = min(w, h)
     im = im.crop(((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)).resize((16, 16))
     x = torch.tensor(list(im.getdata()), dtype=torch.float64).view(16, 16, 3).permute(2, 0, 1)[None] / 255.0 * 2.0 - 1.0
-    assert m.renormalize is False
+    assert m.start.renormalize is False
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
         with torch.no_grad():
@@ -168,7 +168,7 @@ def test_edict_inversion_for_editing_matches_official(world):
             init_latent = (post.mean + post.std * noise) * 0.18215
             ref = off.invert(init_latent)
         assert relative(m.latents[j].detach(), ref) < TOL
-    assert m.source_round_trip_error < 1e-9
+    assert m.start.round_trip_error < 1e-9
 
 
 # -- the DOODL update, through Trainer.fit ------------------------------------------------------------
@@ -234,9 +234,8 @@ def test_editing_doodl_updates_match_official(world):
 @pytest.mark.parametrize("one_step_baseline", [True, False])
 def test_guided_sampling_baselines_match_official(world, one_step_baseline):
     tmp, pipe = world
-    m = prepared(tmp, f"guided{one_step_baseline}", pipe, latent_traversal=False, one_step_baseline=one_step_baseline,
-                 grad_scale=30.0, steps=4 if one_step_baseline else 2)
-    ev = m.guided_images()
+    m = prepared(tmp, f"guided{one_step_baseline}", pipe, steps=4 if one_step_baseline else 2)
+    ev = guided_sampling(m, grad_scale=30.0, estimate="one_step" if one_step_baseline else "chain")
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
         ref = off.guided_sample(symmetry_loss_fn(30.0), x_T(item, m), one_step_baseline)

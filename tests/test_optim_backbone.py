@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from doodl_lightning.backbone import Backbone, ModelNotFoundError, precision_dtype
+from doodl_lightning.backbone import Backbone, ModelNotFoundError
+from doodl_lightning.precision import frozen_dtype
 from doodl_lightning.optim import DOODLOptimizer, masked_step
-from tiny import save_tiny_pipeline
+from doodl_lightning.testing.tiny import save_tiny_pipeline
 
 
 def test_doodl_update_against_the_rule_written_out():
@@ -115,6 +116,6 @@ def test_missing_models_fail_with_one_clear_line(tmp_path):
 
 
 def test_precision_names():
-    assert precision_dtype("bf16-mixed") == torch.bfloat16 and precision_dtype("16-true") == torch.float16
+    assert frozen_dtype("bf16-mixed") == torch.bfloat16 and frozen_dtype("16-true") == torch.float16
     with pytest.raises(ValueError, match="unknown precision"):
-        precision_dtype("8-bit")
+        frozen_dtype("8-bit")

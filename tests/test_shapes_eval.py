@@ -22,8 +22,7 @@ def build_tiny_world(root: Path) -> Path:
 
     from doodl_lightning.shapes import data as D
     from doodl_lightning.shapes.evaluator import ShapesEvaluatorNet
-    from tiny import save_tiny_pipeline
-    from tiny_clip import save_tiny_clip, write_tiny_clip_config
+    from doodl_lightning.testing.tiny import save_tiny_clip, save_tiny_pipeline, write_tiny_clip_config
 
     save_tiny_pipeline(root / "sd-shapes")
     (root / "shapes-clip").mkdir(parents=True)

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from doodl_lightning import shapes
+from doodl_lightning.shapes import ShapesWeights
 
-W = shapes.weights_dir()
+SW = ShapesWeights()
+W = SW.root
 
 
 def _need(path):
@@ -18,7 +19,7 @@ def test_sd_shapes_loads_like_stable_diffusion():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    d = shapes.sd_dir()
+    d = SW.sd
     _need(d / "model_index.json")
     pipe = StableDiffusionPipeline.from_pretrained(d)
     assert pipe.safety_checker is None
@@ -40,9 +41,9 @@ def test_sd_shapes_loads_like_stable_diffusion():
 def test_shapes_clip_loads_like_open_clip():
     import open_clip
 
-    _need(shapes.clip_checkpoint_path())
-    name = shapes.register_shapes_clip()
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(shapes.clip_checkpoint_path()))
+    _need(SW.clip_checkpoint)
+    name = SW.register_clip()
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(SW.clip_checkpoint))
     tok = open_clip.get_tokenizer(name)
     with torch.no_grad():
         t = model.encode_text(tok(["a red triangle"]))
@@ -54,12 +55,12 @@ def test_classifier_spec_and_weights():
     from safetensors.torch import load_file
     import timm
 
-    _need(shapes.classifier_dir() / "model.safetensors")
-    spec = shapes.classifier_spec()
+    _need(SW.classifier / "model.safetensors")
+    spec, labels = SW.classifier_config(), SW.classifier_labels()
     kind, name = spec["arch"].split(":", 1)
-    assert kind == "timm" and spec["labels"][0] == "circle" and len(spec["labels"]) == spec["num_classes"]
+    assert kind == "timm" and labels[0] == "circle" and len(labels) == spec["num_classes"]
     net = timm.create_model(name, pretrained=False, num_classes=spec["num_classes"])
-    net.load_state_dict({k: v.float() for k, v in load_file(spec["weights"]).items()})
+    net.load_state_dict({k: v.float() for k, v in load_file(SW.classifier_kwargs()["checkpoint"]).items()})
     with torch.no_grad():
         assert net(torch.zeros(1, 3, spec["input_size"], spec["input_size"])).shape == (1, spec["num_classes"])
 
@@ -67,19 +68,19 @@ def test_classifier_spec_and_weights():
 def test_aesthetic_head_is_laion_linear_format():
     from safetensors.torch import load_file
 
-    _need(shapes.aesthetic_head_path())
-    sd = load_file(str(shapes.aesthetic_head_path()))
+    _need(SW.aesthetic_head)
+    sd = load_file(str(SW.aesthetic_head))
     assert set(sd) == {"weight", "bias"} and sd["weight"].shape[0] == 1 and sd["bias"].shape == (1,)
-    if shapes.clip_config_path().exists():
-        cfg = json.loads(shapes.clip_config_path().read_text())
+    if SW.clip_config.exists():
+        cfg = json.loads(SW.clip_config.read_text())
         assert sd["weight"].shape[1] == cfg["embed_dim"]
 
 
 def test_evaluator_api():
     from doodl_lightning.shapes.data import make_batch
 
-    _need(shapes.evaluator_dir() / "model.safetensors")
-    ev = shapes.load_evaluator()
+    _need(SW.evaluator_dir / "model.safetensors")
+    ev = SW.evaluator()
     attrs, x, _ = make_batch(99, 4)
     out = ev(x)
     assert set(out) >= {"shape", "colour", "size", "position", "background", "quality"}

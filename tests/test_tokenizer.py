@@ -4,7 +4,7 @@ import pytest
 open_clip = pytest.importorskip("open_clip")
 from transformers import CLIPTokenizer
 
-from doodl_lightning.tokenizer import build_clip_tokenizer, build_small_clip_tokenizer
+from doodl_lightning.shapes.tokenizer import build_clip_tokenizer, build_small_clip_tokenizer
 
 STRINGS = [
     "a photo of a cat",

@@ -3,12 +3,13 @@ from .aesthetic import AestheticGuidance
 from .augment import Cutouts
 from .base import Guidance
 from .classifier import ClassifierGuidance
-from .clip import CLIPImageGuidance, CLIPTextGuidance, spherical_dist_loss
+from .clip import CLIPGuidance, CLIPImageGuidance, CLIPTextGuidance, spherical_dist_loss
 from .symmetry import SymmetryGuidance
 
 __all__ = [
     "Guidance",
     "Cutouts",
+    "CLIPGuidance",
     "CLIPTextGuidance",
     "CLIPImageGuidance",
     "AestheticGuidance",

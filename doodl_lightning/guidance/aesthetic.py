@@ -8,10 +8,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import Guidance
-from .clip import CLIPImageEncoder
-from .loading import load_into, load_open_clip, load_state_dict_file
-from ..dtypes import at_least_float32
+from .clip import CLIPGuidance
+from .loading import load_into, load_state_dict_file
+from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["AestheticGuidance", "load_aesthetic_head"]
 
@@ -64,30 +63,19 @@ def _head_in_features(head: nn.Module) -> int:
     return next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
 
 
-class AestheticGuidance(Guidance):
+class AestheticGuidance(CLIPGuidance):
     """Loss = -score (maximise), or |score - target| when ``target`` is set; score averaged over cutouts."""
 
     default_name = "aesthetic"
 
-    def __init__(
-        self,
-        model_name: str = "ViT-L-14",
-        pretrained: str | None = "openai",
-        model_config: str | None = None,
-        head: str | None = None,
-        target: float | None = None,
-        num_cuts: int = 16,
-        cut_power: float = 0.3,
-        weight: float = 1.0,
-        name: str | None = None,
-    ):
-        super().__init__(weight, name)
+    def __init__(self, model_name: str = "ViT-L-14", pretrained: str | None = "openai", model_config: str | None = None,
+                 head: str | None = None, target: float | None = None, num_cuts: int = 16, cut_power: float = 0.3,
+                 weight: float = 1.0, name: str | None = None):
         if not head:
             raise ValueError("AestheticGuidance needs head: a local LAION aesthetic predictor file (.pth/.safetensors)")
-        self.head = load_aesthetic_head(head)
-        model, _, self.model_name = load_open_clip(model_name, pretrained, model_config)
-        self.encoder = CLIPImageEncoder(model.visual, num_cuts, cut_power)  # image tower only
-        del model
+        head_module = load_aesthetic_head(head)  # checked before the (larger) CLIP model is loaded
+        super().__init__(model_name, pretrained, model_config, num_cuts, cut_power, weight, name)  # image tower only
+        self.head = head_module
         embed_dim = self.encoder.visual.output_dim
         if _head_in_features(self.head) != embed_dim:
             raise ValueError(
@@ -98,17 +86,12 @@ class AestheticGuidance(Guidance):
         self.freeze()
 
     def score(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
-        """Predicted aesthetic score per item (N,), averaged over cutouts."""
-        features = self.encoder(images, generators)  # unit-norm, as the LAION predictors were trained
-        weight = next(self.head.parameters())
-        return at_least_float32(self.head(features.to(weight.dtype))).squeeze(-1).mean(1)
+        """Predicted aesthetic score per item (N,), averaged over cutouts, at least float32."""
+        features = self.encoder(images, generators)  # unit-norm (as the LAION predictors were trained), >= float32
+        return at_least_float32(self.head(to_module_dtype(features, self.head))).squeeze(-1).mean(1)
 
-    def forward(
-        self,
-        images: Tensor,
-        prompts: Sequence[str] | None = None,
-        generators: Sequence[torch.Generator] | None = None,
-    ) -> Tensor:
+    def loss(self, images: Tensor, prompts: Sequence[str] | None,
+             generators: Sequence[torch.Generator] | None) -> Tensor:
         """Per-item loss (N,): -score, or |score - target|."""
         score = self.score(images, generators)
         return -score if self.target is None else (score - self.target).abs()

@@ -8,16 +8,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import default_generators
+from ..precision import at_least_float32
 
 __all__ = ["Cutouts", "resize", "normalize"]
 
 
 def resize(images: Tensor, size: int) -> Tensor:
-    """Differentiable resize to (size, size); antialiased when shrinking so small models see no aliasing."""
+    """Differentiable resize to (size, size); antialiased when shrinking so small models see no aliasing.
+
+    Half-precision images are resized in float32 and rounded once (CPU has no half antialiased kernel).
+    """
     if images.shape[-2:] == (size, size):
         return images
     shrink = images.shape[-1] > size or images.shape[-2] > size
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    out = F.interpolate(at_least_float32(images), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=shrink)
+    return out.to(images.dtype)
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -1,12 +1,17 @@
 """The guidance interface: a frozen differentiable objective, images in [-1, 1] -> per-item loss."""
 from __future__ import annotations
 
-from typing import Sequence
+from abc import ABCMeta, abstractmethod
+from typing import Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Guidance", "default_generators", "DEFAULT_SEED"]
+from .. import precision
+
+__all__ = ["Guidance", "default_generators", "per_prompt", "DEFAULT_SEED"]
+
+T = TypeVar("T")
 
 DEFAULT_SEED = 0
 
@@ -16,12 +21,30 @@ def default_generators(n: int, seed: int = DEFAULT_SEED) -> list[torch.Generator
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-class Guidance(nn.Module):
+def per_prompt(table: Mapping[str, T], prompts: Sequence[str] | None, n: int, owner: str, arg: str,
+               value: str = "...") -> list[T]:
+    """``table[prompt]`` for each of the ``n`` items' prompts: what a guidance argument given as a dict
+    prompt -> value means. One-line errors name the guidance, the prompt and the fix (``value`` describes an entry)."""
+    if prompts is None or len(prompts) != n:
+        got = "no" if prompts is None else len(prompts)
+        raise ValueError(f"{owner}: {arg} is given per prompt, so it needs one prompt per image "
+                         f"({n} images, {got} prompts)")
+    missing = next((p for p in prompts if p not in table), None)
+    if missing is not None:
+        known = ", ".join(map(repr, list(table)[:4])) + (", ..." if len(table) > 4 else "")
+        raise ValueError(f"{owner}: prompt {missing!r} is not in {arg} (whose prompts are {known}); "
+                         f"add {missing!r}: {value} to {arg}")
+    return [table[p] for p in prompts]
+
+
+class Guidance(nn.Module, metaclass=ABCMeta):
     """Base class: a frozen objective mapping images (N, 3, H, W) in [-1, 1] to a loss (N,), lower is better.
 
-    Subclasses load their models in ``__init__`` and call ``self.freeze()`` at its end. The frozen models
-    are left out of ``state_dict()`` (and not expected by ``load_state_dict``): they are inputs, loaded
-    from their own files, so they never go into the optimisation's checkpoints.
+    Subclasses load their models in ``__init__``, call ``self.freeze()`` at its end and implement ``loss``;
+    ``forward`` (called as ``g(images, prompts=..., generators=...)``) is the one place that handles precision:
+    the images are cast to the dtype the guidance's models compute in and the loss comes back at least float32.
+    The frozen models are left out of ``state_dict()`` (and not expected by ``load_state_dict``): they are
+    inputs, loaded from their own files, so they never go into the optimisation's checkpoints.
     """
 
     default_name = "guidance"
@@ -51,8 +74,21 @@ class Guidance(nn.Module):
         prompts: Sequence[str] | None = None,
         generators: Sequence[torch.Generator] | None = None,
     ) -> Tensor:
-        """images (N, 3, H, W) in [-1, 1], differentiable -> per-item loss (N,), lower is better."""
-        raise NotImplementedError
+        """images (N, 3, H, W) in [-1, 1], differentiable -> per-item loss (N,), lower is better.
+
+        ``prompts``: the items' diffusion prompts (used by text and per-prompt targets); ``generators``: one
+        CPU generator per item for the random cutouts (None: a fixed default seed per item). The images enter
+        ``loss`` in the dtype of the guidance's weights (unchanged for a guidance without weights); the loss
+        returned is at least float32 (float64 stays float64).
+        """
+        loss = self.loss(precision.to_module_dtype(images, self), prompts, generators)
+        return precision.at_least_float32(loss)
+
+    @abstractmethod
+    def loss(
+        self, images: Tensor, prompts: Sequence[str] | None, generators: Sequence[torch.Generator] | None
+    ) -> Tensor:
+        """The per-item loss (N,) of images already in the guidance's dtype; what subclasses implement."""
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight}"

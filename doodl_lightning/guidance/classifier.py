@@ -1,7 +1,8 @@
-"""Classifier guidance (the paper's fine-grained "vocabulary expansion"): cross-entropy toward one class."""
+"""Classifier guidance (the paper's fine-grained "vocabulary expansion"): cross-entropy toward a class."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Sequence
 
@@ -9,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from .augment import Cutouts, normalize
-from .base import Guidance
+from .base import Guidance, per_prompt
 from .loading import one_line, require_file, load_into, load_state_dict_file
-from ..dtypes import at_least_float32
+from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["ClassifierGuidance", "build_classifier", "read_labels", "resolve_target"]
 
@@ -89,34 +90,35 @@ def resolve_target(target: int | str, labels: list[str] | None, labels_path: str
 
 
 class ClassifierGuidance(Guidance):
-    """Cross-entropy of a frozen classifier's logits toward ``target``, averaged over cutouts."""
+    """Cross-entropy of a frozen classifier's logits toward a target class, averaged over cutouts.
+
+    ``target``: a class index or name (names need ``labels``), or a dict mapping each prompt to one, so
+    items with different targets share one batch. Attribute ``target``: the resolved index, or the dict
+    prompt -> index.
+    """
 
     default_name = "classifier"
 
-    def __init__(
-        self,
-        arch: str,
-        checkpoint: str | None,
-        target: int | str,
-        labels: str | None = None,
-        num_classes: int | None = None,
-        input_size: int = 224,
-        mean: list[float] = IMAGENET_MEAN,
-        std: list[float] = IMAGENET_STD,
-        num_cuts: int = 0,
-        cut_power: float = 0.3,
-        weight: float = 1.0,
-        name: str | None = None,
-    ):
+    def __init__(self, arch: str, checkpoint: str | None, target: int | str | dict[str, int | str],
+                 labels: str | None = None, num_classes: int | None = None, input_size: int = 224,
+                 mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD, num_cuts: int = 0,
+                 cut_power: float = 0.3, weight: float = 1.0, name: str | None = None):
         super().__init__(weight, name)
         self.labels = read_labels(labels) if labels is not None else None
         if self.labels is not None and num_classes is not None and len(self.labels) != num_classes:
             raise ValueError(f"labels file {labels} has {len(self.labels)} classes but num_classes={num_classes}")
         if num_classes is None and self.labels is not None and arch != "torchscript":
             num_classes = len(self.labels)  # the labels file says how many outputs the head has
-        self.target = resolve_target(target, self.labels, labels)
-        if self.target < 0 or (num_classes is not None and self.target >= num_classes):
-            raise ValueError(f"classifier target index {self.target} out of range for {num_classes} classes")
+        if isinstance(target, Mapping):
+            if not target:
+                raise ValueError("classifier target is an empty dict: map each prompt to a class index or name")
+            self.target: int | dict[str, int] = {
+                str(p): resolve_target(t, self.labels, labels) for p, t in target.items()}
+        else:
+            self.target = resolve_target(target, self.labels, labels)
+        for index in self.target.values() if isinstance(self.target, dict) else [self.target]:
+            if index < 0 or (num_classes is not None and index >= num_classes):
+                raise ValueError(f"classifier target index {index} out of range for {num_classes} classes")
         self.model = build_classifier(arch, checkpoint, num_classes)
         self.cutouts = Cutouts(input_size, num_cuts, cut_power)
         if len(mean) != 3 or len(std) != 3:
@@ -125,23 +127,25 @@ class ClassifierGuidance(Guidance):
         self.freeze()
 
     def logits(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
-        """Logits per cutout: (N, cuts_per_item, num_classes)."""
-        cuts = self.cutouts(images, generators)
-        x = normalize(cuts, self.mean, self.std)
-        param = next(iter(self.model.parameters()), None)
-        out = self.model(x if param is None else x.to(param.dtype))
+        """Logits per cutout, at least float32: (N, cuts_per_item, num_classes)."""
+        x = normalize(self.cutouts(images, generators), self.mean, self.std)
+        out = self.model(to_module_dtype(x, self.model))  # a no-op from forward; logits() is public too
         if isinstance(out, (tuple, list)):  # e.g. Inception's aux logits in some TorchScript exports
             out = out[0]
         return at_least_float32(out).view(images.shape[0], self.cutouts.cuts_per_item, -1)
 
-    def forward(
-        self,
-        images: Tensor,
-        prompts: Sequence[str] | None = None,
-        generators: Sequence[torch.Generator] | None = None,
-    ) -> Tensor:
-        """Per-item cross-entropy toward the target class, averaged over cutouts: (N,)."""
+    def target_indices(self, prompts: Sequence[str] | None, n: int) -> list[int]:
+        """The target class of each of ``n`` items (from its prompt when ``target`` is a dict)."""
+        if isinstance(self.target, dict):
+            return per_prompt(self.target, prompts, n, self.name, "target", "<class index or name>")
+        return [self.target] * n
+
+    def loss(self, images: Tensor, prompts: Sequence[str] | None,
+             generators: Sequence[torch.Generator] | None) -> Tensor:
+        """Per-item cross-entropy toward the item's target class, averaged over cutouts: (N,)."""
+        index = self.target_indices(prompts, images.shape[0])
         logits = self.logits(images, generators)
-        if self.target >= logits.shape[-1]:
-            raise ValueError(f"{self.name}: target {self.target} but the classifier has {logits.shape[-1]} outputs")
-        return -logits.log_softmax(-1)[..., self.target].mean(1)
+        if max(index) >= logits.shape[-1]:
+            raise ValueError(f"{self.name}: target {max(index)} but the classifier has {logits.shape[-1]} outputs")
+        index = torch.tensor(index, device=logits.device).view(-1, 1, 1).expand(-1, logits.shape[1], 1)
+        return -logits.log_softmax(-1).gather(-1, index).squeeze(-1).mean(1)

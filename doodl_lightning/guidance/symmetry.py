@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from .base import Guidance
-from ..dtypes import at_least_float32
 
 __all__ = ["SymmetryGuidance"]
 
@@ -21,11 +20,7 @@ class SymmetryGuidance(Guidance):
         super().__init__(weight, name)
         self.freeze()
 
-    def forward(
-        self,
-        images: Tensor,
-        prompts: Sequence[str] | None = None,
-        generators: Sequence[torch.Generator] | None = None,
-    ) -> Tensor:
-        """(N, 3, H, W) -> (N,) mirror MSE."""
-        return at_least_float32(images - images.flip(-1)).pow(2).mean(dim=(1, 2, 3))
+    def loss(self, images: Tensor, prompts: Sequence[str] | None,
+             generators: Sequence[torch.Generator] | None) -> Tensor:
+        """(N, 3, H, W) -> (N,) mirror MSE (no weights: computed in the images' own dtype)."""
+        return (images - images.flip(-1)).pow(2).mean(dim=(1, 2, 3))

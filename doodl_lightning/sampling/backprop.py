@@ -13,16 +13,16 @@ Gradients flow to the latents only; the denoiser's weights are frozen.
 from __future__ import annotations
 
 import warnings
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ..precision import autocast_state, restored_autocast
 from .ddim import ddim_step, sample_ddim
 from .edict import _order, check_mix_weight, edict_step, relative_error, sample_edict, unmix
+from .denoiser import Eps
 from .schedule import Schedule
 
-Eps = Callable[[Tensor, int], Tensor]
 SAMPLERS = ("ddim", "edict")
 BACKPROPS = ("autograd", "checkpoint", "reversible")
 
@@ -31,7 +31,9 @@ class ReversibleDriftWarning(UserWarning):
     """The exact inverse drifted (low precision or an ill-conditioned model); the gradient was recomputed."""
 
 
-def check_sampler(sampler: str, backprop: str) -> None:
+def check_sampler(sampler: str, backprop: str, first_image_only: bool = False) -> None:
+    if first_image_only and sampler != "edict":
+        raise ValueError("optimize_first_edict_image_only needs sampler 'edict' (DDIM makes one image)")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if backprop not in BACKPROPS:
@@ -52,17 +54,17 @@ def sample(
     mix_weight: float = 0.93,
     drift_tolerance: float = 1e-3,
     info: dict | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """Run ``sampler`` from x_T (and y_T for EDICT; default y_T = x_T) with a differentiable chain.
 
-    Returns x_0 for ``ddim`` and (x_0, y_0) for ``edict``. ``info`` (a dict) receives
-    ``reversible_drift`` and ``reversible_fallback`` once backward has run.
+    Returns the final latents as a tuple: (x_0,) for ``ddim``, (x_0, y_0) for ``edict``. ``info`` (a
+    dict) receives ``reversible_drift`` and ``reversible_fallback`` once backward has run.
     """
     check_sampler(sampler, backprop)
     if sampler == "ddim":
         if backprop == "autograd":
-            return cotangent_scaled(lambda x: sample_ddim(eps, x, schedule), x)
-        return _DDIMCheckpoint.apply(x, eps, schedule)
+            return (cotangent_scaled(lambda x: sample_ddim(eps, x, schedule), x),)
+        return (_DDIMCheckpoint.apply(x, eps, schedule),)
     p = check_mix_weight(mix_weight)
     y = x if y is None else y
     if backprop == "autograd":
@@ -73,10 +75,6 @@ def sample(
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-
-def _autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
-    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-
 
 def _power_of_two_scale(*grads: Tensor) -> Tensor:
     # The VJP is linear in its cotangent: bringing it to O(1) by a power of two (exact in any float
@@ -93,42 +91,31 @@ def _vjp(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tu
     return tuple(torch.zeros_like(i) if g is None else g * s.to(g.dtype) for g, i in zip(grads, inputs))
 
 
-class _ScaleCotangents(torch.autograd.Function):
-    """Identity on a sub-graph's outputs; backward divides their cotangents by one power of two s that
-    brings their max to O(1) (as _vjp does) and leaves s in ``box`` for _UnscaleAtInputs."""
+class _PowerOfTwoScale(torch.autograd.Function):
+    """Identity in forward. In backward, at a sub-graph's outputs (``outputs=True``): divide their
+    cotangents by one power of two s that brings their max to O(1) (as _vjp does) and leave s in ``box``;
+    at its inputs: multiply their gradients by that s again."""
 
     @staticmethod
-    def forward(ctx, box, *outs):
-        ctx.box = box
-        return tuple(o.clone() for o in outs)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        s = _power_of_two_scale(*grads)
-        ctx.box["s"] = s
-        return (None, *(g / s.to(g.dtype) for g in grads))
-
-
-class _UnscaleAtInputs(torch.autograd.Function):
-    """Identity on a sub-graph's inputs; backward multiplies their gradients by the s of its outputs."""
-
-    @staticmethod
-    def forward(ctx, box, *ins):
-        ctx.box = box
-        return tuple(i.clone() for i in ins)
+    def forward(ctx, box, outputs, *tensors):
+        ctx.box, ctx.outputs = box, outputs
+        return tuple(t.clone() for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
+        if ctx.outputs:
+            ctx.box["s"] = _power_of_two_scale(*grads)
+            return (None, None, *(g / ctx.box["s"].to(g.dtype) for g in grads))
         s = ctx.box.get("s")
-        return (None, *(g if s is None else g * s.to(g.dtype) for g in grads))
+        return (None, None, *(g if s is None else g * s.to(g.dtype) for g in grads))
 
 
 def cotangent_scaled(fn, *inputs):
     """fn(*inputs), its backward run on cotangents brought to O(1) by one power of two (exact in any float
     format) and undone at the inputs: half-precision VJPs inside fn do not underflow on tiny loss gradients."""
     box: dict = {}
-    out = fn(*_UnscaleAtInputs.apply(box, *inputs))
-    outs = _ScaleCotangents.apply(box, *(out if isinstance(out, tuple) else (out,)))
+    out = fn(*_PowerOfTwoScale.apply(box, False, *inputs))
+    outs = _PowerOfTwoScale.apply(box, True, *(out if isinstance(out, tuple) else (out,)))
     return outs if isinstance(out, tuple) else outs[0]
 
 
@@ -160,14 +147,13 @@ class _DDIMCheckpoint(torch.autograd.Function):
         for i in range(len(schedule)):
             xs.append(ddim_step(eps, xs[-1], schedule, i))
         ctx.save_for_backward(*xs[:-1])  # one latent per step: the whole memory cost
-        ctx.eps, ctx.schedule, ctx.autocast = eps, schedule, _autocast_state(x.device.type)
+        ctx.eps, ctx.schedule, ctx.autocast = eps, schedule, autocast_state(x.device.type)
         return xs[-1]
 
     @staticmethod
     def backward(ctx, g):
         xs = ctx.saved_tensors
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with restored_autocast(ctx.autocast):
             for i in reversed(range(len(ctx.schedule))):
                 xi = xs[i].detach().requires_grad_()
                 with torch.enable_grad():
@@ -182,14 +168,13 @@ class _EDICTCheckpoint(torch.autograd.Function):
         xs, ys = _edict_trajectory(eps, schedule, p, x, y)
         n = len(schedule)
         ctx.save_for_backward(*xs[:n], *ys[:n])
-        ctx.eps, ctx.schedule, ctx.p, ctx.autocast = eps, schedule, p, _autocast_state(x.device.type)
+        ctx.eps, ctx.schedule, ctx.p, ctx.autocast = eps, schedule, p, autocast_state(x.device.type)
         return xs[-1], ys[-1]
 
     @staticmethod
     def backward(ctx, gx, gy):
         saved, n = ctx.saved_tensors, len(ctx.schedule)
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with restored_autocast(ctx.autocast):
             gx, gy = _edict_checkpoint_backward(ctx.eps, ctx.schedule, ctx.p, saved[:n], saved[n:], gx, gy)
         return gx, gy, None, None, None
 
@@ -201,15 +186,14 @@ class _EDICTReversible(torch.autograd.Function):
         # the true x_T is kept only to measure the drift of the rebuilt one: constant in steps
         ctx.save_for_backward(x, y, x0, y0)
         ctx.eps, ctx.schedule, ctx.p = eps, schedule, p
-        ctx.tol, ctx.info, ctx.autocast = drift_tolerance, info, _autocast_state(x.device.type)
+        ctx.tol, ctx.info, ctx.autocast = drift_tolerance, info, autocast_state(x.device.type)
         return x0, y0
 
     @staticmethod
     def backward(ctx, gx, gy):
         x_T, y_T, x, y = ctx.saved_tensors
         eps, schedule, p = ctx.eps, ctx.schedule, ctx.p
-        device_type, enabled, dtype = ctx.autocast
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        with restored_autocast(ctx.autocast):
             gx0, gy0 = gx, gy
             for i in reversed(range(len(schedule))):
                 x, y, gx, gy = _edict_reversible_step_backward(eps, schedule, i, p, x, y, gx, gy)

@@ -1,13 +1,11 @@
 """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0)."""
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import Tensor
 
+from .denoiser import Eps
 from .schedule import Schedule
 
-Eps = Callable[[Tensor, int], Tensor]
 
 
 def ddim_step(eps: Eps, x: Tensor, schedule: Schedule, i: int) -> Tensor:

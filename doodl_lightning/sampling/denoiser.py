@@ -1,8 +1,19 @@
 """eps(x_t, t) of a diffusers UNet, classifier-free guidance batched into one call."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+
+from ..precision import module_dtype
+
+Eps = Callable[[Tensor, int], Tensor]  # eps(x_t, t): what every sampler calls; a Denoiser is one
+
+
+def check_guidance_scale(guidance_scale: float) -> None:
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (1 = conditional only, 0 = unconditional only), got {guidance_scale}")
 
 
 class Denoiser:
@@ -24,8 +35,7 @@ class Denoiser:
         prediction_type: str = "epsilon",
         alphas_cumprod: Tensor | None = None,
     ):
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 = conditional only, 0 = unconditional only), got {guidance_scale}")
+        check_guidance_scale(guidance_scale)
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be one of 'epsilon', 'v_prediction', got {prediction_type!r}")
         if prediction_type == "v_prediction" and alphas_cumprod is None:
@@ -37,7 +47,7 @@ class Denoiser:
         self.guidance_scale = float(guidance_scale)
         self.prediction_type = prediction_type
         self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.double().cpu()
-        self.dtype = next(unet.parameters()).dtype
+        self.dtype = module_dtype(unet, torch.float32)
         self.calls = 0  # UNet calls, for honest compute accounting in benchmarks
         self._timesteps: dict = {}
 

@@ -1,14 +1,14 @@
 """EDICT: exactly invertible coupled DDIM (Wallace, Gokul & Naik 2023, arXiv 2211.12446)."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .denoiser import Eps
 from .schedule import Schedule
 
-Eps = Callable[[Tensor, int], Tensor]
 
 
 def check_mix_weight(mix_weight: float) -> float:

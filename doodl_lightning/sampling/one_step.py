@@ -12,9 +12,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .denoiser import Eps
 from .schedule import Schedule
 
-Eps = Callable[[Tensor, int], Tensor]
 GradFn = Callable[[Tensor, int], Tensor]  # (x_t, t) -> d(grad_scale * loss)/dx_t
 
 

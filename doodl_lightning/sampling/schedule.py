@@ -31,6 +31,14 @@ def _alphas_cumprod64(ddim) -> "torch.Tensor":
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+def check_steps(steps: int, grid: str) -> None:
+    """One-line errors for a chain's ``steps`` and ``timestep_grid``, before any model is loaded."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown timestep_grid {grid!r}; choose one of {', '.join(GRIDS)}")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Timesteps t_0 > t_1 > ... of a deterministic DDIM chain with abar at each step and the next.
@@ -61,10 +69,7 @@ class Schedule:
         to abar_0 (``set_alpha_to_one=False``), so it is the identity. 10 steps: 900, 800, ..., 0.
         ``grid="model"``: the model's own scheduler config (SD-1.x: ``steps_offset`` 1, 901, ..., 1).
         """
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-        if grid not in GRIDS:
-            raise ValueError(f"unknown timestep grid {grid!r}; choose one of {', '.join(GRIDS)}")
+        check_steps(steps, grid)
         from diffusers import DDIMScheduler  # the sampling math is ours; diffusers only gives the grid
 
         ddim = DDIMScheduler.from_config(scheduler.config)

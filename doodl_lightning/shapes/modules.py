@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..testing.architectures import SD1_SCHEDULER_CONFIG
 from . import data as D
 
 __all__ = ["ShapesModule", "VAEModule", "DiffusionModule", "ClipModule", "AestheticModule", "ClassifierModule",
@@ -30,9 +31,8 @@ __all__ = ["ShapesModule", "VAEModule", "DiffusionModule", "ClipModule", "Aesthe
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-# Stable Diffusion 1.x's noise schedule
-SD_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+# Stable Diffusion 1.x's noise schedule, predicting the noise
+SD_SCHEDULER_CONFIG = dict(SD1_SCHEDULER_CONFIG, prediction_type="epsilon")
 QUALITY_MARK = "<!-- quality -->"
 
 
@@ -211,7 +211,7 @@ class DiffusionModule(ShapesModule):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from ..tokenizer import build_small_clip_tokenizer
+        from .tokenizer import build_small_clip_tokenizer
 
         self.tokenizer = build_small_clip_tokenizer(D.VOCABULARY, model_max_length=max_length)
         tok = self.tokenizer
@@ -291,7 +291,7 @@ class DiffusionModule(ShapesModule):
         te_cfg["dtype"] = te_cfg["torch_dtype"] = "float32"
         te_cfg_path.write_text(json.dumps(te_cfg, indent=2))
         # tokenizer.json (written above) plus vocab.json / merges.txt for transformers' slow tokenizer
-        from ..tokenizer import build_small_clip_tokenizer
+        from .tokenizer import build_small_clip_tokenizer
 
         build_small_clip_tokenizer(D.VOCABULARY, save_dir=out / "tokenizer", model_max_length=self.hparams.max_length)
         n_unet = sum(p.numel() for p in self.unet.parameters())
@@ -608,4 +608,4 @@ class EvaluatorModule(ShapesModule):
         write_card(out, "shapes independent evaluator (measurement only)",
                    "VGG-style CNN predicting shape (6 fine classes), colour, size, position, background and the "
                    "quality score of single-shape 32x32 images. Never used for guidance. "
-                   "`doodl_lightning.shapes.load_evaluator()`.", info)
+                   "`doodl_lightning.shapes.ShapesWeights().evaluator()`.", info)

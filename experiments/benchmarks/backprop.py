@@ -3,8 +3,9 @@
 
 One *iteration* is exactly what the LightningModule runs per optimisation step:
 ``doodl_lightning.objective.evaluate`` = sample the chain from the initial latents, VAE-decode the
-final latent(s) (the EDICT pair one at a time), a loss on the image (here horizontal-symmetry MSE, so no
-guidance model is needed), and the backward pass into the latents.
+final latent(s) (the EDICT pair one at a time), a loss on the image (here ``SymmetryGuidance``, the
+horizontal-symmetry MSE, so no guidance model is needed), and the backward pass into the latents. The model
+is a ``doodl_lightning.backbone.Backbone``: random-weight architectures (``--sd-config``) or ``--pretrained``.
 
     python experiments/benchmarks/backprop.py --steps 5 10 20 --json out.json       # tiny model, CPU
     python experiments/benchmarks/backprop.py --sd-config sd15 --device cuda --dtype float16 \\
@@ -31,7 +32,6 @@ import argparse
 import gc
 import itertools
 import json
-import math
 import os
 import resource
 import statistics
@@ -43,15 +43,21 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 
-from doodl_lightning import architectures  # noqa: E402
-from doodl_lightning.objective import decode_latents, evaluate  # noqa: E402
-from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, Schedule  # noqa: E402
+from doodl_lightning.backbone import Backbone, PretrainedBackbone  # noqa: E402
 from doodl_lightning.cuda_graphs import GraphedUNet  # noqa: E402
+from doodl_lightning.data import Item, initial_noise, step_generator  # noqa: E402
+from doodl_lightning.guidance import SymmetryGuidance  # noqa: E402
+from doodl_lightning.objective import evaluate, weighted_guidance  # noqa: E402
+from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, Schedule, relative_error  # noqa: E402
+from doodl_lightning.testing import architectures  # noqa: E402
+
+from common import fmt, machine_description, random_embeddings, text_table  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ACCELS = ("eager", "graphs", "compile")
@@ -66,16 +72,11 @@ RECORD_KEYS = (
 )
 
 
-def symmetry_loss(images: torch.Tensor):
-    """Horizontal-symmetry MSE per item: a differentiable loss on the decoded image, no extra model."""
-    loss = (images - images.flip(-1)).float().pow(2).mean(dim=(1, 2, 3))
-    return loss, {"symmetry": loss}
-
-
 # -- the model under test --------------------------------------------------------------------------------
 
 class Model:
-    """Frozen UNet + VAE + scheduler + conditioning on one device; dtype and speed options switch per job.
+    """A frozen ``Backbone`` (UNet + VAE + scheduler) and its conditioning on one device; dtype and speed
+    options switch per job.
 
     Weights are created (or loaded) in float32 once; switching dtype reloads them from a float32 master
     copy kept on the CPU, so every dtype and the float32 reference see the same weights.
@@ -90,28 +91,20 @@ class Model:
         t0 = time.perf_counter()
         if args.pretrained:
             self.name = args.pretrained
-            unet, vae, text_encoder, tokenizer, scheduler = _load_pretrained(args.pretrained, self.device)
-            ids = lambda text: tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,  # noqa: E731
-                                         truncation=True, return_tensors="pt").input_ids
-            cond_ids, uncond_ids = ids(args.prompt), ids("")
-            with torch.no_grad():
-                self.cond = text_encoder(cond_ids.to(self.device)).last_hidden_state.float()
-                self.uncond = text_encoder(uncond_ids.to(self.device)).last_hidden_state.float()
-            del text_encoder  # only the two embeddings stay: its weights must not count in any record's peak
+            self.backbone = PretrainedBackbone(args.pretrained).to(self.device)
+            cond, uncond = (self.backbone.encode_prompts([text]).float() for text in (args.prompt, ""))
+            # only the two embeddings stay: the text encoder's weights must not count in any record's peak
+            self.backbone.text_encoder = None
         else:
             # random weights: a random text encoder would only turn random ids into random embeddings, so draw
-            # the (layer-normed, unit-scale) embeddings directly: no transformers import, no 0.5 GB on the GPU
+            # the (unit-scale) embeddings directly: no transformers import, no 0.5 GB on the GPU
             self.name = f"{args.sd_config} (random weights)"
             parts = architectures.build_components(args.sd_config, device=self.device, dtype=torch.float32, seed=args.seed,
                                                    parts=("unet", "vae", "scheduler"))
-            unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
-            gen = torch.Generator().manual_seed(args.seed + 123)
-            shape = (1, 77, unet.config.cross_attention_dim)
-            self.cond, self.uncond = (torch.randn(shape, generator=gen).to(self.device) for _ in range(2))
-        self.unet, self.vae, self.scheduler = unet, vae, scheduler
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        self.latent_channels = unet.config.in_channels
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            self.backbone = Backbone(parts["unet"], parts["vae"], None, None, parts["scheduler"])
+            cond, uncond = random_embeddings(self.backbone.unet.config.cross_attention_dim, args.seed)
+        self.cond, self.uncond = cond.to(self.device), uncond.to(self.device)
+        self.unet, self.vae, self.scheduler = self.backbone.unet, self.backbone.vae, self.backbone.scheduler
         self.dtype, self.channels_last, self.master = torch.float32, False, None
         self.graphed: GraphedUNet | None = None
         self.graphs_error: str | None = None  # set once capture failed: later graphs jobs run eager
@@ -131,9 +124,9 @@ class Model:
             self.dtype, self.graphed, self.compiled = dtype, None, None
             _free(self.device)
         if channels_last != self.channels_last:
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            self.unet.to(memory_format=fmt)
-            self.vae.to(memory_format=fmt)
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            self.unet.to(memory_format=memory_format)
+            self.vae.to(memory_format=memory_format)
             self.channels_last, self.graphed, self.compiled = channels_last, None, None
         if vae_checkpointing:
             self.vae.enable_gradient_checkpointing()
@@ -141,13 +134,12 @@ class Model:
             self.vae.disable_gradient_checkpointing()
 
     def denoiser(self, accel: str, guidance_scale: float) -> Denoiser:
-        unet = self.unet
+        """The backbone's CFG denoiser, its UNet swapped for the compiled or graphed one."""
+        den = self.backbone.denoiser(self.cond, self.uncond, guidance_scale)
         if accel == "compile":
             if self.compiled is None:
                 self.compiled = torch.compile(self.unet, mode=self.args.compile_mode, dynamic=False)
-            unet = self.compiled
-        den = Denoiser(unet, cond=self.cond, uncond=self.uncond, guidance_scale=guidance_scale,
-                       prediction_type=self.prediction_type, alphas_cumprod=self.scheduler.alphas_cumprod)
+            den.unet = self.compiled
         if accel == "graphs":
             if self.device.type != "cuda":
                 raise RuntimeError("CUDA graphs need --device cuda")
@@ -159,33 +151,19 @@ class Model:
             _free(self.device)
         return den
 
+    def items(self, batch: int) -> list[Item]:
+        """Item i has seed ``--seed`` + i: the same item (latents, generators) whatever the batch."""
+        return [Item(i, self.args.prompt, self.args.seed + i) for i in range(batch)]
+
     def latents(self, batch: int, resolution: int) -> torch.Tensor:
-        if resolution % self.vae_factor:
-            raise ValueError(f"resolution {resolution} is not a multiple of the VAE scale factor {self.vae_factor}")
-        side = resolution // self.vae_factor
-        z = [torch.randn((1, self.latent_channels, side, side), generator=torch.Generator().manual_seed(self.args.seed + i))
-             for i in range(batch)]  # one generator per item: the same item whatever the batch
-        return torch.cat(z).to(self.device)
+        shape = self.backbone.latent_shape(resolution)
+        return torch.stack([initial_noise(item, shape) for item in self.items(batch)]).to(self.device)
 
-
-def _load_pretrained(source: str, device):
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    def load(cls, sub, **kw):
-        try:
-            return cls.from_pretrained(source, subfolder=sub, local_files_only=True, **kw)
-        except Exception:
-            if os.environ.get("HF_HUB_OFFLINE") == "1":
-                raise
-            return cls.from_pretrained(source, subfolder=sub, **kw)
-
-    unet = load(UNet2DConditionModel, "unet", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
-    vae = load(AutoencoderKL, "vae", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
-    text = load(CLIPTextModel, "text_encoder", torch_dtype=torch.float32).to(device).eval().requires_grad_(False)
-    tokenizer = load(CLIPTokenizer, "tokenizer")
-    scheduler = load(DDIMScheduler, "scheduler")
-    return unet, vae, text, tokenizer, scheduler
+    def loss_fn(self, batch: int):
+        """The objective of every record: horizontal symmetry of the decoded image (no guidance model)."""
+        items = self.items(batch)
+        return weighted_guidance([SymmetryGuidance()], [it.prompt for it in items],
+                                 [step_generator(it, 0, stream=1) for it in items])
 
 
 def _free(device) -> None:
@@ -260,22 +238,24 @@ def _prepare(model: Model, job: dict, args):
         torch.cuda.reset_peak_memory_stats(device)
     rec["setup_seconds"] = time.perf_counter() - t_setup
 
+    loss_fn = model.loss_fn(job["batch"])
+
     def iteration(counter: _SavedBytes | None = None):
         z = z0.clone().requires_grad_()
-        decode = lambda lat: decode_latents(model.vae, lat)  # noqa: E731
+        decode = model.backbone.decode
         if counter is not None:
             def decode(lat, _counter=counter):
                 _counter.active = False  # the chain's forward is over
-                return decode_latents(model.vae, lat)
+                return model.backbone.decode(lat)
         calls0 = den.calls
         _sync(device)
         t0 = time.perf_counter()
         if counter is not None:
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-                ev = evaluate(den, z, schedule, decode, symmetry_loss, sampler=job["sampler"], backprop=job["backprop"],
+                ev = evaluate(den, z, schedule, decode, loss_fn, sampler=job["sampler"], backprop=job["backprop"],
                               mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"])
         else:
-            ev = evaluate(den, z, schedule, decode, symmetry_loss, sampler=job["sampler"], backprop=job["backprop"],
+            ev = evaluate(den, z, schedule, decode, loss_fn, sampler=job["sampler"], backprop=job["backprop"],
                           mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"])
         _sync(device)
         return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
@@ -479,10 +459,6 @@ def _setup_torch(args) -> None:
         torch.backends.cudnn.allow_tf32 = bool(args.tf32)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
-
-
 def attach_errors(records: list[dict], grads: list) -> None:
     def find(pred):
         for r, g in zip(records, grads):
@@ -499,7 +475,7 @@ def attach_errors(records: list[dict], grads: list) -> None:
         if ref is None:
             ref = find(lambda o: o["role"] == "timed" and o["backprop"] == "autograd" and same(o, r) and o["dtype"] == r["dtype"])
         if ref is not None:
-            r["grad_rel_error_vs_autograd"] = _rel(g, ref)
+            r["grad_rel_error_vs_autograd"] = relative_error(g, ref)
         base = [o for o in records if o["status"] == "ok" and o["role"] == "timed" and o["backprop"] == "autograd"
                 and same(o, r) and o["dtype"] == r["dtype"] and o["accel"] == r["accel"]]
         if base:
@@ -508,23 +484,7 @@ def attach_errors(records: list[dict], grads: list) -> None:
         if ref32 is None and r["dtype"] != "float32":
             ref32 = find(lambda o: o["dtype"] == "float32" and o["backprop"] in ("checkpoint", "autograd") and same(o, r))
         if ref32 is not None and r["dtype"] != "float32":
-            r["grad_rel_error_vs_fp32"] = _rel(g, ref32)
-
-
-def _fmt(v, kind):
-    if v is None:
-        return "-"
-    if kind == "s":
-        return f"{v:.3f}"
-    if kind == "MiB":
-        return f"{v / 2**20:.1f}"
-    if kind == "KiB":
-        return f"{v / 2**10:.1f}"
-    if kind == "e":
-        return f"{v:.2e}"
-    if kind == "x":
-        return f"{v:.2f}"
-    return str(v)
+            r["grad_rel_error_vs_fp32"] = relative_error(g, ref32)
 
 
 def table(records: list[dict]) -> str:
@@ -534,17 +494,15 @@ def table(records: list[dict]) -> str:
             ("saved KiB", "saved_bytes", "KiB"), ("unet", "unet_calls", None),
             ("err vs autograd", "grad_rel_error_vs_autograd", "e"), ("err vs fp32", "grad_rel_error_vs_fp32", "e"),
             ("drift", "reversible_drift", "e"), ("status", "status", None)]
-    rows = [[h for h, _, _ in cols]]
-    for r in records:
-        row = [_fmt(r.get(k), kind) for _, k, kind in cols]
+
+    def edit(r, row):
         if r.get("role") == "reference":
             row[1] += "(ref)"
         if r.get("vae_checkpointing") or r.get("channels_last"):
             row[5] += "+" + "+".join(s for s, on in (("vaeckpt", r.get("vae_checkpointing")), ("cl", r.get("channels_last"))) if on)
         row[-1] = row[-1][:60]
-        rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+    return text_table(cols, records, edit)
 
 
 OFFICIAL = {"seconds_per_iteration": 31.91, "peak_memory_bytes": 15.24 * 2**30, "steps": 50}  # ANCHORS.md, H200
@@ -564,8 +522,8 @@ def summarize(paths: list[str]) -> str:
         speed = "-" if spi is None else f"{r['batch'] / spi * OFFICIAL['seconds_per_iteration'] * r['steps'] / OFFICIAL['steps']:.1f}"
         accel = r["accel"] + ("+cl" if r["channels_last"] else "") + ("" if r["vae_checkpointing"] else "-novaeckpt")
         lines.append(f"{r['sampler'] + '/' + r['backprop']:22} {r['steps']:>5} {r['batch']:>2} {r['dtype']:>8} {accel:>13} "
-                     f"{_fmt(spi, 's'):>7} {speed:>19} {gib(r['peak_memory_bytes']):>8} {gib(r.get('peak_reserved_bytes')):>7} "
-                     f"{_fmt(r['grad_rel_error_vs_fp32'], 'e'):>8} {_fmt(r['reversible_drift'], 'e'):>8}  {r['status'][:50]}")
+                     f"{fmt(spi, 's'):>7} {speed:>19} {gib(r['peak_memory_bytes']):>8} {gib(r.get('peak_reserved_bytes')):>7} "
+                     f"{fmt(r['grad_rel_error_vs_fp32'], 'e'):>8} {fmt(r['reversible_drift'], 'e'):>8}  {r['status'][:50]}")
 
     def best(pred):
         c = [r for r in ok if pred(r)]
@@ -677,8 +635,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     jobs = make_jobs(args)
     isolate = args.isolate == "subprocess" or (args.isolate == "auto" and torch.device(args.device).type == "cpu")
-    print(f"# {len(jobs)} records on {args.device} ({torch.cuda.get_device_name() if torch.device(args.device).type == 'cuda' else f'{os.cpu_count()} CPU cores'}), "
-          f"torch {torch.__version__}, model {args.pretrained or args.sd_config}, "
+    print(f"# {len(jobs)} records on {args.device}: {machine_description(args.device)}; model {args.pretrained or args.sd_config}, "
           f"{'one subprocess per record' if isolate else 'in-process'}", flush=True)
     model = None
     if not isolate:
@@ -708,7 +665,7 @@ def main(argv=None) -> list[dict]:
                 grads.append(grad)
             attach_errors(records, grads)
             print(f"[{time.perf_counter() - start:6.1f}s] interleaved {group[0]['sampler']} steps={group[0]['steps']} "
-                  + ", ".join(f"{r['backprop']} {_fmt(r['seconds_per_iteration'], 's')} s" for r, _ in pairs), flush=True)
+                  + ", ".join(f"{r['backprop']} {fmt(r['seconds_per_iteration'], 's')} s" for r, _ in pairs), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps(records, indent=1))
         jobs = []
@@ -739,7 +696,7 @@ def main(argv=None) -> list[dict]:
         attach_errors(records, grads)
         print(f"[{time.perf_counter() - start:6.1f}s] {job['sampler']}/{job['backprop']} steps={job['steps']} batch={job['batch']} "
               f"{job['dtype']} {job['accel']} ({job['role']}): {rec['status']} "
-              f"{_fmt(rec['seconds_per_iteration'], 's')} s/iter, peak {_fmt(rec['peak_memory_bytes'], 'MiB')} MiB", flush=True)
+              f"{fmt(rec['seconds_per_iteration'], 's')} s/iter, peak {fmt(rec['peak_memory_bytes'], 'MiB')} MiB", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(records, indent=1))
     print(table(records), flush=True)

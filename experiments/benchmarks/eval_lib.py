@@ -1,5 +1,6 @@
-"""Helpers of the shapes-world evaluation (``shapes_eval.py``): per-item guidance targets, UNet call
-counting, bootstrap intervals, and PIL drawing (bar charts, example grids) -- no matplotlib needed."""
+"""Helpers of the shapes-world evaluation (``shapes_eval.py``): UNet call counting, bootstrap intervals, and
+PIL drawing (bar charts, example grids) -- no matplotlib needed. (Per-prompt guidance targets are in the core:
+``ClassifierGuidance(target={prompt: class})``, ``CLIPImageGuidance(references={prompt: images})``.)"""
 from __future__ import annotations
 
 import math
@@ -10,64 +11,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from doodl_lightning.guidance.augment import normalize, resize
-from doodl_lightning.guidance.base import Guidance
-from doodl_lightning.guidance.classifier import ClassifierGuidance
-from doodl_lightning.guidance.clip import CLIPImageGuidance, spherical_dist_loss
+from doodl_lightning.io import to_pil
 
-__all__ = ["PerPromptClassifierGuidance", "PerPromptCLIPImageGuidance", "UNetCounter", "bootstrap_ci",
-           "per_seed_means", "to_pil", "draw_grid", "draw_bars"]
-
-
-# ------------------------------------------------------------------------------------------------ guidance
-class PerPromptClassifierGuidance(ClassifierGuidance):
-    """The framework's ClassifierGuidance (same loss: cross-entropy toward a class, averaged over cutouts),
-    with the target class chosen per item from its prompt, so items with different targets share one
-    batch (one sampler chain for all of them)."""
-
-    default_name = "classifier"
-
-    def __init__(self, targets: dict[str, int], **kwargs):
-        super().__init__(target=next(iter(targets.values())), **kwargs)
-        self.targets = {str(p): int(t) for p, t in targets.items()}
-
-    def forward(self, images: Tensor, prompts: Sequence[str] | None = None,
-                generators: Sequence[torch.Generator] | None = None) -> Tensor:
-        if prompts is None:
-            raise ValueError("PerPromptClassifierGuidance needs the items' prompts")
-        logits = self.logits(images, generators).log_softmax(-1)
-        idx = torch.tensor([self.targets[p] for p in prompts], device=logits.device)
-        return -logits.gather(-1, idx.view(-1, 1, 1).expand(-1, logits.shape[1], 1)).squeeze(-1).mean(1)
-
-
-class PerPromptCLIPImageGuidance(Guidance):
-    """The framework's CLIPImageGuidance (spherical distance to the normalised mean embedding of reference
-    images), one reference set per prompt. Each set's target is computed by ``CLIPImageGuidance`` itself."""
-
-    default_name = "clip_image"
-
-    def __init__(self, reference_sets: dict[str, list[str]], model_name: str = "ViT-B-32", pretrained: str | None = None,
-                 model_config: str | None = None, num_cuts: int = 0, cut_power: float = 0.3, weight: float = 1.0,
-                 name: str | None = None):
-        super().__init__(weight, name)
-        guides = [CLIPImageGuidance(model_name, pretrained, model_config, references=list(refs), num_cuts=num_cuts,
-                                    cut_power=cut_power) for refs in reference_sets.values()]
-        self.encoder = guides[0].encoder
-        self.register_buffer("targets", torch.stack([g.target for g in guides]), persistent=False)
-        self.index = {p: i for i, p in enumerate(reference_sets)}
-        self.freeze()
-
-    def embed_images(self, images: Tensor) -> Tensor:
-        """Unit embeddings of whole images (N, D)."""
-        return self.encoder.embed(normalize(resize(images, self.encoder.input_size), self.encoder.mean, self.encoder.std))
-
-    def forward(self, images: Tensor, prompts: Sequence[str] | None = None,
-                generators: Sequence[torch.Generator] | None = None) -> Tensor:
-        if prompts is None:
-            raise ValueError("PerPromptCLIPImageGuidance needs the items' prompts")
-        image = self.encoder(images, generators)
-        target = self.targets[[self.index[p] for p in prompts]].float()
-        return spherical_dist_loss(image, target[:, None]).mean(1)
+__all__ = ["UNetCounter", "bootstrap_ci", "per_seed_means", "draw_grid", "draw_bars"]
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -126,15 +72,6 @@ def bootstrap_ci(per_seed: Sequence[float], n_boot: int = 10000, seed: int = 0, 
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def to_pil(image: Tensor, scale: int = 1):
-    """One image (3, H, W) in [-1, 1] -> PIL RGB (nearest-neighbour upscaled by ``scale``)."""
-    from PIL import Image
-
-    x = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).contiguous()
-    im = Image.frombytes("RGB", (x.shape[1], x.shape[0]), bytes(x.flatten().tolist()))
-    return im.resize((im.width * scale, im.height * scale), Image.NEAREST) if scale != 1 else im
-
-
 def _font(size: int):
     from PIL import ImageFont
 
@@ -170,8 +107,7 @@ def draw_grid(rows: list[dict], col_labels: list[str], path: str | Path, title: 
         for j in range(min(ncol, len(imgs))):
             x = left + j * (cell + pad)
             inner = cell - 6
-            scale = max(1, inner // imgs[j].shape[-1])
-            im = to_pil(imgs[j], scale).resize((inner, inner), Image.NEAREST)
+            im = to_pil(imgs[j]).resize((inner, inner), Image.NEAREST)
             ok = row.get("ok", [None] * len(imgs))[j]
             colour = (200, 200, 200) if ok is None else ((30, 160, 60) if ok else (210, 40, 40))
             d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=colour)

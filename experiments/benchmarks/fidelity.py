@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,23 +20,29 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from doodl_lightning.backbone import Backbone  # noqa: E402
 from doodl_lightning.data import Item, initial_noise  # noqa: E402
 from doodl_lightning.module import default_model  # noqa: E402
-from doodl_lightning.sampling import Schedule, mix, relative_error, sample_ddim, sample_edict  # noqa: E402
+from doodl_lightning.sampling import Schedule, edict_step, relative_error, sample_ddim, sample_edict  # noqa: E402
+
+from common import machine_description  # noqa: E402
 
 
-def edict_step_mixing_in_frame(eps, x, y, schedule, i, p):
-    """The pre-fix EDICT step: the mixing layer applied in the leapfrog frame (y mixed first on odd steps)."""
-    a, b = schedule.ddim_coefficients(i)
-    t = schedule.timesteps[i]
-    u, v = (x, y) if i % 2 == 0 else (y, x)
-    u = a * u + b * eps(v, t)
-    v = a * v + b * eps(u, t)
-    u, v = mix(u, v, p)
-    return (u, v) if i % 2 == 0 else (v, u)
+def sample_edict_mixing_in_frame(eps, x, y, schedule, mix_weight):
+    """The pre-fix EDICT chain: the mixing layer applied in the step's leapfrog frame, so on odd steps (where y
+    takes the first half-step) y is mixed first. That is the core's ``edict_step`` with the roles of x and y
+    swapped on odd steps, each step run as a one-step schedule (parity 0: the first latent steps and mixes first)."""
+    for i in range(len(schedule)):
+        step = schedule.tail(i).head(1)
+        if i % 2 == 0:
+            x, y = edict_step(eps, x, y, step, 0, mix_weight)
+        else:
+            y, x = edict_step(eps, y, x, step, 0, mix_weight)
+    return x, y
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,15 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
             official = Schedule.from_scheduler(bb.scheduler, n, "official")
             model = Schedule.from_scheduler(bb.scheduler, n, "model")
             x_off, _ = sample_edict(eps, z, z, official)
-            x_old, y_old = z, z
-            for i in range(n):
-                x_old, y_old = edict_step_mixing_in_frame(eps, x_old, y_old, official, i, 0.93)
+            x_old, _ = sample_edict_mixing_in_frame(eps, z, z, official, 0.93)
             x_model, _ = sample_edict(eps, z, z, model)
             d_off, d_model = sample_ddim(eps, z, official), sample_ddim(eps, z, model)
             rows.append({"steps": n, "mixing_order": relative_error(x_old, x_off),
                          "grid_edict": relative_error(x_model, x_off), "grid_ddim": relative_error(d_model, d_off)})
     res = {"meta": {"command": "python experiments/benchmarks/fidelity.py " + " ".join(argv or sys.argv[1:]),
-                    "machine": f"{platform.machine()} CPU, {args.threads} thread(s), float64",
+                    "machine": f"{machine_description('cpu')}, float64",
                     "model": "shapes world sd-shapes (shipped)", "prompt": args.prompt, "seeds": args.seeds,
                     "guidance_scale": args.guidance_scale, "seconds": round(time.time() - t0, 1)},
            "relative_difference_of_x0": rows}

@@ -1,6 +1,6 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 # SD-1.5-size benchmark of the chain-gradient modes on one GPU, about 6 minutes in all.
-# Random weights from the real SD-1.5 configs (doodl_lightning/architectures.py), 512x512, CFG 7.5 batched,
+# Random weights from the real SD-1.5 configs (doodl_lightning/testing/architectures.py), 512x512, CFG 7.5 batched,
 # horizontal-symmetry loss on the decoded image, fp16 (+ bf16 and an fp32 reference for gradient errors).
 # Run from the repository root on the device machine with the diffusers wheels carried in .whl/:
 #   bash experiments/benchmarks/gpu_sd15.sh            (writes $OUT/sd15.json, sd15_compile.json, *.log)

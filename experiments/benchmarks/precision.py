@@ -23,9 +23,10 @@ Precisions (``weights`` = the dtype the UNet and VAE are cast to; latents stay f
     autocast-float16   float32 weights under torch.autocast(float16): plain Lightning 16-mixed on a float32 model
     autocast-bfloat16  the same with bfloat16
 
-Losses: horizontal-symmetry MSE of the decoded image (as backprop.py), normalised either by the image's
-own pixel count (``mean``) or by 3*512*512 (``512px``): the per-pixel loss gradient of the 512x512 images of
-the H200 run, whose size we cannot afford on a CPU. The loss gradient per pixel is ~1e-6 at 512 px: below
+Losses: ``SymmetryGuidance`` (horizontal-symmetry MSE of the decoded image, as backprop.py) through
+``objective.weighted_guidance``, normalised either by the image's own pixel count (``mean``, weight 1) or by
+3*512*512 (``512px``, weight = pixels / 3*512*512): the per-pixel loss gradient of the 512x512 images of the
+H200 run, whose size we cannot afford on a CPU. The loss gradient per pixel is ~1e-6 at 512 px: below
 float16's smallest normal number (2^-14 = 6.1e-5).
 
 Patches (proposed fixes, applied here by monkeypatching; doodl_lightning/ is not modified):
@@ -40,8 +41,8 @@ Patches (proposed fixes, applied here by monkeypatching; doodl_lightning/ is not
 A loss-scale sweep (tiny model) multiplies the loss by 2^k and divides the gradient by 2^k (what a
 GradScaler does), showing the error of each mode against the size of the cotangents.
 
-Models: ``tiny`` (tests/tiny.py's UNet + a tiny VAE, 8x8 latents) and ``sd15`` (the real SD-1.5 UNet and
-VAE architecture, configs written out below, random weights, 8x8 latents = 64x64 images, CFG 7.5 batched).
+Models: ``Backbone``s of random-weight architectures (doodl_lightning.testing.architectures): ``tiny`` (8x8
+latents) and ``sd15`` (the real SD-1.5 UNet and VAE architecture, 8x8 latents = 64x64 images, CFG 7.5 batched).
 
     python experiments/benchmarks/precision.py                 # default: ~10 min on one CPU thread
     python experiments/benchmarks/precision.py --quick         # tiny model only, < 1 min
@@ -55,24 +56,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-for p in (ROOT, ROOT / "tests"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 
 from doodl_lightning import objective  # noqa: E402
-from doodl_lightning.sampling import Denoiser, Schedule  # noqa: E402
+from doodl_lightning.backbone import Backbone  # noqa: E402
+from doodl_lightning.data import Item, initial_noise  # noqa: E402
+from doodl_lightning.guidance import SymmetryGuidance  # noqa: E402
+from doodl_lightning.sampling import Schedule, relative_error  # noqa: E402
+from doodl_lightning.testing import architectures  # noqa: E402
+from doodl_lightning.testing.tiny import sd_scheduler  # noqa: E402
+
+from common import fmt, machine_info, random_embeddings, text_table  # noqa: E402
 
 DEFAULT_OUT = ROOT / "experiments" / "benchmarks" / "results" / "precision_cpu.json"
 F16_MIN_NORMAL = 2.0 ** -14
@@ -91,29 +96,6 @@ PRECISIONS = {
 HALF = [p for p in PRECISIONS if p not in ("float64", "float32")]
 LOSS_NORMS = ("mean", "512px")
 PATCHES = ("none", "decode", "decode+autograd")
-
-# The SD-1.5 UNet and VAE configs (stable-diffusion-v1-5 unet/config.json, vae/config.json), random weights.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
-    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
-)
-TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
-    sample_size=16, scaling_factor=0.18215,
-)
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                   set_alpha_to_one=False, steps_offset=1, clip_sample=False)
-
 
 # -- the proposed fixes, as monkeypatches ------------------------------------------------------------------
 
@@ -137,16 +119,16 @@ def sample_autograd_scaled(eps, x, schedule, **kw):
     return cotangent_scaled(lambda a: _original_sample(eps, a, schedule, y=y, **kw), x)
 
 
-def make_decode(vae, patch: str, recorder: list | None = None):
-    """objective.decode_latents, or (patch 'decode...') the proposed decode_latents: the same call inside
+def make_decode(backbone: Backbone, patch: str, recorder: list | None = None):
+    """Backbone.decode, or (patch 'decode...') the proposed decode_latents: the same call inside
     cotangent_scaled, so the VAE decoder's VJP does not underflow on the loss's tiny per-pixel gradient.
     ``recorder`` receives the gradient w.r.t. each decoded latent: the cotangent the chain is handed."""
     def decode(lat):
         if recorder is not None and lat.requires_grad:
             lat.register_hook(lambda g: recorder.append(g.detach().clone()))
         if patch == "none":
-            return objective.decode_latents(vae, lat)
-        return cotangent_scaled(lambda z: objective.decode_latents(vae, z), lat)
+            return backbone.decode(lat)
+        return cotangent_scaled(backbone.decode, lat)
     return decode
 
 
@@ -190,72 +172,65 @@ def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 class Bundle:
-    """One model (UNet + VAE + schedule + embeddings + x_T) and its weights in any dtype, one dtype at a time.
+    """One model (a Backbone: UNet + VAE + scheduler; embeddings; x_T) with its weights in any dtype, one at a time.
 
     float32 weights are the master copy; float64 is an in-place cast of it (float32 -> float64 -> float32 is
     exact); half-precision weights are a separate copy, kept until another half dtype is asked for."""
 
-    def __init__(self, name: str, unet, vae, scheduler, cond, uncond, z_T, guidance_scale: float, note: str = ""):
-        self.name, self.unet, self.vae, self.scheduler = name, unet, vae, scheduler
+    def __init__(self, name: str, backbone: Backbone, cond, uncond, z_T, guidance_scale: float, note: str = ""):
+        self.name, self.master = name, backbone
         self.cond, self.uncond, self.z_T, self.guidance_scale = cond, uncond, z_T, guidance_scale
         self.note = note
-        self.master_dtype = torch.float32
-        self.half: tuple | None = None  # (dtype, unet, vae)
+        self.half: tuple | None = None  # (dtype, Backbone)
 
-    def weights(self, dtype: torch.dtype):
+    def backbone(self, dtype: torch.dtype) -> Backbone:
+        """The backbone with its UNet and VAE in ``dtype``."""
         if dtype in (torch.float32, torch.float64):
             self.half = None
-            if self.master_dtype != dtype:
-                self.unet.to(dtype)
-                self.vae.to(dtype)
-                self.master_dtype = dtype
-            return self.unet, self.vae
-        if self.master_dtype != torch.float32:
-            self.unet.to(torch.float32)
-            self.vae.to(torch.float32)
-            self.master_dtype = torch.float32
+            if self.master.dtype != dtype:
+                self.master.to(dtype)
+            return self.master
+        if self.master.dtype != torch.float32:
+            self.master.to(torch.float32)
         if self.half is None or self.half[0] != dtype:
             self.half = None
-            self.half = (dtype, _cast_copy(self.unet, dtype), _cast_copy(self.vae, dtype))
-        return self.half[1], self.half[2]
+            m = self.master
+            self.half = (dtype, Backbone(_cast_copy(m.unet, dtype), _cast_copy(m.vae, dtype), None, None, m.scheduler))
+        return self.half[1]
+
+    def denoiser(self, dtype: torch.dtype):
+        """The CFG denoiser of the backbone in ``dtype`` (and that backbone)."""
+        bb = self.backbone(dtype)
+        return bb.denoiser(self.cond, self.uncond, self.guidance_scale), bb
 
     def info(self) -> dict:
         n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return dict(unet_parameters=n(self.unet), vae_parameters=n(self.vae), latent_shape=list(self.z_T.shape),
-                    image_side=self.z_T.shape[-1] * f, guidance_scale=self.guidance_scale, note=self.note)
+        return dict(unet_parameters=n(self.master.unet), vae_parameters=n(self.master.vae), latent_shape=list(self.z_T.shape),
+                    image_side=self.image_side, guidance_scale=self.guidance_scale, note=self.note)
+
+    @property
+    def image_side(self) -> int:
+        return self.z_T.shape[-1] * self.master.vae_scale_factor
 
 
-def _scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**SD_SCHEDULE)
-
-
-def _embeddings(dim: int, seed: int):
-    gen = torch.Generator().manual_seed(seed + 123)  # as backprop.py: random unit-scale embeddings
-    return tuple(torch.randn((1, 77, dim), generator=gen) for _ in range(2))
+def _bundle(name: str, unet, vae, seed: int, guidance_scale: float, latent: int, note: str) -> Bundle:
+    cond, uncond = random_embeddings(unet.config.cross_attention_dim, seed)  # as backprop.py
+    z = initial_noise(Item(0, "", seed), (1, unet.config.in_channels, latent, latent))
+    return Bundle(name, Backbone(unet, vae, None, None, sd_scheduler()), cond, uncond, z, guidance_scale, note=note)
 
 
 def build_tiny(seed: int, guidance_scale: float) -> Bundle:
-    from diffusers import AutoencoderKL
-    from tiny import CROSS_DIM, tiny_unet
-
-    unet = tiny_unet(seed=seed)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**TINY_VAE).eval().requires_grad_(False)
-    cond, uncond = _embeddings(CROSS_DIM, seed)
-    z = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
-    return Bundle("tiny", unet, vae, _scheduler(), cond, uncond, z, guidance_scale,
-                  note="tests/tiny.py tiny_unet + AutoencoderKL (8,16), random weights")
+    unet = architectures.build_unet("tiny", seed=seed)
+    vae = architectures.build_vae("tiny", seed=seed + 1)
+    return _bundle("tiny", unet, vae, seed, guidance_scale, 8, "architectures' tiny UNet (8,16) + VAE (8,16), random weights")
 
 
 def build_sd15(seed: int, guidance_scale: float, latent: int, init_scale: float = 1.0) -> Bundle:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False)
-    vae = AutoencoderKL(**SD15_VAE).eval().requires_grad_(False)
+    unet = architectures.build_unet("sd15", seed=seed)
+    # the VAE's weights continue the UNet's random stream (not build_vae's own seed): the recorded results' weights
+    vae = AutoencoderKL(**architectures.vae_config("sd15")).eval().requires_grad_(False)
     note = "SD-1.5 UNet + VAE architecture, diffusers' default random init"
     if init_scale != 1.0:
         with torch.no_grad():
@@ -264,20 +239,15 @@ def build_sd15(seed: int, guidance_scale: float, latent: int, init_scale: float 
                     if p.dim() > 1:
                         p.mul_(init_scale)
         note += f", weight matrices scaled by {init_scale}"
-    cond, uncond = _embeddings(768, seed)
-    z = torch.randn((1, 4, latent, latent), generator=torch.Generator().manual_seed(seed))
-    return Bundle("sd15", unet, vae, _scheduler(), cond, uncond, z, guidance_scale, note=note)
+    return _bundle("sd15", unet, vae, seed, guidance_scale, latent, note)
 
 
 @torch.no_grad()
 def activation_ranges(b: Bundle, t: int) -> dict:
     """Largest |activation| of any UNet / VAE-decoder submodule output, float32 weights, at x_T and t."""
-    unet, vae = b.weights(torch.float32)
+    den, bb = b.denoiser(torch.float32)
     out = {}
-    for label, model, run in (
-        ("unet", unet, lambda: Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)(b.z_T, t)),
-        ("vae_decoder", vae, lambda: objective.decode_latents(vae, b.z_T)),
-    ):
+    for label, model, run in (("unet", bb.unet, lambda: den(b.z_T, t)), ("vae_decoder", bb.vae, lambda: bb.decode(b.z_T))):
         best = [0.0, ""]
 
         def hook(mod, inp, outp, _best=best):
@@ -301,13 +271,15 @@ def activation_ranges(b: Bundle, t: int) -> dict:
 
 # -- one gradient ------------------------------------------------------------------------------------------
 
-def symmetry_loss(norm: str, log2_scale: int):
-    def loss_fn(images: torch.Tensor):
-        d = (images - images.flip(-1)).float().pow(2).sum(dim=(1, 2, 3))
-        n = images[0].numel() if norm == "mean" else 3 * 512 * 512
-        loss = d / n
-        return loss * 2.0 ** log2_scale, {"symmetry": loss}
-    return loss_fn
+def loss_norm(norm: str, image_side: int) -> float:
+    """The factor on the mean symmetry MSE: 1 (``mean``) or the image's pixels / 3*512*512 (``512px``)."""
+    return 1.0 if norm == "mean" else 3 * image_side**2 / (3 * 512 * 512)
+
+
+def symmetry_objective(norm: str, log2_scale: int, image_side: int, batch: int = 1):
+    """SymmetryGuidance through objective.weighted_guidance, weighted by the normalisation and the loss scale 2^k."""
+    guide = SymmetryGuidance(weight=loss_norm(norm, image_side) * 2.0 ** log2_scale)
+    return objective.weighted_guidance([guide], [""] * batch, None)
 
 
 def _autocast(dtype):
@@ -317,21 +289,21 @@ def _autocast(dtype):
 def gradient(b: Bundle, job: dict) -> tuple[torch.Tensor, dict]:
     """d loss / d x_T of one evaluation: (gradient in float64, measurements)."""
     wdtype, acdtype, _ = PRECISIONS[job["precision"]]
-    unet, vae = b.weights(wdtype)
-    den = Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)
-    schedule = schedule_for(b.scheduler, job["steps"])
+    den, bb = b.denoiser(wdtype)
+    schedule = schedule_for(bb.scheduler, job["steps"])
     latent_dtype = torch.float64 if wdtype == torch.float64 else torch.float32
     z = b.z_T.to(latent_dtype).clone().requires_grad_()
-    loss_fn = symmetry_loss(job["loss"], job["log2_scale"])
+    loss_fn = symmetry_objective(job["loss"], job["log2_scale"], b.image_side, len(z))
     cot: list = []
     t0 = time.perf_counter()
     with patched(job["patch"]) as evaluate, _autocast(acdtype):
-        ev = evaluate(den, z, schedule, make_decode(vae, job["patch"], cot), loss_fn,
+        ev = evaluate(den, z, schedule, make_decode(bb, job["patch"], cot), loss_fn,
                       sampler=job["sampler"], backprop=job["backprop"], drift_tolerance=job["drift_tolerance"])
     seconds = time.perf_counter() - t0
     g = z.grad.detach().double() / 2.0 ** job["log2_scale"]
     c = torch.cat([x.flatten().double() for x in cot]) / 2.0 ** job["log2_scale"] if cot else None
-    m = dict(seconds=seconds, unet_calls=den.calls, loss_value=float(ev.terms["symmetry"].mean()),
+    loss_value = float(ev.terms["symmetry"].mean()) * loss_norm(job["loss"], b.image_side)  # normalised, unscaled
+    m = dict(seconds=seconds, unet_calls=den.calls, loss_value=loss_value,
              grad_norm=float(g.norm()), grad_finite=bool(torch.isfinite(g).all()),
              reversible_drift=ev.info.get("reversible_drift"), reversible_fallback=ev.info.get("reversible_fallback"))
     if c is not None:
@@ -346,9 +318,8 @@ def gradient(b: Bundle, job: dict) -> tuple[torch.Tensor, dict]:
 def per_call(b: Bundle, precision: str, ref: dict | None, steps: int = 10) -> dict:
     """One eps call and its VJP at (x_T, first timestep): the error floor of a single UNet call."""
     wdtype, acdtype, _ = PRECISIONS[precision]
-    unet, _ = b.weights(wdtype)
-    den = Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)
-    t = schedule_for(b.scheduler, steps).timesteps[0]
+    den, bb = b.denoiser(wdtype)
+    t = schedule_for(bb.scheduler, steps).timesteps[0]
     latent_dtype = torch.float64 if wdtype == torch.float64 else torch.float32
     x = b.z_T.to(latent_dtype).clone().requires_grad_()
     c = torch.randn(b.z_T.shape, generator=torch.Generator().manual_seed(7)).to(latent_dtype)
@@ -361,9 +332,9 @@ def per_call(b: Bundle, precision: str, ref: dict | None, steps: int = 10) -> di
             vjps[k] = v.detach().double() / 2.0 ** k
     res = dict(eps=e.detach().double(), vjp0=vjps[0], vjp20=vjps[-20])
     if ref is not None:
-        out["eps_rel_err"] = _rel(res["eps"], ref["eps"])
-        out["vjp_rel_err_cotangent_1"] = _rel(res["vjp0"], ref["vjp0"])
-        out["vjp_rel_err_cotangent_2^-20"] = _rel(res["vjp20"], ref["vjp0"])
+        out["eps_rel_err"] = relative_error(res["eps"], ref["eps"])
+        out["vjp_rel_err_cotangent_1"] = relative_error(res["vjp0"], ref["vjp0"])
+        out["vjp_rel_err_cotangent_2^-20"] = relative_error(res["vjp20"], ref["vjp0"])
     out["_tensors"] = res
     return out
 
@@ -375,22 +346,16 @@ def autocast_backward_check(b: Bundle, precision: str, sampler: str, backprop: s
     from doodl_lightning.sampling import sample
 
     wdtype, acdtype, _ = PRECISIONS[precision]
-    unet, _ = b.weights(wdtype)
-    den = Denoiser(unet, cond=b.cond, uncond=b.uncond, guidance_scale=b.guidance_scale)
+    den, bb = b.denoiser(wdtype)
     z = b.z_T.clone().requires_grad_()
     with _autocast(acdtype):
-        finals = sample(den, z, schedule_for(b.scheduler, steps), sampler=sampler, backprop=backprop, drift_tolerance=1.0)
-        finals = finals if isinstance(finals, tuple) else (finals,)
+        finals = sample(den, z, schedule_for(bb.scheduler, steps), sampler=sampler, backprop=backprop, drift_tolerance=1.0)
         gen = torch.Generator().manual_seed(11)
         cots = [torch.randn(f.shape, generator=gen) for f in finals]
         (inside,) = torch.autograd.grad(finals, z, cots, retain_graph=True)
     (outside,) = torch.autograd.grad(finals, z, cots)
     return dict(model=b.name, precision=precision, sampler=sampler, backprop=backprop, steps=steps,
-                rel_diff_inside_vs_outside=_rel(outside.double(), inside.double()))
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+                rel_diff_inside_vs_outside=relative_error(outside.double(), inside.double()))
 
 
 # -- the plan ----------------------------------------------------------------------------------------------
@@ -531,26 +496,14 @@ def attach_errors(records: list[dict], grads: dict) -> None:
         g = grads[id(r)]
         ref = refs.get(_case(r))
         if ref is not None:
-            r["rel_err_vs_float64"] = _rel(g, ref)
+            r["rel_err_vs_float64"] = relative_error(g, ref)
         for mode, key in (("autograd", "rel_err_vs_autograd"), ("checkpoint", "rel_err_vs_checkpoint")):
             if r["patch"] != "none":
                 continue
             for o in records:
                 if (o["status"] == "ok" and o is not r and _case(o) == _case(r) and o["precision"] == r["precision"]
                         and o["backprop"] == mode and o["patch"] == "none" and o["log2_scale"] == r["log2_scale"]):
-                    r[key] = _rel(g, grads[id(o)])
-
-
-def _fmt(v, kind="e"):
-    if v is None:
-        return "-"
-    if kind == "e":
-        return f"{v:.2e}"
-    if kind == "f":
-        return f"{v:.1f}"
-    if kind == "%":
-        return f"{100 * v:.1f}"
-    return str(v)
+                    r[key] = relative_error(g, grads[id(o)])
 
 
 def table(records: list[dict]) -> str:
@@ -560,12 +513,7 @@ def table(records: list[dict]) -> str:
             ("err vs autograd", "rel_err_vs_autograd", "e"), ("cot |max|", "cotangent_absmax", "e"),
             ("cot <f16 normal %", "cotangent_below_f16_normal_frac", "%"), ("drift", "reversible_drift", "e"),
             ("s", "seconds", "f"), ("status", "status", None)]
-    rows = [[h for h, _, _ in cols]]
-    for r in records:
-        rows.append([_fmt(r.get(k), kind) if kind else str(r.get(k)) for _, k, kind in cols])
-        rows[-1][-1] = rows[-1][-1][:50]
-    w = [max(len(row[i]) for row in rows) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(n) for c, n in zip(row, w)) for row in rows)
+    return text_table(cols, records, lambda r, row: row.__setitem__(-1, row[-1][:50]))
 
 
 def summary(records: list[dict]) -> str:
@@ -581,7 +529,7 @@ def summary(records: list[dict]) -> str:
     def get(key, mode, patch):
         for r in records:
             if (*_case(r), r["precision"]) == key and r["backprop"] == mode and r["patch"] == patch and r["log2_scale"] == 0:
-                return _fmt(r["rel_err_vs_float64"]) if r["status"] == "ok" else r["status"][:9]
+                return fmt(r["rel_err_vs_float64"], "e") if r["status"] == "ok" else r["status"][:9]
         return ""
 
     for key in seen:
@@ -592,37 +540,12 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _machine(args) -> dict:
-    import diffusers
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import subprocess
-
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--short", "doodl_lightning"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.split("\n")
-        dirty = [line[3:] for line in dirty if line.strip()]
-    except OSError:
-        git, dirty = None, None
-    return dict(device="cpu", git_head=git, doodl_lightning_uncommitted=dirty, cpu=cpu, cpu_cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch=torch.__version__, diffusers=diffusers.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     _quiet_diffusers()
     start = time.perf_counter()
-    out = dict(machine=_machine(args), args=vars(args), precisions={k: dict(weights=str(w).replace("torch.", ""),
+    out = dict(machine=machine_info("cpu"), args=vars(args), precisions={k: dict(weights=str(w).replace("torch.", ""),
                autocast=None if a is None else str(a).replace("torch.", ""), lightning=l) for k, (w, a, l) in PRECISIONS.items()},
                models={}, per_call=[], autocast_backward_check=[], records=[])
     path = Path(args.out)
@@ -643,7 +566,7 @@ def main(argv=None) -> dict:
         bundles[model] = b
         info = b.info()
         info["build_seconds"] = time.perf_counter() - t0
-        t_first = schedule_for(b.scheduler, 10).timesteps[0]
+        t_first = schedule_for(b.master.scheduler, 10).timesteps[0]
         info["activations_float32"] = activation_ranges(b, t_first)
         out["models"][model] = info
         print(f"# {model}: {info['unet_parameters'] / 1e6:.1f}M UNet params, latents {info['latent_shape']}, "
@@ -705,7 +628,7 @@ def main(argv=None) -> dict:
             attach_errors(records, grads)
             print(f"[{time.perf_counter() - start:6.1f}s] {model} {job['sampler']}-{job['steps']} {job['loss']} "
                   f"{job['precision']} {job['backprop']} patch={job['patch']} 2^{job['log2_scale']}: {rec['status']} "
-                  f"err vs fp64 {_fmt(rec['rel_err_vs_float64'])}", flush=True)
+                  f"err vs fp64 {fmt(rec['rel_err_vs_float64'], 'e')}", flush=True)
             save()
         del bundles[model], b
     out["seconds"] = time.perf_counter() - start
@@ -718,15 +641,15 @@ def main(argv=None) -> dict:
         print("\nloss-scale sweep (loss x 2^k, gradient / 2^k), rel. error vs float64:")
         for r in sweep:
             print(f"  {r['model']} {r['sampler'] + '-' + str(r['steps']):8} {r['precision']} {r['backprop']:10} k={r['log2_scale']:>3}: "
-                  f"{_fmt(r['rel_err_vs_float64'])}  (finite: {r.get('grad_finite')}) {r['status'][:40]}")
+                  f"{fmt(r['rel_err_vs_float64'], 'e')}  (finite: {r.get('grad_finite')}) {r['status'][:40]}")
     print("\nper UNet call at (x_T, t_0):")
     for pc in out["per_call"]:
-        print(f"  {pc['model']:5} {pc['precision']:18} eps {_fmt(pc.get('eps_rel_err'))}  VJP(cot~1) "
-              f"{_fmt(pc.get('vjp_rel_err_cotangent_1'))}  VJP(cot~2^-20) {_fmt(pc.get('vjp_rel_err_cotangent_2^-20'))}  {pc['status'][:60]}")
+        print(f"  {pc['model']:5} {pc['precision']:18} eps {fmt(pc.get('eps_rel_err'), 'e')}  VJP(cot~1) "
+              f"{fmt(pc.get('vjp_rel_err_cotangent_1'), 'e')}  VJP(cot~2^-20) {fmt(pc.get('vjp_rel_err_cotangent_2^-20'), 'e')}  {pc['status'][:60]}")
     print("\nbackward inside vs outside the forward's autocast region (O(1) cotangent), rel. difference:")
     for c in out["autocast_backward_check"]:
         print(f"  {c['model']} {c['precision']:16} {c['sampler']:5} {c['backprop']:10} "
-              f"{_fmt(c.get('rel_diff_inside_vs_outside'))} {c['status'][:60]}")
+              f"{fmt(c.get('rel_diff_inside_vs_outside'), 'e')} {c['status'][:60]}")
     print(f"\n# {out['seconds']:.0f}s; wrote {path}")
     return out
 

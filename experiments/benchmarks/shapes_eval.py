@@ -36,11 +36,8 @@ Outputs in ``--out``: ``results.json`` (every number), ``results.md`` (tables), 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -58,12 +55,38 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
+from doodl_lightning.guidance import AestheticGuidance, ClassifierGuidance, CLIPImageGuidance, CLIPTextGuidance  # noqa: E402
+from doodl_lightning.baselines import guided_sampling  # noqa: E402
+from doodl_lightning.console import quiet_lightning  # noqa: E402
+from doodl_lightning.io import save_png  # noqa: E402
+from doodl_lightning.module import DOODL  # noqa: E402
+from doodl_lightning.shapes import ShapesWeights  # noqa: E402
 from doodl_lightning.shapes import data as D  # noqa: E402
 
-from eval_lib import (PerPromptClassifierGuidance, PerPromptCLIPImageGuidance, UNetCounter, bootstrap_ci,  # noqa: E402
-                      draw_bars, draw_grid, per_seed_means, to_pil)
+from common import machine_description  # noqa: E402
+from eval_lib import UNetCounter, bootstrap_ci, draw_bars, draw_grid, per_seed_means  # noqa: E402
 
 EXPERIMENTS = ("vocab", "compositional", "aesthetic", "personalisation")
+
+# What each experiment measures (written into results.md)
+VOCAB_DESCRIPTION = """\
+Prompt 'a <size> <colour> polygon'; the guide (shapes classifier) asks for one of the 4 polygon
+classes the diffusion model never read (triangle, square, pentagon, hexagon), one target per prompt."""
+COMPOSITIONAL_DESCRIPTION = """\
+Prompt = guidance text: two small objects (coarse shape + colour) on either side of a left/right or
+top/bottom relation, and a background. Evaluator per half-image (other half filled with the border's
+median colour); guide's verdict: shapes-CLIP ranks the prompt above its colour-, shape- and side-
+swapped variants (chance 25%)."""
+AESTHETIC_DESCRIPTION = """\
+Prompt 'a <colour> <shape>' (no quality words: unguided generations vary in sharpness and contrast).
+Evaluator: its quality head (an estimate of the procedural score 5 sharpness + 5 contrast, 10 =
+pristine); drift: prompt attributes kept, and mean |pixel change| (0..1 scale) from the same seed's
+unguided image of the same sampler."""
+PERSONALISATION_DESCRIPTION = """\
+{refs} reference renders per set share a colour and a background (shape, size, position vary); the
+prompt 'a <size> <shape>' names neither. Evaluator: the generation's colour and background agree
+with the set's (chance about 1/18); guide's verdict: the generation's shapes-CLIP embedding is
+nearest to its own set's target among all sets."""
 
 # Sizes per mode. Everything that defines the test sets (prompts, targets, seeds, references) is fixed here
 # and in the build_* functions below, before any result is seen; nothing is chosen by looking at results
@@ -89,47 +112,12 @@ log = print
 
 
 # ------------------------------------------------------------------------------------------------ context
-@dataclass
-class Weights:
-    root: Path
-
-    @property
-    def sd(self) -> str:
-        return str(self.root / "sd-shapes")
-
-    @property
-    def clip_config(self) -> str:
-        d = self.root / "shapes-clip"
-        for name in ("shapes-clip.json", "config.json"):
-            if (d / name).is_file():
-                return str(d / name)
-        for p in sorted(d.glob("*.json")):
-            if p.name != "open_clip_config.json" and "embed_dim" in p.read_text():
-                return str(p)
-        raise FileNotFoundError(f"no open_clip model config in {d}")
-
-    @property
-    def clip_checkpoint(self) -> str:
-        return str(self.root / "shapes-clip" / "open_clip_model.safetensors")
-
-    def clip_kwargs(self) -> dict:
-        cfg = Path(self.clip_config)
-        return {"model_name": cfg.stem, "model_config": str(cfg), "pretrained": self.clip_checkpoint}
-
-    def classifier_kwargs(self) -> dict:
-        d = self.root / "classifier"
-        cfg = json.loads((d / "config.json").read_text())
-        return {"arch": cfg["arch"], "checkpoint": str(d / "model.safetensors"), "labels": str(d / "labels.txt"),
-                "num_classes": cfg["num_classes"], "input_size": cfg["input_size"], "mean": cfg["mean"], "std": cfg["std"]}
-
-    @property
-    def aesthetic_head(self) -> str:
-        return str(self.root / "aesthetic" / "head.safetensors")
-
-    def evaluator(self, device="cpu"):
-        from doodl_lightning.shapes.evaluator import load_evaluator
-
-        return load_evaluator(self.root / "evaluator", device=device)
+def metric_list(labels: dict[str, str], judges: dict[str, str] | None = None, not_rates: tuple = ()) -> list[dict]:
+    """The reported measures, in table order: key, label, who judges it (``evaluator`` unless ``judges`` says
+    ``guide`` or ``pixels``), and whether it is a rate (shown in %)."""
+    judges = judges or {}
+    return [{"name": k, "label": v, "judge": judges.get(k, "evaluator"), "percent": k not in not_rates}
+            for k, v in labels.items()]
 
 
 @dataclass
@@ -153,27 +141,6 @@ class Experiment:
     @property
     def items(self) -> list[tuple[str, int]]:  # prompt-major, as doodl_lightning.data.make_items
         return [(p, s) for p in self.prompts for s in self.seeds]
-
-
-@contextlib.contextmanager
-def shared_backbone():
-    """Load the frozen backbone once for all the runs of this process (restored afterwards)."""
-    from doodl_lightning import module as M
-
-    original = M.Backbone.load
-    cache: dict = {}
-
-    def load(model, **kw):
-        key = (str(model), tuple(sorted(kw.items())))
-        if key not in cache:
-            cache[key] = original(model, **kw)
-        return cache[key]
-
-    M.Backbone.load = load
-    try:
-        yield cache
-    finally:
-        M.Backbone.load = original
 
 
 # ------------------------------------------------------------------------------------------------ experiments
@@ -212,6 +179,11 @@ def render_specs(specs: list, seed: int) -> torch.Tensor:
     return D.render(a)
 
 
+def seeds_of(ctx, name: str) -> list[int]:
+    """The experiment's seeds: its own range, as many as the mode gives it (vocab: ``seeds``, others: ``other_seeds``)."""
+    return [SEED_BASE[name] + i for i in range(ctx.mode["seeds" if name == "vocab" else "other_seeds"])]
+
+
 def _rng(prompt: str, seed: int) -> random.Random:
     return random.Random(f"{prompt}|{seed}")
 
@@ -228,7 +200,7 @@ def build_vocab(ctx) -> Experiment:
                     break
             targets[prompt] = cls
             want[prompt] = {"size": D.SIZES.index(size), "colour": D.COLOURS.index(colour)}
-    guide = PerPromptClassifierGuidance(targets=targets, num_cuts=0, **ctx.weights.classifier_kwargs())
+    guide = ClassifierGuidance(target=targets, num_cuts=0, **ctx.weights.classifier_kwargs())  # a class per prompt
 
     def verdict(images, items):
         ev = ctx.evaluator(images)
@@ -251,23 +223,17 @@ def build_vocab(ctx) -> Experiment:
             text.append(f"{D.SHAPES[int(ev['shape'][i])]} ({D.SHAPES[t][:4]})")
         return m, ok, text
 
-    metrics = [
-        {"name": "evaluator_target", "label": "target class (evaluator)", "judge": "evaluator", "percent": True},
-        {"name": "guide_target", "label": "target class (guide: classifier)", "judge": "guide", "percent": True},
-        {"name": "colour_kept", "label": "colour kept", "judge": "evaluator", "percent": True},
-        {"name": "size_kept", "label": "size kept", "judge": "evaluator", "percent": True},
-        {"name": "target_and_colour", "label": "target and colour", "judge": "evaluator", "percent": True},
-        {"name": "polygon_kept", "label": "still a polygon", "judge": "evaluator", "percent": True},
-    ]
+    metrics = metric_list(dict(evaluator_target="target class (evaluator)",
+                          guide_target="target class (guide: classifier)", colour_kept="colour kept",
+                          size_kept="size kept", target_and_colour="target and colour",
+                          polygon_kept="still a polygon"), judges={"guide_target": "guide"})
     def spec(prompt, seed):
         r = _rng(prompt, seed)
         return [(targets[prompt], want[prompt]["colour"], want[prompt]["size"], r.randrange(9))], r.randrange(3)
 
     return Experiment(
-        "vocab", "Vocabulary expansion (classifier guidance)",
-        "Prompt 'a <size> <colour> polygon'; the guide (shapes classifier) asks for one of the 4 polygon classes the "
-        "diffusion model never read (triangle, square, pentagon, hexagon), one target per prompt.",
-        list(targets), [SEED_BASE["vocab"] + i for i in range(ctx.mode["seeds"])], guide, verdict, metrics,
+        "vocab", "Vocabulary expansion (classifier guidance)", VOCAB_DESCRIPTION,
+        list(targets), seeds_of(ctx, "vocab"), guide, verdict, metrics,
         "evaluator_target", "guide_target", 100.0,
         extra={"targets": {p: D.SHAPES[t] for p, t in targets.items()}}, spec=spec)
 
@@ -302,8 +268,6 @@ def region_views(images: torch.Tensor, axis: list[str], first: bool) -> torch.Te
 
 
 def build_compositional(ctx) -> Experiment:
-    from doodl_lightning.guidance import CLIPTextGuidance
-
     rng = random.Random(2)
     specs = {}
     while len(specs) < ctx.mode["prompts"]:
@@ -347,14 +311,10 @@ def build_compositional(ctx) -> Experiment:
             text.append(f"{n_ok}/2 objects{' bg' if bg else ''}")
         return m, ok, text
 
-    metrics = [
-        {"name": "object_acc", "label": "objects right: shape+colour in its half (evaluator)", "judge": "evaluator", "percent": True},
-        {"name": "guide_prefers_prompt", "label": "guide (CLIP) prefers prompt over swaps", "judge": "guide", "percent": True},
-        {"name": "shape_acc", "label": "shape", "judge": "evaluator", "percent": True},
-        {"name": "colour_acc", "label": "colour", "judge": "evaluator", "percent": True},
-        {"name": "background_acc", "label": "background", "judge": "evaluator", "percent": True},
-        {"name": "all_correct", "label": "everything right", "judge": "evaluator", "percent": True},
-    ]
+    metrics = metric_list(dict(object_acc="objects right: shape+colour in its half (evaluator)",
+                          guide_prefers_prompt="guide (CLIP) prefers prompt over swaps", shape_acc="shape",
+                          colour_acc="colour", background_acc="background", all_correct="everything right"),
+                          judges={"guide_prefers_prompt": "guide"})
     def spec(prompt, seed):
         r, sp = _rng(prompt, seed), specs[prompt]
         objs = [(fine_of(shape, r), D.COLOURS.index(colour), 0, D.POSITIONS.index(pos))
@@ -362,20 +322,14 @@ def build_compositional(ctx) -> Experiment:
         return objs, D.BACKGROUNDS.index(sp["background"])
 
     return Experiment(
-        "compositional", "CLIP-text guidance on two-object prompts",
-        "Prompt = guidance text: two small objects (coarse shape + colour) on either side of a left/right or "
-        "top/bottom relation, and a background. Evaluator per half-image (other half filled with the border's "
-        "median colour); guide's verdict: shapes-CLIP ranks the prompt above its colour-, shape- and side-swapped "
-        "variants (chance 25%).",
-        list(specs), [SEED_BASE["compositional"] + i for i in range(ctx.mode["other_seeds"])], guide, verdict, metrics,
+        "compositional", "CLIP-text guidance on two-object prompts", COMPOSITIONAL_DESCRIPTION,
+        list(specs), seeds_of(ctx, "compositional"), guide, verdict, metrics,
         "object_acc", "guide_prefers_prompt", 100.0, extra={"specs": specs}, spec=spec)
 
 
 def build_aesthetic(ctx) -> Experiment:
-    from doodl_lightning.guidance import AestheticGuidance
-
+    want: dict[str, tuple[str, str]] = {}  # prompt -> (colour, coarse shape) it names
     rng = random.Random(3)
-    want = {}
     while len(want) < ctx.mode["prompts"]:
         colour, coarse = rng.choice(D.COLOURS), rng.choice(D.COARSE_SHAPES)
         want[D.with_article(f"{colour} {coarse}")] = (colour, coarse)
@@ -402,24 +356,18 @@ def build_aesthetic(ctx) -> Experiment:
             m.pop("pixel_drift")
         return m, ok, text
 
-    metrics = [
-        {"name": "evaluator_quality", "label": "quality (evaluator, 0-10)", "judge": "evaluator", "percent": False},
-        {"name": "guide_score", "label": "aesthetic head score (guide)", "judge": "guide", "percent": False},
-        {"name": "prompt_kept", "label": "prompt kept (shape+colour)", "judge": "evaluator", "percent": True},
-        {"name": "pixel_drift", "label": "pixel drift vs unguided (same sampler)", "judge": "pixels", "percent": False},
-    ]
+    metrics = metric_list(dict(evaluator_quality="quality (evaluator, 0-10)",
+                          guide_score="aesthetic head score (guide)", prompt_kept="prompt kept (shape+colour)",
+                          pixel_drift="pixel drift vs unguided (same sampler)"), judges={"guide_score": "guide",
+                          "pixel_drift": "pixels"}, not_rates=("evaluator_quality", "guide_score", "pixel_drift"))
     def spec(prompt, seed):
         r = _rng(prompt, seed)
         colour, coarse = want[prompt]
         return [(fine_of(coarse, r), D.COLOURS.index(colour), r.randrange(3), r.randrange(9))], r.randrange(3)
 
     return Experiment(
-        "aesthetic", "Aesthetic-style guidance (shapes aesthetic head, maximised)",
-        "Prompt 'a <colour> <shape>' (no quality words: unguided generations vary in sharpness and contrast). "
-        "Evaluator: its quality head (an estimate of the procedural score 5 sharpness + 5 contrast, 10 = pristine); "
-        "drift: prompt attributes kept, and mean |pixel change| (0..1 scale) from the same seed's unguided image "
-        "of the same sampler.",
-        list(want), [SEED_BASE["aesthetic"] + i for i in range(ctx.mode["other_seeds"])], guide, verdict, metrics,
+        "aesthetic", "Aesthetic-style guidance (shapes aesthetic head, maximised)", AESTHETIC_DESCRIPTION,
+        list(want), seeds_of(ctx, "aesthetic"), guide, verdict, metrics,
         "evaluator_quality", "guide_score", 10.0, extra={"reference": exp_ref}, spec=spec)
 
 
@@ -444,11 +392,11 @@ def build_personalisation(ctx) -> Experiment:
         paths = []
         for j, im in enumerate(imgs):
             path = ref_dir / f"set{len(sets)}_{colour}_{bg}_{j}.png"
-            to_pil(im).save(path)
+            save_png(path, im)
             paths.append(str(path))
         sets[prompt] = paths
         want[prompt] = (colour, bg, coarse)
-    guide = PerPromptCLIPImageGuidance(reference_sets=sets, num_cuts=0, **ctx.weights.clip_kwargs())
+    guide = CLIPImageGuidance(references=sets, num_cuts=0, **ctx.weights.clip_kwargs())  # a reference set per prompt
 
     def verdict(images, items):
         ev = ctx.evaluator(images)
@@ -469,13 +417,10 @@ def build_personalisation(ctx) -> Experiment:
             text.append(f"{D.COLOURS[int(ev['colour'][i])]}/{D.BACKGROUNDS[int(ev['background'][i])]}")
         return m, ok, text
 
-    metrics = [
-        {"name": "agreement", "label": "colour and background agree (evaluator)", "judge": "evaluator", "percent": True},
-        {"name": "guide_nearest_set", "label": "guide (CLIP): nearest reference set is its own", "judge": "guide", "percent": True},
-        {"name": "colour_match", "label": "colour", "judge": "evaluator", "percent": True},
-        {"name": "background_match", "label": "background", "judge": "evaluator", "percent": True},
-        {"name": "prompt_shape_kept", "label": "prompt shape kept", "judge": "evaluator", "percent": True},
-    ]
+    metrics = metric_list(dict(agreement="colour and background agree (evaluator)",
+                          guide_nearest_set="guide (CLIP): nearest reference set is its own", colour_match="colour",
+                          background_match="background", prompt_shape_kept="prompt shape kept"),
+                          judges={"guide_nearest_set": "guide"})
     def spec(prompt, seed):
         r = _rng(prompt, seed)
         colour, bg, coarse = want[prompt]
@@ -483,12 +428,8 @@ def build_personalisation(ctx) -> Experiment:
         return [(fine_of(coarse, r), D.COLOURS.index(colour), size, r.randrange(9))], D.BACKGROUNDS.index(bg)
 
     return Experiment(
-        "personalisation", "CLIP-image personalisation",
-        f"{ctx.mode['refs_per_set']} reference renders per set share a colour and a background (shape, size, "
-        "position vary); the prompt 'a <size> <shape>' names neither. Evaluator: the generation's colour and "
-        "background agree with the set's (chance about 1/18); guide's verdict: the generation's shapes-CLIP "
-        "embedding is nearest to its own set's target among all sets.",
-        list(sets), [SEED_BASE["personalisation"] + i for i in range(ctx.mode["other_seeds"])], guide, verdict, metrics,
+        "personalisation", "CLIP-image personalisation", PERSONALISATION_DESCRIPTION.format(refs=ctx.mode["refs_per_set"]),
+        list(sets), seeds_of(ctx, "personalisation"), guide, verdict, metrics,
         "agreement", "guide_nearest_set", 100.0,
         extra={"sets": {p: {"colour": w[0], "background": w[1], "references": [str(Path(x).relative_to(ctx.out)) for x in sets[p]]}
                         for p, w in want.items()}}, spec=spec)
@@ -502,20 +443,17 @@ BUILDERS = {"vocab": build_vocab, "compositional": build_compositional, "aesthet
 class Ctx:
     def __init__(self, args, mode: dict, out: Path):
         self.args, self.mode, self.out = args, mode, out
-        self.weights = Weights(Path(args.weights))
+        self.weights = ShapesWeights(Path(args.weights))
         self.device = torch.device(args.device)
         self.evaluator = self.weights.evaluator(self.device)
-        self.counter: UNetCounter | None = None
+        self.backbone = self.weights.backbone()  # loaded once, given to every DOODL module
+        self.counter = UNetCounter(self.backbone.unet)
 
 
 def make_module(ctx: Ctx, exp: Experiment, sampler: str, **kw):
-    from doodl_lightning.module import DOODL
-
-    m = DOODL(model=ctx.weights.sd, prompts=exp.prompts, seeds=exp.seeds, guidance=[exp.guidance], sampler=sampler,
+    m = DOODL(model=ctx.backbone, prompts=exp.prompts, seeds=exp.seeds, guidance=[exp.guidance], sampler=sampler,
               backprop=ctx.args.backprop, steps=ctx.mode["steps"], guidance_scale=CFG_SCALE, mix_weight=0.93,
               momentum=0.9, perturb_grad_scale=1e-4, timestep_grid="official", **kw)
-    if ctx.counter is None:
-        ctx.counter = UNetCounter(m.backbone.unet)
     return m
 
 
@@ -539,8 +477,7 @@ class LossTrace(Callback):
 
 def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sampler: str, **params) -> dict:
     t0 = time.time()
-    if ctx.counter is not None:
-        ctx.counter.reset()
+    ctx.counter.reset()
     extra = {}
     if method == "render":
         t0 = time.time()
@@ -550,19 +487,13 @@ def run_method(ctx: Ctx, exp: Experiment, key: str, label: str, method: str, sam
         m = make_module(ctx, exp, sampler)
         ctx.counter.reset()
         t0 = time.time()
-        m.setup("fit")
-        m.to(ctx.device)
-        m.on_fit_start()
-        ev = m.final_evaluation()
+        ev = m.prepare(ctx.device).final_evaluation()
     elif method == "one_step":
-        # the official one-step baseline: latent_traversal off, grad_scale = the guidance scale
-        m = make_module(ctx, exp, sampler, latent_traversal=False, one_step_baseline=True, grad_scale=params["scale"])
+        # the official one-step baseline (latent_traversal off): grad_scale = the guidance scale
+        m = make_module(ctx, exp, sampler)
         ctx.counter.reset()
         t0 = time.time()
-        m.setup("fit")
-        m.to(ctx.device)
-        m.on_fit_start()
-        ev = m.guided_images()
+        ev = guided_sampling(m.prepare(ctx.device), grad_scale=params["scale"], estimate="one_step")
     else:
         m = make_module(ctx, exp, sampler, grad_scale=params["grad_scale"], clip_grad_val=params["clip_grad_val"])
         ctx.counter.reset()
@@ -814,21 +745,6 @@ def write_outputs(ctx: Ctx, exps: list[Experiment], meta: dict) -> dict:
     return res
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    desc = f"CPU {cpu} ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads, torch {torch.__version__})"
-    if device.type == "cuda":
-        desc = f"GPU {torch.cuda.get_device_name()} (models and optimisation on the GPU); host " + desc
-    return desc
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -871,12 +787,8 @@ def main(argv=None) -> int:
     if any(getattr(a, k) is not None for k in ("seeds", "steps", "iters", "scales", "step_sweep")):
         mode_name = f"{mode_name} sizes with overrides"
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*random weights.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    for name in ("lightning.pytorch", "lightning", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_lightning()
+    warnings.filterwarnings("ignore", ".*random weights.*")  # the --tiny world's models
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     load0 = os.getloadavg()
@@ -895,25 +807,24 @@ def main(argv=None) -> int:
     def write():
         meta = {"mode": mode_name,
                 "command": "python experiments/benchmarks/shapes_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "machine": machine(ctx.device), "load_average_at_start": [round(x, 2) for x in load0],
+                "machine": machine_description(ctx.device), "load_average_at_start": [round(x, 2) for x in load0],
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git_commit": commit,
                 "weights": str(a.weights), "total_seconds": round(time.time() - t0, 1),
                 "complete": len(exps) == len(a.experiments) and done[0], "skipped_past_deadline": skipped}
         write_outputs(ctx, exps, meta)
 
     done = [False]
-    with shared_backbone():
-        for name in a.experiments:
-            exp = BUILDERS[name](ctx)
-            log(f"== {name}: {len(exp.prompts)} prompts x {len(exp.seeds)} seeds", flush=True)
-            run_experiment(ctx, exp)
-            exps.append(exp)
-            write()  # results so far, rewritten after every experiment
-        for exp in exps:
-            if exp.name == "vocab" and mode["step_sweep"]:
-                skipped += run_step_sweep(ctx, exp, deadline)
-        done[0] = True
-        write()
+    for name in a.experiments:
+        exp = BUILDERS[name](ctx)
+        log(f"== {name}: {len(exp.prompts)} prompts x {len(exp.seeds)} seeds", flush=True)
+        run_experiment(ctx, exp)
+        exps.append(exp)
+        write()  # results so far, rewritten after every experiment
+    for exp in exps:
+        if exp.name == "vocab" and mode["step_sweep"]:
+            skipped += run_step_sweep(ctx, exp, deadline)
+    done[0] = True
+    write()
     log(f"wrote {a.out}/results.json, results.md and figures in {time.time() - t0:.0f} s", flush=True)
     return 0
 

@@ -5,6 +5,9 @@ write ``vocab.json`` + ``merges.txt`` in ``transformers.CLIPTokenizer``'s own fi
 with ``CLIPTokenizer.from_pretrained`` -- the same code path as a hub tokenizer. Token ids equal
 open_clip's ``SimpleTokenizer`` ids (49408 tokens; ``<|startoftext|>`` = 49406, ``<|endoftext|>`` = 49407),
 i.e. those of SD-1.x's tokenizer.
+
+Users: the shapes world's diffusion model (``build_small_clip_tokenizer``) and the tiny SD pipeline of
+``doodl_lightning.testing.tiny`` (``build_clip_tokenizer``).
 """
 from __future__ import annotations
 
@@ -125,12 +128,7 @@ def build_small_clip_tokenizer(
         for piece in pat.findall(w.lower()):
             used |= _bpe_merges_used(piece, ranks)
     kept = [m for m in merges if m in used]  # original rank order
-    with tempfile.TemporaryDirectory() as tmp:
-        _write_files(Path(tmp), kept)
-        tok = _load(tmp, model_max_length)
-    if save_dir is not None:
-        _save(tok, save_dir, kept)
-    return tok
+    return _tokenizer_from_merges(kept, save_dir, model_max_length)
 
 
 def build_clip_tokenizer(save_dir: str | os.PathLike | None = None, model_max_length: int = 77):
@@ -139,7 +137,11 @@ def build_clip_tokenizer(save_dir: str | os.PathLike | None = None, model_max_le
     If ``save_dir`` is given, the tokenizer is also written there with ``save_pretrained`` so that
     ``CLIPTokenizer.from_pretrained(save_dir)`` (or a pipeline's ``tokenizer/`` subfolder) reloads it.
     """
-    merges = _load_merges()
+    return _tokenizer_from_merges(_load_merges(), save_dir, model_max_length)
+
+
+def _tokenizer_from_merges(merges, save_dir, model_max_length: int):
+    """A CLIPTokenizer over ``merges`` loaded through its own file format (saved to ``save_dir`` if given)."""
     with tempfile.TemporaryDirectory() as tmp:
         _write_files(Path(tmp), merges)
         tok = _load(tmp, model_max_length)

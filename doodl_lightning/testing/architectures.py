@@ -19,9 +19,9 @@ from contextlib import nullcontext
 import torch
 
 __all__ = [
-    "ARCHITECTURES", "DEFAULT_RESOLUTION", "build_components", "build_scheduler", "build_text_encoder",
-    "build_unet", "build_vae", "latent_size", "parameter_count", "scheduler_config", "text_encoder_config",
-    "unet_config", "vae_config", "vae_scale_factor",
+    "ARCHITECTURES", "DEFAULT_RESOLUTION", "SD1_SCHEDULER_CONFIG", "build_components", "build_scheduler",
+    "build_text_encoder", "build_unet", "build_vae", "latent_size", "parameter_count", "scheduler_config",
+    "text_encoder_config", "unet_config", "vae_config", "vae_scale_factor",
 ]
 
 ARCHITECTURES = ("tiny", "sd15", "sd21")
@@ -72,17 +72,17 @@ _TEXT = {
                  bos_token_id=0, eos_token_id=2, pad_token_id=1),
 }
 
+# Stable Diffusion 1.x's noise schedule, the one place it is spelt: the released SD-1.x scheduler_config.json
+# (SD-2.x keeps it; the shapes world trains with it). Scheduler classes take what they know of it
+# (``from_config``), so PNDM ignores ``clip_sample``.
+SD1_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
 _SCHEDULER = {
-    "sd15": ("PNDMScheduler", dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", set_alpha_to_one=False, skip_prk_steps=True,
-                                   steps_offset=1)),
-    "sd21": ("DDIMScheduler", dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                   beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-                                   clip_sample=False, prediction_type="v_prediction")),
+    "tiny": ("DDIMScheduler", SD1_SCHEDULER_CONFIG),
+    "sd15": ("PNDMScheduler", dict(SD1_SCHEDULER_CONFIG, skip_prk_steps=True)),
+    "sd21": ("DDIMScheduler", dict(SD1_SCHEDULER_CONFIG, prediction_type="v_prediction")),
 }
-_SCHEDULER["tiny"] = ("DDIMScheduler", dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                          beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
-                                          clip_sample=False))
 
 
 def _check(name: str) -> str:
@@ -163,7 +163,7 @@ def build_scheduler(name: str):
     import diffusers
 
     cls, cfg = scheduler_config(name)
-    return getattr(diffusers, cls)(**cfg)
+    return getattr(diffusers, cls).from_config(cfg)
 
 
 def build_components(name: str, *, device=None, dtype=torch.float32, seed: int = 0,

@@ -1,0 +1,67 @@
+"""The official non-optimising baselines (``latent_traversal=False``): guidance added to eps at every step."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .objective import Evaluation, concat_evaluations, evaluate
+from .sampling import GuidedEps, OneStepGradient, sample_ddim, sample_edict
+
+ESTIMATES = ("one_step", "chain")
+
+
+@torch.no_grad()
+def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Evaluation:
+    """Sample each item of a prepared ``DOODL`` module once (its initial latents, no optimisation), adding to
+    eps at every step sqrt(1 - abar_t) times the gradient of grad_scale * loss (official doodl.py, ``gen()``
+    with ``latent_traversal=False``, the ``SteppingLayer`` guidance):
+
+    - ``one_step`` (``one_step_baseline=True``): the loss of the one-step x0 estimate from the
+      UNCONDITIONAL eps (``OneStepGradient``);
+    - ``chain``: 0.5 x the gradient through the rest of the chain from (x_t, x_t), both EDICT images
+      scored (official ``cond_fn``).
+
+    The module's sampler, steps, grid, CFG scale and guidance are used; ``Evaluation.images`` are the
+    first latent's images. Cutouts are fresh at every guidance call (one generator stream per call).
+    """
+    if estimate not in ESTIMATES:
+        raise ValueError(f"unknown estimate {estimate!r}; choose one of {', '.join(ESTIMATES)}")
+    if grad_scale < 0:
+        raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
+    if not doodl.local_items or not hasattr(doodl, "_cond"):
+        raise RuntimeError("guided_sampling needs a prepared module: call doodl.prepare(device) first")
+    calls = iter(range(1, 1 << 62))
+    outs = []
+    for idx in doodl.chunks():
+        loss_fn = lambda: doodl.loss_fn(idx, next(calls))  # noqa: E731 - a fresh cutout stream per call
+        if estimate == "one_step":
+            grad = OneStepGradient(doodl.denoiser(idx, guidance_scale=0.0),
+                                   lambda z: loss_fn()(doodl.backbone.decode(z))[0], doodl.schedule, grad_scale)
+        else:
+            grad = _chain_gradient(doodl, idx, loss_fn, grad_scale)
+        guided = GuidedEps(doodl.denoiser(idx), grad, doodl.schedule)
+        z = doodl.latents[idx].detach()
+        if doodl.hparams.sampler == "ddim":
+            final = sample_ddim(guided, z[:, 0], doodl.schedule)
+        else:
+            final = sample_edict(guided, z[:, 0], z[:, 1], doodl.schedule, doodl.hparams.mix_weight)[0]
+        images = doodl.backbone.decode(final)
+        total, terms = doodl.loss_fn(idx, 0)(images)
+        outs.append(Evaluation(total, terms, images))
+    return concat_evaluations(outs)
+
+
+def _chain_gradient(doodl, idx: list[int], loss_fn, grad_scale: float):
+    """(x_t, t) -> 0.5 d(grad_scale * S)/dx_t through the rest of the chain from (x_t, x_t) (official cond_fn)."""
+    hp = doodl.hparams
+    index = {t: i for i, t in enumerate(doodl.schedule.timesteps)}
+
+    def grad(x: Tensor, t: int) -> Tensor:
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            evaluate(doodl.denoiser(idx), leaf, doodl.schedule.tail(index[int(t)]), doodl.backbone.decode, loss_fn(),
+                     sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
+                     y=leaf if hp.sampler == "edict" else None, drift_tolerance=hp.drift_tolerance, backward=True)
+        return 0.5 * grad_scale * leaf.grad
+
+    return grad
