@@ -9,6 +9,12 @@ import torch
 from PIL import Image
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -16,6 +22,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the output gets a normal file's permissions
         # rename is atomic: a reader or a killed run sees the old file or the new one, never half of
         # one. No fsync: it guards only against an OS crash and costs seconds per file on a busy disk.
         os.replace(tmp, path)

@@ -229,7 +229,7 @@ class Official:
             return self.decode(pair[:1])
 
 
-def symmetry_loss_fn(grad_scale: float):
+def mirror_loss_fn(grad_scale: float):
     """doodl.py l. 322-337 (horizontal)."""
     return lambda im_pix: grad_scale * F.mse_loss(im_pix, im_pix.flip(-1))
 
@@ -238,4 +238,4 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-__all__ = ["Official", "OfficialScheduler", "symmetry_loss_fn", "relative", "VAE_SCALE"]
+__all__ = ["Official", "OfficialScheduler", "mirror_loss_fn", "relative", "VAE_SCALE"]

@@ -7,6 +7,7 @@ fails the rest (EFBIG), whichever way the writer writes.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 
 import pytest
@@ -77,3 +78,11 @@ def test_failed_png_save_keeps_the_previous_image(tmp_path):
     with Image.open(target) as im:
         assert im.size == (128, 128) and target.stat().st_size > 2 * LIMIT
     assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_atomic_writes_get_a_normal_files_permissions(tmp_path):
+    path = tmp_path / "out.txt"
+    atomic_write_text(path, "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600

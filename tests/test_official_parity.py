@@ -18,7 +18,7 @@ from cli import main
 from doodl_lightning.baselines import guided_sampling
 from doodl_lightning.data import step_generator
 from doodl_lightning.sampling import Schedule, sample_ddim, sample_edict
-from official_doodl import Official, OfficialScheduler, relative, symmetry_loss_fn
+from official_doodl import Official, OfficialScheduler, relative, mirror_loss_fn
 from doodl_lightning.testing.tiny import save_tiny_pipeline, sd_scheduler
 
 TOL = 1e-8
@@ -197,7 +197,7 @@ def test_three_doodl_updates_match_official(world, name):
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
         official_kw = {k: v for k, v in kw.items() if k != "grad_scale"}
-        ref = off.doodl(symmetry_loss_fn(kw["grad_scale"]), x_T(item, m), 3, perturbation_draws(item, m),
+        ref = off.doodl(mirror_loss_fn(kw["grad_scale"]), x_T(item, m), 3, perturbation_draws(item, m),
                         **official_kw)
         assert relative(m.latents[j].detach(), ref) < TOL, name
         assert relative(m.latents[j].detach(), x_T(item, m).expand(2, -1, -1, -1)) > 1e-4  # it did move
@@ -223,7 +223,7 @@ def test_editing_doodl_updates_match_official(world):
     start = prepared(tmp, "edit_start", pipe, source_image=str(tmp / "source.png"), **kw)
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
-        ref = off.doodl(symmetry_loss_fn(4.0), None, 3, perturbation_draws(item, m), renormalize_latents=False,
+        ref = off.doodl(mirror_loss_fn(4.0), None, 3, perturbation_draws(item, m), renormalize_latents=False,
                         latent_pair=start.latents[j].detach().clone(),
                         **{k: v for k, v in kw.items() if k != "grad_scale"})
         assert relative(m.latents[j].detach(), ref) < TOL
@@ -238,7 +238,7 @@ def test_guided_sampling_baselines_match_official(world, one_step_baseline):
     ev = guided_sampling(m, grad_scale=30.0, estimate="one_step" if one_step_baseline else "chain")
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
-        ref = off.guided_sample(symmetry_loss_fn(30.0), x_T(item, m), one_step_baseline)
-        plain = off.guided_sample(symmetry_loss_fn(0.0), x_T(item, m), one_step_baseline)
+        ref = off.guided_sample(mirror_loss_fn(30.0), x_T(item, m), one_step_baseline)
+        plain = off.guided_sample(mirror_loss_fn(0.0), x_T(item, m), one_step_baseline)
         assert relative(ev.images[j:j + 1], ref) < TOL
         assert relative(ref, plain) > 1e-6  # the guidance did something
