@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import precision
+from ..frozen import leave_out_of_checkpoints
 
 __all__ = ["Guidance", "default_generators", "per_prompt", "DEFAULT_SEED"]
 
@@ -43,8 +44,9 @@ class Guidance(nn.Module, metaclass=ABCMeta):
     Subclasses load their models in ``__init__``, call ``self.freeze()`` at its end and implement ``loss``;
     ``forward`` (called as ``g(images, prompts=..., generators=...)``) is the one place that handles precision:
     the images are cast to the dtype the guidance's models compute in and the loss comes back at least float32.
-    The frozen models are left out of ``state_dict()`` (and not expected by ``load_state_dict``): they are
-    inputs, loaded from their own files, so they never go into the optimisation's checkpoints.
+    The frozen models are left out of the ``state_dict()`` of any module holding the guidance (and not
+    expected by its ``load_state_dict``): they are inputs, loaded from their own files, so they never go into
+    the optimisation's checkpoints (``frozen.leave_out_of_checkpoints``).
     """
 
     default_name = "guidance"
@@ -53,10 +55,7 @@ class Guidance(nn.Module, metaclass=ABCMeta):
         super().__init__()
         self.weight = float(weight)
         self.name = name or self.default_name
-        self._load_prefix = ""
-        self.register_state_dict_post_hook(_drop_own_keys)
-        self.register_load_state_dict_pre_hook(_remember_prefix)
-        self.register_load_state_dict_post_hook(_forgive_own_missing_keys)
+        leave_out_of_checkpoints(self)
 
     def freeze(self) -> "Guidance":
         """Stop gradients to every parameter and switch to eval mode (dropout / batch-norm statistics off)."""
@@ -93,16 +92,3 @@ class Guidance(nn.Module, metaclass=ABCMeta):
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weight={self.weight}"
 
-
-def _drop_own_keys(module: Guidance, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        del state_dict[key]
-
-
-def _remember_prefix(module: Guidance, state_dict, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
-    module._load_prefix = prefix
-
-
-def _forgive_own_missing_keys(module: Guidance, incompatible_keys) -> None:
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(module._load_prefix)]
