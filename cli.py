@@ -1,11 +1,14 @@
 """``python cli.py fit --config experiments/quickstart.yaml``: the LightningCLI entry point."""
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
 import doodl_lightning.strategy  # noqa: F401  registers --trainer.strategy seed_parallel
+from doodl_lightning.console import silence_irrelevant
 from doodl_lightning.module import DOODL
 
 TRAINER_DEFAULTS = {
@@ -17,8 +20,34 @@ TRAINER_DEFAULTS = {
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(DOODL, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
-                        save_config_kwargs={"overwrite": True})
+    silence_irrelevant()
+    cli = LightningCLI(DOODL, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
+                       save_config_kwargs={"overwrite": True})
+    if run and cli.subcommand == "fit":
+        report(cli.trainer)
+    return cli
+
+
+def report(trainer) -> None:
+    """After a fit, on rank 0: each item's initial -> best loss and where its outputs are."""
+    from callbacks import ImageLogger, ResultsWriter
+
+    if trainer.global_rank != 0:
+        return
+    lines = []
+    for cb in trainer.callbacks:
+        if isinstance(cb, ResultsWriter) and (Path(cb.dir) / "results.jsonl").is_file():
+            path = Path(cb.dir) / "results.jsonl"
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines += [f"  item {r['index']:3d}  seed {r['seed']:<6d} loss {r['initial_loss']:.4f} -> best "
+                      f"{r['best_loss']:.4f} (step {r.get('best_step', '-')})  {r['prompt']}" for r in records]
+            lines.append(f"results:       {path}")
+        if isinstance(cb, ImageLogger) and (Path(cb.dir) / "contact_sheet.png").is_file():
+            lines.append(f"contact sheet: {Path(cb.dir) / 'contact_sheet.png'}")
+    if trainer.logger is not None and trainer.log_dir:
+        lines.append(f"tensorboard:   tensorboard --logdir {trainer.log_dir}")
+    if lines:
+        print("\n".join(["", "DOODL finished:"] + lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The frozen text-to-image model: UNet, VAE, text encoder, tokenizer and noise schedule."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -20,7 +21,9 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
     from diffusers import StableDiffusionPipeline
 
     path = Path(os.path.expanduser(model))
-    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    # low_cpu_mem_usage needs accelerate; asking for it without accelerate prints an install hint per load
+    kwargs = dict(safety_checker=None, requires_safety_checker=False,
+                  low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     if path.is_file():
         if path.suffix not in (".safetensors", ".ckpt", ".pt", ".bin"):
             raise ValueError(f"{model}: a single-file checkpoint must be .safetensors or .ckpt")
