@@ -29,7 +29,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
 
 
 def report(trainer) -> None:
-    """After a fit, on rank 0: each item's initial -> best loss and where its outputs are."""
+    """After a fit, on rank 0 (no collectives: the other ranks may have exited): each item's initial -> best
+    loss and where its outputs are."""
     from callbacks import ImageLogger, ResultsWriter
 
     if trainer.global_rank != 0:
@@ -44,8 +45,9 @@ def report(trainer) -> None:
             lines.append(f"results:       {path}")
         if isinstance(cb, ImageLogger) and (Path(cb.dir) / "contact_sheet.png").is_file():
             lines.append(f"contact sheet: {Path(cb.dir) / 'contact_sheet.png'}")
-    if trainer.logger is not None and trainer.log_dir:
-        lines.append(f"tensorboard:   tensorboard --logdir {trainer.log_dir}")
+    log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: that is a collective, and the
+    if log_dir:                                          # other ranks have left by now
+        lines.append(f"tensorboard:   tensorboard --logdir {log_dir}")
     if lines:
         print("\n".join(["", "DOODL finished:"] + lines), flush=True)
 
