@@ -1,6 +1,8 @@
 """The official non-optimising baselines (``latent_traversal=False``): guidance added to eps at every step."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -30,7 +32,7 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
         raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
     if not doodl.local_items or not hasattr(doodl, "_cond"):
         raise RuntimeError("guided_sampling needs a prepared module: call doodl.prepare(device) first")
-    calls = iter(range(1, 1 << 62))
+    calls = itertools.count(1)
     outs = []
     for idx in doodl.chunks():
         loss_fn = lambda: doodl.loss_fn(idx, next(calls))  # noqa: E731 - a fresh cutout stream per call

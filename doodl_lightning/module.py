@@ -1,6 +1,7 @@
 """The LightningModule: the initial noise of a batch of items is its only trainable parameter."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,8 +14,7 @@ from .guidance.base import Guidance
 from .objective import Evaluation, check_guidance, concat_evaluations, evaluate, weighted_guidance
 from .optim import DOODLOptimizer, check_update, masked_step, renormalize_latents
 from .precision import amp_unscale_cancelled, frozen_dtype, keep_optimised_dtypes
-from .sampling import Schedule, check_guidance_scale, check_sampler, check_steps
-from .sampling.edict import check_mix_weight
+from .sampling import Schedule, check_guidance_scale, check_mix_weight, check_sampler, check_steps
 from .start import ChainStart
 
 
@@ -92,9 +92,9 @@ class DOODL(LightningModule):
         self.guidance = nn.ModuleList(guidance)
         self.backbone = resolve_backbone(model or default_model(), model_config, local_files_only, vae_checkpointing)
         self.latent_shape = self.backbone.latent_shape(resolution)
-        self.local_items: list[Item] = []
-        self._restored = False
+        self.local_items: list[Item] = []        # this rank's items, set in setup
         self._final: tuple[int, Evaluation] | None = None
+        self._restored = False                   # resumed from a checkpoint: the start is already applied
         self.last: Evaluation | None = None      # the latest step's evaluation of this rank's items
         self.stepped = None                      # which local items the latest step changed
         self._graphed = None                     # the UNet's CUDA graphs (cuda_graphs)
@@ -159,12 +159,12 @@ class DOODL(LightningModule):
         return torch.utils.data.DataLoader([0], batch_size=1)
 
     # -- the chain ---------------------------------------------------------------------------------
-    @property
+    @functools.cached_property
     def full_schedule(self) -> Schedule:
-        """The whole chain of ``steps`` steps on ``timestep_grid``."""
+        """The whole chain of ``steps`` steps on ``timestep_grid`` (built once: the chain reads it per step)."""
         return Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps, self.hparams.timestep_grid)
 
-    @property
+    @functools.cached_property
     def schedule(self) -> Schedule:
         """The chain that is optimised: all ``steps``, or the last ``opt_t`` of them."""
         return self.start.optimised(self.full_schedule)
