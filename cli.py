@@ -21,8 +21,10 @@ TRAINER_DEFAULTS = {
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     silence_irrelevant()
-    cli = LightningCLI(DOODL, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0,
-                       save_config_kwargs={"overwrite": True})
+    # subclass mode: ``model:`` without a class_path is a DOODL; ``class_path: doodl_lightning.best_of_n.BestOfN``
+    # picks another search over the same items, guidance and outputs
+    cli = LightningCLI(DOODL, subclass_mode_model=True, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
+                       seed_everything_default=0, save_config_kwargs={"overwrite": True})
     if run and cli.subcommand == "fit":
         report(cli.trainer)
     return cli

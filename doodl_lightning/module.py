@@ -12,7 +12,8 @@ from .backbone import Backbone, resolve_backbone
 from .data import Item, make_items, shard, step_generator, unshard
 from .guidance.base import Guidance
 from .objective import Evaluation, check_guidance, concat_evaluations, evaluate, weighted_guidance
-from .optim import DOODLOptimizer, check_update, masked_step, renormalize_latents
+from .optim import (DOODLOptimizer, PerItemAdam, PerItemSGD, check_alternative_update, check_update, masked_step,
+                    renormalize_latents)
 from .precision import amp_unscale_cancelled, frozen_dtype, keep_optimised_dtypes
 from .sampling import Schedule, check_guidance_scale, check_mix_weight, check_sampler, check_steps
 from .start import ChainStart
@@ -39,6 +40,9 @@ class DOODL(LightningModule):
         opt_t, source_image: where the chain starts (``ChainStart``).
         grad_scale, clip_grad_val, use_momentum, momentum, use_nesterov, perturb_grad_scale, tied_latents,
             optimize_first_edict_image_only, renormalize_latents: the update (``DOODLOptimizer``).
+        update_rule: ``official`` (the above), or ``adam`` / ``sgd`` (torch's, on d loss / d latents, with ``lr``,
+            per-item ``max_grad_norm`` clipping; sgd uses ``momentum`` and ``use_nesterov``): the variants a
+            fair comparison tunes on validation.
     The official non-optimising baselines (``latent_traversal=False``) are ``baselines.guided_sampling``.
     """
 
@@ -70,6 +74,9 @@ class DOODL(LightningModule):
         tied_latents: bool = True,
         optimize_first_edict_image_only: bool = False,
         renormalize_latents: bool | None = None,
+        update_rule: str = "official",
+        lr: float = 0.01,
+        max_grad_norm: float | None = None,
         drift_tolerance: float = 1e-3,
         vae_checkpointing: bool = False,
         cuda_graphs: bool = False,
@@ -84,6 +91,7 @@ class DOODL(LightningModule):
         check_mix_weight(mix_weight)
         check_guidance_scale(guidance_scale)
         check_update(grad_scale, clip_grad_val, momentum, perturb_grad_scale)
+        check_alternative_update(update_rule, lr, max_grad_norm)
         check_guidance(guidance)
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or null, got {micro_batch}")
@@ -148,6 +156,11 @@ class DOODL(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
+        if hp.update_rule == "adam":
+            return PerItemAdam([self.latents], lr=hp.lr, max_grad_norm=hp.max_grad_norm, tied_latents=hp.tied_latents)
+        if hp.update_rule == "sgd":
+            return PerItemSGD([self.latents], lr=hp.lr, momentum=hp.momentum, nesterov=hp.use_nesterov,
+                              max_grad_norm=hp.max_grad_norm, tied_latents=hp.tied_latents)
         opt = DOODLOptimizer([self.latents], grad_scale=hp.grad_scale, clip_grad_val=hp.clip_grad_val,
                              use_momentum=hp.use_momentum, momentum=hp.momentum, use_nesterov=hp.use_nesterov,
                              perturb_grad_scale=hp.perturb_grad_scale, tied_latents=hp.tied_latents)
@@ -192,12 +205,14 @@ class DOODL(LightningModule):
         return weighted_guidance(self.guidance, [it.prompt for it in items],
                                  [step_generator(it, stream_step, stream=1) for it in items])
 
-    def evaluate_items(self, backward: bool) -> Evaluation:
-        """Evaluate every local item (in micro-batches); with ``backward`` fill ``latents.grad``."""
+    def evaluate_items(self, backward: bool, latents: Tensor | None = None) -> Evaluation:
+        """Evaluate every local item (in micro-batches) from ``latents`` (default: the parameter); with
+        ``backward`` fill ``latents.grad``."""
         hp = self.hparams
+        latents = self.latents if latents is None else latents
         outs = []
         for idx in self.chunks():
-            pair = self.latents[idx]
+            pair = latents[idx]
             outs.append(evaluate(
                 self.denoiser(idx), pair[:, 0], self.schedule, self.backbone.decode, self.loss_fn(idx, self.global_step),
                 sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
@@ -239,7 +254,9 @@ class DOODL(LightningModule):
 
     def _log_step(self, ev: Evaluation, grad: Tensor) -> None:
         per_item = {"loss": ev.total, "latent_norm": self.latents.detach()[:, 0].flatten(1).norm(dim=1),
-                    "grad_norm": grad.flatten(1).norm(dim=1), **{f"loss_{k}": v for k, v in ev.terms.items()}}
+                    **{f"loss_{k}": v for k, v in ev.terms.items()}}
+        if grad is not None:  # a search without gradients (best-of-N) has none
+            per_item["grad_norm"] = grad.flatten(1).norm(dim=1)
         gathered = {k: self.gather_items(v) for k, v in per_item.items()}
         logs = {f"train/{k}": float(v.mean()) for k, v in gathered.items()}
         logs["train/active_items"] = float(self.gather_items(self.active.float()).sum())

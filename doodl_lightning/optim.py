@@ -124,3 +124,64 @@ def renormalize_latents(latents: Tensor, target_norm: Tensor, rows: Tensor) -> N
     norm = latents[rows].flatten(2).norm(dim=2).clamp_min(1e-12)  # (n, P): each latent on its own
     scale = (target_norm[rows, None] / norm).to(latents.dtype)
     latents[rows] = latents[rows] * scale.view(*norm.shape, *[1] * (latents.dim() - 2))
+
+
+# -- the other updates of a noise search (issue 14's optimiser variants; ReNO's recipe is SGD-Nesterov with
+#    per-item gradient-norm clipping) --------------------------------------------------------------------------
+UPDATES = ("official", "adam", "sgd")
+
+
+def check_alternative_update(update_rule: str, lr: float, max_grad_norm: float | None) -> None:
+    """One-line errors for ``update_rule`` and the settings of the non-official updates."""
+    if update_rule not in UPDATES:
+        raise ValueError(f"unknown update_rule {update_rule!r}; choose one of {', '.join(UPDATES)}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if max_grad_norm is not None and max_grad_norm <= 0:
+        raise ValueError(f"max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
+
+
+class _PerItem:
+    """Mixin for a torch optimiser over latent pairs (N, P, ...): before its step, the pair's gradient is
+    tied (its mean, when ``tied_latents``) and the gradient norm of each item's latent clipped to
+    ``max_grad_norm`` (per item: one item's large gradient must not shrink the others' steps); after it, the pair is tied."""
+
+    def _prepare(self, max_grad_norm: float | None, tied_latents: bool) -> None:
+        self.max_grad_norm, self.tied_latents = max_grad_norm, tied_latents
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.to(p.dtype)
+                if self.tied_latents:
+                    g = g.mean(dim=1, keepdim=True).expand_as(p)
+                if self.max_grad_norm is not None:
+                    norm = g.flatten(2).norm(dim=2).clamp_min(1e-12)  # (N, P): each latent of each pair
+                    g = g * (self.max_grad_norm / norm).clamp(max=1.0).view(*norm.shape, *[1] * (g.dim() - 2))
+                p.grad = g.contiguous()
+        loss = super().step(closure)
+        if self.tied_latents:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.copy_(p.mean(dim=1, keepdim=True).expand_as(p))
+        return loss
+
+
+class PerItemAdam(_PerItem, torch.optim.Adam):
+    """Adam on d loss / d pair, with per-item gradient-norm clipping and tied pairs."""
+
+    def __init__(self, params, lr: float, max_grad_norm: float | None = None, tied_latents: bool = True):
+        super().__init__(params, lr=lr)
+        self._prepare(max_grad_norm, tied_latents)
+
+
+class PerItemSGD(_PerItem, torch.optim.SGD):
+    """SGD with (Nesterov) momentum on d loss / d pair, with per-item gradient-norm clipping and tied pairs."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
+                 max_grad_norm: float | None = None, tied_latents: bool = True):
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+        self._prepare(max_grad_norm, tied_latents)

@@ -1,0 +1,82 @@
+"""Best-of-N search: the practitioner's baseline for noise optimisation, over the same items, guidance and outputs."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .data import Item, initial_noise, step_generator
+from .module import DOODL
+
+
+def candidate_noise(item: Item, k: int, shape: tuple[int, ...]) -> Tensor:
+    """x_T of candidate ``k`` of an item: candidate 0 is the item's own seed noise (so best-of-1 is the unguided
+    sample DOODL starts from); the others come from (seed, k) alone, so any rank, batch or resume draws them."""
+    if k == 0:
+        return initial_noise(item, shape)
+    return torch.randn(shape, generator=step_generator(item, k, stream=3), dtype=torch.float32)
+
+
+class BestOfN(DOODL):
+    """Sample ``candidates`` initial noises per item, run the chain on each without gradient, keep the one with
+    the lowest guidance loss. One training step = one candidate for every item, so ``results.jsonl`` (best
+    loss, best step = the winning candidate), the images, TensorBoard and early stopping work as for DOODL.
+
+    YAML: ``model: {class_path: doodl_lightning.best_of_n.BestOfN, init_args: {candidates: 16, ...}}`` with
+    the DOODL keys for items, model, sampler, steps and guidance; the update keys are unused. The run ends
+    after ``candidates`` steps (``trainer.max_steps`` must allow them). Every candidate is scored with the
+    same cutouts (generator stream of step 0), so candidates are compared on one measure.
+    Compute per item: ``candidates`` chains (steps UNet evaluations each, none back-propagated) and
+    ``candidates`` guidance evaluations, plus the final evaluation of the kept noise.
+    """
+
+    def __init__(self, candidates: int = 16, **kwargs):
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
+        if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
+            raise ValueError("best-of-N samples whole chains from fresh noise: drop opt_t and source_image")
+        super().__init__(**kwargs)
+        self.candidates = candidates
+
+    def setup(self, stage: str) -> None:
+        fresh = not self.local_items
+        super().setup(stage)
+        if fresh:  # the guidance loss of the kept candidate (checkpointed: a resumed search keeps its best)
+            self.register_buffer("best_loss", torch.full((len(self.local_items),), float("inf"), dtype=torch.float64))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if 0 <= max_steps < self.candidates:
+            raise ValueError(f"trainer.max_steps ({max_steps}) is below model.candidates ({self.candidates}): "
+                             f"set --trainer.max_steps {self.candidates} or fewer candidates")
+
+    def configure_optimizers(self):
+        # nothing is back-propagated; stepping an optimiser with no gradients changes nothing but advances
+        # Lightning's step counter (global_step, checkpoints, max_steps) as it does for DOODL
+        return torch.optim.SGD([self.latents], lr=0.0)
+
+    def candidate(self, k: int) -> Tensor:
+        """Candidate ``k``'s latent pairs (N, P, C, h, w) of the local items, on the module's device."""
+        z = torch.stack([candidate_noise(it, k, self.latent_shape) for it in self.local_items])
+        return z.unsqueeze(1).repeat(1, self.start.pair_size, 1, 1, 1).to(self.latents)
+
+    def loss_fn(self, idx: list[int], stream_step: int):
+        return super().loss_fn(idx, 0)  # one set of cutouts for every candidate
+
+    def training_step(self, batch, batch_idx):
+        k = self.global_step
+        z = self.candidate(k)
+        with torch.no_grad():
+            ev = self.evaluate_items(backward=False, latents=z)
+        loss = ev.total.detach().to(self.best_loss)
+        better = self.active & (loss < self.best_loss)
+        with torch.no_grad():
+            self.latents[better] = z[better]
+        self.best_loss[better] = loss[better]
+        self.stepped = self.active.clone()
+        self.optimizers().step()
+        self.last = ev
+        self._log_step(ev, None)
+        if k + 1 >= self.candidates:
+            self.trainer.should_stop = True
+        return None
