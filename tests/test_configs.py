@@ -10,7 +10,9 @@ from cli import TRAINER_DEFAULTS
 from doodl_lightning.module import DOODL
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "shapes" not in p.relative_to(ROOT / "experiments").parts[:1])
+# training configs (cli.py fit); eval_*.yaml are model_eval.py's (tests/test_noise_search_eval.py parses them)
+CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
+                 if "shapes" not in p.relative_to(ROOT / "experiments").parts[:1] and not p.name.startswith("eval_"))
 
 
 class ParseOnly(LightningCLI):
@@ -22,8 +24,9 @@ class ParseOnly(LightningCLI):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_config_parses(path):
-    cli = ParseOnly(DOODL, run=False, args=["--config", str(path)], trainer_defaults=TRAINER_DEFAULTS)
-    model = cli.config["model"]
+    cli = ParseOnly(DOODL, subclass_mode_model=True, run=False, args=["--config", str(path)],
+                    trainer_defaults=TRAINER_DEFAULTS)  # as cli.py: DOODL, or another search by class_path
+    model = cli.config["model"]["init_args"]
     assert model["guidance"], "every experiment has at least one guidance module"
     for g in model["guidance"]:
         assert g["class_path"].startswith("doodl_lightning.guidance.")

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from doodl_lightning.io import to_pil
 
-__all__ = ["UNetCounter", "bootstrap_ci", "per_seed_means", "draw_grid", "draw_bars"]
+__all__ = ["UNetCounter", "bootstrap_ci", "per_seed_means", "draw_grid", "draw_bars", "draw_curves"]
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -184,3 +184,60 @@ def draw_bars(groups: list[dict], series: list[str], path: str | Path, title: st
 
 def choice(rng: random.Random, seq):
     return seq[rng.randrange(len(seq))]
+
+
+def draw_curves(series: list[dict], path: str | Path, title: str, xlabel: str, ylabel: str, ymax: float | None,
+                width: int = 900, height: int = 480) -> None:
+    """Lines with 95% interval whiskers on a log-x axis, y from 0 to ``ymax`` (None: the data's range).
+    ``series``: [{"label", "points": [(x, mean, lo, hi)], "marker": bool (a single point drawn as a big dot)}]."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    f, fs = _font(12), _font(10)
+    x0, y0, x1, y1 = 60, 40, width - 200, height - 50
+    xs = [p[0] for s in series for p in s["points"] if p[0] > 0]
+    lo_x, hi_x = math.log10(min(xs)) - 0.05, math.log10(max(xs)) + 0.05
+    d.text((10, 8), title, fill=(0, 0, 0), font=_font(14))
+    d.line([x0, y0, x0, y1], fill=(0, 0, 0))
+    d.line([x0, y1, x1, y1], fill=(0, 0, 0))
+
+    def px(x):
+        return x0 + (x1 - x0) * (math.log10(x) - lo_x) / max(hi_x - lo_x, 1e-9)
+
+    if ymax is None:
+        ys = [v for s in series for p in s["points"] for v in p[1:]]
+        ymin, ymax = min(ys), max(ys)
+        ymin, ymax = (ymin - 1, ymax + 1) if ymax == ymin else (ymin - 0.05 * (ymax - ymin), ymax + 0.05 * (ymax - ymin))
+    else:
+        ymin = 0.0
+
+    def py(v):
+        return y1 - (y1 - y0) * (max(ymin, min(v, ymax)) - ymin) / (ymax - ymin)
+
+    for k in range(6):
+        v = ymin + (ymax - ymin) * k / 5
+        d.line([x0 - 4, py(v), x1, py(v)], fill=(225, 225, 225) if k else (0, 0, 0))
+        d.text((8, py(v) - 6), f"{v:.3g}", fill=(0, 0, 0), font=fs)
+    for e in range(int(math.floor(lo_x)), int(math.ceil(hi_x)) + 1):
+        for m in (1, 2, 5):
+            x = m * 10 ** e
+            if lo_x <= math.log10(x) <= hi_x:
+                d.line([px(x), y1, px(x), y1 + 4], fill=(0, 0, 0))
+                d.text((px(x) - 8, y1 + 6), f"{x:g}", fill=(0, 0, 0), font=fs)
+    d.text(((x0 + x1) // 2 - 80, height - 22), xlabel, fill=(0, 0, 0), font=f)
+    d.text((x0 + 4, y0 - 16), ylabel, fill=(60, 60, 60), font=fs)
+    colours = SERIES_COLOURS + [(204, 0, 0), (117, 80, 123)]
+    for k, s in enumerate(series):
+        c = colours[k % len(colours)]
+        pts = [(px(x), py(m), py(lo), py(hi)) for x, m, lo, hi in s["points"] if x > 0]
+        if len(pts) > 1 and not s.get("marker"):
+            d.line([(x, y) for x, y, _, _ in pts], fill=c, width=2)
+        for x, y, lo, hi in pts:
+            d.line([x, lo, x, hi], fill=c)
+            r = 5 if s.get("marker") else 2
+            d.ellipse([x - r, y - r, x + r, y + r], fill=c)
+        ly = y0 + 18 * k
+        d.rectangle([x1 + 12, ly, x1 + 24, ly + 12], fill=c)
+        d.text((x1 + 30, ly), s["label"], fill=(0, 0, 0), font=f)
+    im.save(str(path))
