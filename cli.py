@@ -1,38 +1,353 @@
-"""``python cli.py fit --config experiments/quickstart.yaml``: the LightningCLI entry point."""
+"""``python cli.py fit --config experiments/quickstart.yaml``: the LightningCLI entry point.
+
+Besides parsing, it owns what a run does to the file system and the process (``DOODLCLI``): relative input
+paths found from any working directory, a claimed and locked run directory, an atomic config.yaml, a
+``--ckpt_path`` that must continue the same trajectory, SIGTERM / SIGINT ending the run after its step with
+the final outputs written, and bad input ending in one line naming the problem and the fix (``run_cli``)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import doodl_lightning.strategy  # noqa: F401  registers --trainer.strategy seed_parallel
+from callbacks import ComputeMeter, DefaultProgressBar, TensorBoardSummary
 from doodl_lightning.console import silence_irrelevant
+from doodl_lightning.io import DirectoryBusyError, atomic_write_text, claim_version, lock_directory, read_checkpoint
 from doodl_lightning.module import DOODL
+from doodl_lightning.resume import mismatch, trajectory
 
 TRAINER_DEFAULTS = {
     "max_steps": 50,        # optimisation steps (one batch = one step over all items)
     "max_epochs": -1,
     "log_every_n_steps": 1,
     "num_sanity_val_steps": 0,
+    # in every run, after the config's own callbacks (LightningCLI appends these; they stay out of config.yaml):
+    # the step k/N progress bar in place of Lightning's epoch bar (a bar the config names is kept), and
+    # TensorBoard's summary (no hp_metric placeholder; HPARAMS with guidance and results; the final evaluation),
+    # and the run's compute (UNet and guidance evaluations per image, seconds: compute.json)
+    "callbacks": [DefaultProgressBar(), TensorBoardSummary(), ComputeMeter()],
 }
+
+
+ROOT = Path(__file__).resolve().parent  # the repository: configs name the shipped weights relative to it
+
+# keys under ``model:`` (and ``ckpt_path``) whose values are input files; output directories
+# (default_root_dir, dirpath) stay relative to the working directory, where the user looks for them
+INPUT_PATH_KEYS = {"model", "model_config", "prompt_file", "source_image", "pretrained", "head", "checkpoint",
+                   "labels", "references", "path", "ckpt_path"}
+UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+def find_input(value: str, config_dirs: list[Path]) -> str:
+    """A relative input path as the working directory sees it when it exists there (what it always meant),
+    else beside a config file (the last given first), else in the repository (the shipped weights), so a
+    config runs from any directory; unchanged when found nowhere, so the loader's error names it as written."""
+    if not value or os.path.isabs(value) or value.startswith("~") or os.path.exists(value):
+        return value
+    for base in [*config_dirs, ROOT]:
+        candidate = base / value
+        if candidate.exists():
+            return str(candidate)
+    return value
+
+
+def _resolve_inputs(node, config_dirs: list[Path], is_input: bool = False):
+    """``node`` (a parsed config) with the values of ``INPUT_PATH_KEYS`` passed through ``find_input``."""
+    if isinstance(node, Namespace):
+        for key, value in vars(node).items():
+            setattr(node, key, _resolve_inputs(value, config_dirs, key in INPUT_PATH_KEYS))
+        return node
+    if isinstance(node, list):
+        return [_resolve_inputs(v, config_dirs, is_input) for v in node]
+    if isinstance(node, dict):  # e.g. references: {prompt: [images]}: the values are inputs, the keys are not
+        return {k: _resolve_inputs(v, config_dirs, is_input) for k, v in node.items()}
+    return find_input(node, config_dirs) if is_input and isinstance(node, str) else node
+
+
+def _config_files(args: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def check_yaml(path: str) -> None:
+    """A config file that is not valid YAML: one line with the file, the place and the problem (jsonargparse's
+    own message names neither the file nor, for a file, where)."""
+    p = Path(path)
+    if not p.is_file():
+        return  # jsonargparse says it is missing (or reads the value as inline YAML)
+    try:
+        yaml.safe_load(p.read_bytes())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {p} is not valid YAML{where}: {problem}; fix the syntax there") from None
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The module's own error inside jsonargparse's "Does not validate against any of the Union subtypes"
+    (``model:`` is DOODL-or-subclass in subclass mode, so every error raised by its ``__init__`` arrives wrapped)."""
+    while str(e).startswith(UNION_ERROR) and e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def _rank_zero_process() -> bool:
+    """Whether this process will be global rank 0, before the strategy knows (torchrun, SLURM and Lightning's
+    launcher say so in the environment): only rank 0 claims and locks output directories."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID",
+                                                       "JSM_NAMESPACE_RANK"))
+
+
+class AtomicSaveConfig(SaveConfigCallback):
+    """``config.yaml`` written atomically: a run killed while writing it leaves the whole file or none. No
+    overwrite check: every run claims its own directory (``DOODLCLI.before_fit``), and a directory named by
+    the user is locked, so a config.yaml there belongs to a finished earlier run."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # a collective: every rank calls it
+        if trainer.is_global_zero:
+            atomic_write_text(os.path.join(log_dir, self.config_filename),
+                              self.parser.dump(self.config, skip_none=False))
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+class StopOnSignal(Callback):
+    """SIGTERM (what schedulers and SLURM pre-emption send) and SIGINT (Ctrl-C) end a one-process run after
+    the step in progress, as if it had reached max_steps: the final evaluation, images, contact sheet,
+    ``results.jsonl`` and ``last.ckpt`` (with a ModelCheckpoint that has ``save_last``) are written, then
+    ``cli.py`` exits 128 + the signal (143, 130). A second Ctrl-C abandons the step at once (exit 130; the
+    previous step's outputs and checkpoint stay). Several processes keep Lightning's SIGTERM handling: each
+    stops at the end of its step without the final evaluation (the README says so)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.steps = 0  # steps finished by this process
+        self._previous_sigint = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning's SIGTERM handler only raises a flag; Ctrl-C raises KeyboardInterrupt wherever it lands
+        # (once it hung a minute in Lightning's shutdown), so a first Ctrl-C becomes a flag too
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: abandon the step
+        self.signal = signal.SIGINT
+        os.write(2, b"\nCtrl-C: stopping after this step, then writing the final outputs (Ctrl-C again to abandon the step)\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps += 1
+        if trainer.world_size > 1:
+            return
+        if self.signal is None and trainer.received_sigterm:
+            self.signal = signal.SIGTERM
+            print(f"\nSIGTERM: stopped after step {trainer.global_step}, writing the final outputs", file=sys.stderr,
+                  flush=True)
+        if self.signal is None:
+            return
+        # Lightning would now raise SystemExit without a code: exit 0, no final evaluation, no contact sheet
+        trainer._signal_connector.received_sigterm = False
+        trainer.should_stop = True
+        for cb in trainer.checkpoint_callbacks:  # this step's last.ckpt, when its schedule skipped this step
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_global_step_saved != trainer.global_step:
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+
+class DOODLCLI(LightningCLI):
+    """LightningCLI plus what a run does to the file system and the process (the README's "Faults, signals
+    and resuming"): relative inputs found from any working directory, a YAML error naming its file, the
+    module's own one-line errors, ``max_steps`` >= 1, ``--ckpt_path last`` and a checkpoint that must continue
+    the same trajectory, a claimed and locked run directory, an atomic config.yaml, nothing left by a run that
+    fails before its first step, and the signal a run was stopped by (``stopped_by``)."""
+
+    stopped_by: int | None = None
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            for path in _config_files(list(sys.argv[1:] if args is None else args)):
+                check_yaml(path)
+        super().parse_arguments(parser, args)
+        sub = self.config.get("subcommand")
+        if sub:
+            node = self.config[sub]
+            dirs = [Path(p.absolute).parent for p in reversed(node.get("config") or [])]
+            node.model = _resolve_inputs(node.get("model"), dirs)
+            if isinstance(node.get("ckpt_path"), str):
+                node.ckpt_path = find_input(node.ckpt_path, dirs)
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's version replaces the model's settings by the checkpoint's hyper-parameters, so a resume
+        # with another config silently ran the checkpoint's (and mixed in the new guidance). Here the config
+        # is what runs; the checkpoint is only read, to fail early on a bad file, and before_fit compares.
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        self._checkpoint = read_checkpoint(path) if path and path not in ("last", "hpc", "best") else None
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":
+            steps = self.config.fit.trainer.max_steps
+            if steps is not None and (steps == 0 or steps < -1):
+                raise ValueError(f"trainer.max_steps {steps} runs no optimisation step: give --trainer.max_steps N "
+                                 "with N >= 1 (the samples before optimisation are step 0 of any run)")
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            raise _root_cause(e) from None
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        self.stop_on_signal = StopOnSignal()
+        trainer.callbacks.append(self.stop_on_signal)  # after ModelCheckpoint: it saves this step's last.ckpt first
+        return trainer
+
+    def before_fit(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") == "last":
+            cfg["ckpt_path"] = self._last_checkpoint()
+            self._checkpoint = read_checkpoint(cfg["ckpt_path"]) if cfg["ckpt_path"] else None
+        saved = (self._checkpoint or {}).get("doodl_trajectory")
+        if saved is not None:  # the same check as the module's on_load_checkpoint, before anything is written
+            problem = mismatch(saved, trajectory(self.model, self.trainer), f"checkpoint {cfg['ckpt_path']}")
+            if problem:
+                raise ValueError(problem)
+        self._checkpoint = None  # Lightning reads it again; do not hold two copies
+        if cfg.get("ckpt_path"):  # a resume always writes a new version_N: ModelCheckpoint's note says nothing
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+        self._claimed: list[Path] = []
+        self._locks: list[int] = []
+        if _rank_zero_process():
+            try:
+                self._claim_outputs()
+            except BaseException:  # e.g. a callback's directory is busy: give back what was claimed
+                self._abandon()
+                raise
+
+    def _last_checkpoint(self) -> str | None:
+        """``--ckpt_path last``: the newest last.ckpt of this output directory's runs (Lightning's own "last"
+        looks only in the new run's empty directory, so it never resumed anything here)."""
+        trainer = self.trainer
+        dirs = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+        roots = [Path(lg.root_dir) for lg in trainer.loggers if isinstance(lg, (TensorBoardLogger, CSVLogger))]
+        dirs |= {v / "checkpoints" for root in roots for v in root.glob("version_*")}
+        if not trainer.loggers:
+            dirs.add(Path(trainer.default_root_dir) / "checkpoints")
+        found = [f for d in dirs for f in d.glob("last*.ckpt") if f.is_file()]
+        if not found:
+            print(f"--ckpt_path last: no last.ckpt under {trainer.default_root_dir} yet, starting from the beginning",
+                  file=sys.stderr, flush=True)
+            return None
+        newest = str(max(found, key=lambda f: f.stat().st_mtime))
+        print(f"--ckpt_path last: resuming from {newest}", file=sys.stderr, flush=True)
+        return newest
+
+    def _claim_outputs(self) -> None:
+        """Give every logger without a fixed version its own ``version_N`` (created atomically) and lock the
+        directories this run writes, so runs started at once in one output directory never share one."""
+        trainer = self.trainer
+        versions: dict[str, int] = {}
+        outputs = []
+        for logger in trainer.loggers:
+            if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+                continue
+            if logger._version is None:  # Lightning would pick max(version_N) + 1 by listing: two runs get one N
+                root = os.path.realpath(logger.root_dir)
+                if root not in versions:
+                    versions[root] = claim_version(root)
+                    self._claimed.append(Path(root) / f"version_{versions[root]}")
+                logger._version = versions[root]
+            outputs.append(logger.log_dir)
+        if not trainer.loggers:
+            outputs.append(trainer.default_root_dir)
+        outputs += [cb.dirpath for cb in trainer.callbacks if isinstance(getattr(cb, "dirpath", None), (str, Path))]
+        for d in dict.fromkeys(os.path.realpath(p) for p in outputs):
+            fd = lock_directory(d)
+            if fd is not None:
+                self._locks.append(fd)
+
+    def fit(self, model, **kwargs) -> None:
+        try:
+            self.trainer.fit(model, **kwargs)
+        except BaseException as e:
+            self._abandon()
+            if isinstance(e, SIGTERMException):  # several processes: Lightning's SystemExit has no code (exit 0)
+                self.stopped_by = signal.SIGTERM
+                raise SystemExit(128 + signal.SIGTERM) from None
+            if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):  # Lightning exits 1
+                self.stopped_by = signal.SIGINT
+                raise SystemExit(128 + signal.SIGINT) from None
+            raise
+        self._release_locks()
+        if self.stop_on_signal.signal is not None:
+            self.stopped_by = self.stop_on_signal.signal
+        elif self.trainer.received_sigterm:  # arrived during the final evaluation: the outputs are complete
+            self.stopped_by = signal.SIGTERM
+
+    def _release_locks(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
+
+    def _abandon(self) -> None:
+        """A run that fails before finishing a step leaves nothing: its claimed directory held only the config,
+        hyper-parameters, an empty TensorBoard file and empty folders. Anything else there stays."""
+        self._release_locks()
+        if self.stop_on_signal.steps:
+            return
+        for d in self._claimed:
+            for f in [d / "config.yaml", d / "hparams.yaml", d / "metrics.csv", *d.glob("events.out.tfevents.*")]:
+                f.unlink(missing_ok=True)
+            for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()  # only if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     silence_irrelevant()
     # subclass mode: ``model:`` without a class_path is a DOODL; ``class_path: doodl_lightning.best_of_n.BestOfN``
     # picks another search over the same items, guidance and outputs
-    cli = LightningCLI(DOODL, subclass_mode_model=True, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
-                       seed_everything_default=0, save_config_kwargs={"overwrite": True})
+    cli = DOODLCLI(DOODL, subclass_mode_model=True, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
+                   seed_everything_default=0, save_config_callback=AtomicSaveConfig)
     if run and cli.subcommand == "fit":
-        report(cli.trainer)
+        report(cli.trainer, cli.stopped_by)
     return cli
 
 
-def report(trainer) -> None:
+def report(trainer, stopped_by: int | None = None) -> None:
     """After a fit, on rank 0 (no collectives: the other ranks may have exited): each item's initial -> best
-    loss and where its outputs are."""
+    loss and where its outputs are; for a run stopped by a signal, how to resume it."""
     from callbacks import ImageLogger, ResultsWriter
 
     if trainer.global_rank != 0:
@@ -50,14 +365,27 @@ def report(trainer) -> None:
     log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: that is a collective, and the
     if log_dir:                                          # other ranks have left by now
         lines.append(f"tensorboard:   tensorboard --logdir {log_dir}")
+    head = "DOODL finished:"
+    if stopped_by is not None:
+        head = (f"DOODL stopped by {signal.Signals(stopped_by).name} after step {trainer.global_step} of "
+                f"{trainer.max_steps} (final outputs written); resume with the same command and --ckpt_path last:")
     if lines:
-        print("\n".join(["", "DOODL finished:"] + lines), flush=True)
+        print("\n".join(["", head] + lines), flush=True)
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """``python cli.py ...``: the exit status. Bad input ends in one line ``error: ...`` naming the problem and
+    the fix, not a traceback (2); a run stopped by SIGTERM / SIGINT exits 143 / 130 after writing its outputs."""
+    try:
+        cli = main(args)
+    except KeyboardInterrupt:  # before the trainer started: nothing was written
+        print("error: interrupted before the first step; nothing was written", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ValueError, OSError, DirectoryBusyError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 128 + cli.stopped_by if cli.stopped_by is not None else 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # bad input: one line naming the problem and the fix, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli())

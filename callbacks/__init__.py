@@ -1,6 +1,10 @@
-"""Callbacks around the optimisation: early stopping, images, results."""
+"""Callbacks around the optimisation: early stopping, images, results, the progress bar, TensorBoard's summary."""
+from .compute import ComputeMeter
 from .early_stopping import ItemEarlyStopping
 from .image_logger import ImageLogger
+from .progress import DefaultProgressBar, StepProgressBar
 from .results import ResultsWriter
+from .tensorboard import TensorBoardSummary
 
-__all__ = ["ImageLogger", "ItemEarlyStopping", "ResultsWriter"]
+__all__ = ["ComputeMeter", "DefaultProgressBar", "ImageLogger", "ItemEarlyStopping", "ResultsWriter", "StepProgressBar",
+           "TensorBoardSummary"]

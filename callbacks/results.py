@@ -12,9 +12,27 @@ from doodl_lightning.io import atomic_write_text, check_writable, save_png
 from ._dist import gather_objects, output_dir
 
 
+def environment(device, trainer=None) -> dict:
+    """Where a result was computed: device (and GPU name), torch threads, precision, library versions."""
+    import diffusers
+    import lightning
+
+    device = torch.device(device)
+    # plain str: torch.__version__ is a TorchVersion, which weights_only checkpoint loads refuse
+    env = {"device": str(device), "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
+           "diffusers": str(diffusers.__version__), "lightning": str(lightning.__version__)}
+    if device.type == "cuda":
+        env["device_name"] = str(torch.cuda.get_device_name(device))
+    if trainer is not None:
+        env["precision"] = str(trainer.precision)
+    return env
+
+
 class ResultsWriter(Callback):
     """Per item: prompt, seed, rank, steps run, initial / final / best total loss and per-guidance
     terms, and the paths of its final and best images. The best iteration is kept (as ReNO does).
+    ``environment``: what the numbers depend on beyond the config (``environment()``): CPU trajectories
+    differ across thread counts (float32 reduction order), GPU ones across devices and library versions.
 
     Every ``every_n_steps`` steps and at the end, each rank writes its items' improved best images
     and rank 0 rewrites ``results.jsonl`` atomically, so a killed run leaves complete lines and
@@ -27,6 +45,7 @@ class ResultsWriter(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.dir = check_writable(output_dir(trainer, self.dirpath))
+        self.env = environment(pl_module.device, trainer)
 
     def _terms(self, ev, j: int) -> dict:
         return {k: float(v[j]) for k, v in ev.terms.items()}
@@ -44,6 +63,7 @@ class ResultsWriter(Callback):
                     **item.to_dict(), "rank": trainer.global_rank, "initial_loss": total,
                     "initial_terms": self._terms(ev, j), "best_loss": float("inf"),
                 }
+            rec["environment"] = self.env  # this process's (a resumed run: the one that ran last)
             if bool(pl_module.stepped[j]) or rec.get("steps") is None:
                 rec["steps"] = step + 1
             if total < rec["best_loss"]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +16,27 @@ from .sampling import Denoiser
 
 class ModelNotFoundError(FileNotFoundError):
     pass
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+@contextmanager
+def _naming_bad_weights(files: list[Path]):
+    """When loading fails, name the first weights file that cannot be read safely (truncated, corrupt, or a
+    pickle holding more than tensors) in one line with the fix; other failures pass through unchanged.
+    diffusers' own message names the file but comes with a traceback, or none for a refused pickle."""
+    try:
+        yield
+    except Exception:
+        from .io import weights_file_problem
+
+        for f in files:
+            problem = weights_file_problem(f)
+            if problem:
+                raise ValueError(f"model weights file {f} is {problem}: re-download or re-save the model "
+                                 "(a pickle from a trusted source: convert it to .safetensors)") from None
+        raise
 
 
 def _load_pipeline(model: str, config: str | None, local_files_only: bool | None):
@@ -32,12 +54,17 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
         if config is None:
             raise ValueError(f"{model} is a single file: also give model_config, a local diffusers directory "
                              "with the model's configs (model_index.json, unet/config.json, ...)")
-        return StableDiffusionPipeline.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
+        with _naming_bad_weights([path]):
+            return StableDiffusionPipeline.from_single_file(str(path), config=config, local_files_only=True, **kwargs)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelNotFoundError(f"{model} is a directory without model_index.json: "
                                      "give a diffusers Stable-Diffusion-layout directory (save_pretrained output)")
-        return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+        # diffusers reads a component's other weight files only when it has no .safetensors: blame only those
+        weights = sorted(f for f in path.rglob("*") if f.suffix in _WEIGHT_SUFFIXES)
+        used = [f for f in weights if f.suffix == ".safetensors" or not list(f.parent.glob("*.safetensors"))]
+        with _naming_bad_weights(used):
+            return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"model {model!r} not found: no such file or directory (and not a hub id 'org/name')")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only

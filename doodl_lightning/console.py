@@ -11,11 +11,38 @@ IRRELEVANT_WARNINGS = (".*does not have many workers.*", ".*module\\(s\\) in eva
                        ".*GPU available but not used.*", ".*ModelCheckpoint with manual optimization.*")
 
 
+# Lightning's start-up lines that say nothing about a DOODL run: which accelerators the machine has (the
+# config names the one used), adverts for Lightning's cloud products (litlogger, litmodels), and the global
+# seed (a DOODL item's randomness comes from its own seed, so "Seed set to 0" beside seeds [3, 7] misleads)
+IRRELEVANT_LOG_LINES = ("GPU available:", "TPU available:", "Tip: For seamless cloud", "Seed set to ")
+# the loggers Lightning prints them through (rank_zero_info, and fabric's seed_everything)
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                          "lightning.fabric.utilities.seed")
+
+
+class _DropIrrelevantLines(logging.Filter):
+    """Drops the records whose message contains one of ``IRRELEVANT_LOG_LINES``; the other notices
+    (why a fit stopped, which checkpoint a resume restores, ...) still print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(line in message for line in IRRELEVANT_LOG_LINES)
+
+
+_LINE_FILTER = _DropIrrelevantLines()
+
+
 def silence_irrelevant() -> None:
-    """Filter the warnings in ``IRRELEVANT_WARNINGS`` and the model-loading progress bars of diffusers and
-    transformers (loading takes a second or two; the bars fill the screen before the first step)."""
+    """Filter the warnings in ``IRRELEVANT_WARNINGS``, Lightning's start-up lines in ``IRRELEVANT_LOG_LINES``
+    and the model-loading progress bars of diffusers and transformers (loading takes a second or two; the bars
+    fill the screen before the first step). Safe to call more than once."""
     for pattern in IRRELEVANT_WARNINGS:
         warnings.filterwarnings("ignore", pattern)
+    for name in LIGHTNING_INFO_LOGGERS:
+        # a filter on the logger that emits them (not a level): the same loggers carry the notices that matter
+        logger = logging.getLogger(name)
+        if _LINE_FILTER not in logger.filters:
+            logger.addFilter(_LINE_FILTER)
     try:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -32,3 +59,68 @@ def quiet_lightning() -> None:
     silence_irrelevant()
     for name in ("lightning.pytorch", "lightning", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# -- how items and guidance are named on screen, in TensorBoard and on the contact sheet ----------------
+def item_label(prompt: str, seed: int, width: int = 60) -> str:
+    """``prompt | seed N``, the prompt cut at ``width`` characters (whitespace runs and newlines made one
+    space): what identifies an item to a reader, where an index would mean another item in another run."""
+    text = " ".join(str(prompt).split())
+    if len(text) > width:
+        text = text[: width - 1].rstrip() + "…"
+    return f"{text} | seed {seed}"
+
+
+def item_labels(items, width: int = 60) -> list[str]:
+    """``item_label`` of each item, made unique with `` #index`` where two items read the same (the same
+    prompt and seed given twice, or prompts equal up to the cut): TensorBoard would merge their lines."""
+    labels = [item_label(it.prompt, it.seed, width) for it in items]
+    seen: dict[str, int] = {}
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+    return [f"{label} #{it.index}" if seen[label] > 1 else label for label, it in zip(labels, items)]
+
+
+def _short(value, width: int = 48) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def guidance_target(g) -> str:
+    """What a guidance term pulls toward, in words ('' when it has no target, e.g. symmetry)."""
+    from .guidance import AestheticGuidance, ClassifierGuidance, CLIPImageGuidance, CLIPTextGuidance
+
+    if isinstance(g, CLIPTextGuidance):
+        return f'text "{g.prompt}"' if g.prompt is not None else "each item's prompt"
+    if isinstance(g, CLIPImageGuidance):
+        refs = g.references
+        if isinstance(refs, dict):
+            return "per prompt: " + "; ".join(f"{p}: {len(r)} images" for p, r in refs.items())
+        more = ", ..." if len(refs) > 1 else ""
+        return f"{len(refs)} reference image{'s' if len(refs) != 1 else ''} ({_short(refs[0], 32)}{more})"
+    if isinstance(g, ClassifierGuidance):
+        def name(index: int) -> str:
+            labels = g.labels
+            return f"{labels[index]} ({index})" if labels is not None and 0 <= index < len(labels) else str(index)
+        if isinstance(g.target, dict):
+            return "class per prompt: " + "; ".join(f"{p}: {name(t)}" for p, t in g.target.items())
+        return f"class {name(g.target)}"
+    if isinstance(g, AestheticGuidance):
+        return "maximise the score" if g.target is None else f"score {g.target:g}"
+    return ""
+
+
+def describe_guidance(guidance) -> list[dict]:
+    """Each guidance term as ``{"name", "class", "weight", "target"}`` (target: ``guidance_target``), in the
+    order the loss sums them: for TensorBoard's HPARAMS and the contact sheet's title."""
+    return [{"name": g.name, "class": type(g).__name__, "weight": float(g.weight),
+             "target": _short(guidance_target(g), 120)} for g in guidance or []]
+
+
+def guidance_title(guidance) -> str:
+    """One line naming every term: ``clip_text: text "a green circle" · symmetry ×0.5``."""
+    parts = []
+    for d in describe_guidance(guidance):
+        weight = "" if d["weight"] == 1.0 else f" ×{d['weight']:g}"
+        parts.append(f"{d['name']}{weight}" + (f": {d['target']}" if d["target"] else ""))
+    return " · ".join(parts)

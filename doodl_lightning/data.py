@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,14 +24,23 @@ def read_prompt_file(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist: give a .txt (one prompt per line) or .csv with a 'prompt' column")
+    data = p.read_bytes()
+    # a NUL byte is never text: a binary file (or a broken export) would otherwise become "prompts"
+    if b"\x00" in data:
+        raise ValueError(f"prompt file {path} contains NUL bytes (byte {data.index(0)}), so it is not a text file: "
+                         "give a UTF-8 .txt (one prompt per line) or .csv with a 'prompt' column")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}): "
+                         "save it as UTF-8, one prompt per line (.txt) or with a 'prompt' column (.csv)") from None
     if p.suffix.lower() == ".csv":
-        with p.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "prompt" not in reader.fieldnames:
-                raise ValueError(f"{path}: a CSV prompt file needs a 'prompt' column (found {reader.fieldnames})")
-            prompts = [row["prompt"].strip() for row in reader]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise ValueError(f"{path}: a CSV prompt file needs a 'prompt' column (found {reader.fieldnames})")
+        prompts = [(row["prompt"] or "").strip() for row in reader]
     else:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = text.splitlines()
         prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     prompts = [q for q in prompts if q]
     if not prompts:
@@ -47,6 +57,8 @@ def make_items(prompts: list[str] | None, seeds: list[int], prompt_file: str | N
         raise ValueError("the prompt list is empty: give model.prompts: [...] or model.prompt_file")
     if not all(isinstance(q, str) for q in prompts):
         raise ValueError("prompts must be strings")
+    if any("\x00" in q for q in prompts):
+        raise ValueError("a prompt contains a NUL character: remove it (prompts are plain text)")
     if not seeds:
         raise ValueError("the seed list is empty: give model.seeds: [0, 1, ...]")
     for s in seeds:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -63,3 +64,94 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise PermissionError(f"output directory {p} is not writable ({e.strerror}): choose another with "
                               "--trainer.default_root_dir or the callback's dirpath") from None
     return p
+
+
+# -- run directories: claimed atomically, locked while a run writes them ------------------------------
+class DirectoryBusyError(RuntimeError):
+    """Another run is writing to the same output directory."""
+
+
+def claim_version(parent: str | os.PathLike) -> int:
+    """Create ``parent/version_N`` for the first free N and return N.
+
+    ``os.mkdir`` either creates the directory or fails because it exists, so two runs started at once can
+    never get the same N (Lightning's loggers pick N by listing the folder, which races)."""
+    parent = check_writable(parent)
+    taken = [int(d.name[len("version_"):]) for d in parent.iterdir()
+             if d.name.startswith("version_") and d.name[len("version_"):].isdigit()]
+    n = max(taken, default=-1) + 1
+    while True:
+        try:
+            os.mkdir(parent / f"version_{n}")
+            return n
+        except FileExistsError:
+            n += 1
+
+
+def lock_directory(path: str | os.PathLike) -> int | None:
+    """Hold an exclusive lock on directory ``path`` (created if needed) until the returned descriptor is
+    closed or the process ends; a second run locking it gets ``DirectoryBusyError``. None where the file
+    system has no locks (some network file systems): then only claimed run directories protect a run."""
+    import fcntl
+
+    p = check_writable(path)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryBusyError(f"output directory {p} is in use by another run that is still writing to it: "
+                                 "wait for it, or give this run another --trainer.default_root_dir "
+                                 "(or callback dirpath)") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+# -- reading what a run did not write itself: one line naming the file and the fix -------------------------
+def weights_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a weights file cannot be read safely (truncated, corrupt, a pickle holding more than tensors),
+    or None when it reads. A pickle is read whole: meant for error paths, to name the bad file."""
+    import pickle
+    import warnings
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt"):  # opening checks the header and that the file covers its data
+                pass
+        else:
+            with warnings.catch_warnings():  # torch's note on the pickle protocol of a file refused anyway
+                warnings.simplefilter("ignore")
+                torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))  # the first object that is not a tensor, when torch names it
+        held = f" (found {found.group(1)})" if found else ""
+        return f"a pickle that holds more than tensors{held} (refused: unpickling it could run code)"
+    except Exception as e:  # noqa: BLE001 - any failure to read is the answer, by its first sentence
+        first = " ".join(str(e).split()).split(". ")[0]
+        return f"truncated or corrupt ({type(e).__name__}: {first[:160]})"
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning checkpoint of this project, read with ``torch.load(weights_only=True)``."""
+    import warnings
+
+    p = Path(path)
+    fix = ("resume from an intact checkpoint (the last.ckpt in an earlier run's checkpoints/ folder, or "
+           "--ckpt_path last) or start a new run without --ckpt_path")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint {p} does not exist: {fix}")
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it then refuses
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - every way of failing gets the same one line, with the reason
+        raise ValueError(f"checkpoint {p} cannot be read: it is {weights_file_problem(p) or 'unreadable'}: {fix}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise ValueError(f"checkpoint {p} is not a Lightning checkpoint (no state_dict / global_step): {fix}")
+    return ckpt

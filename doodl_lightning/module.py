@@ -15,6 +15,7 @@ from .objective import Evaluation, check_guidance, concat_evaluations, evaluate,
 from .optim import (DOODLOptimizer, PerItemAdam, PerItemSGD, check_alternative_update, check_update, masked_step,
                     renormalize_latents)
 from .precision import amp_unscale_cancelled, frozen_dtype, keep_optimised_dtypes
+from .resume import mismatch, trajectory
 from .sampling import Schedule, check_guidance_scale, check_mix_weight, check_sampler, check_steps
 from .start import ChainStart
 
@@ -136,6 +137,15 @@ class DOODL(LightningModule):
         return self
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # a resume must continue the checkpoint's trajectory: any difference in what defines it (items,
+        # sampler, update, guidance, weights, precision, processes) is an error, never silently mixed in.
+        # Checkpoints older than the trajectory record only get the item check below.
+        if "doodl_trajectory" in checkpoint:
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            problem = mismatch(checkpoint["doodl_trajectory"], trajectory(self),
+                               f"checkpoint {path}" if path else "the checkpoint")
+            if problem:
+                raise ValueError(problem)
         mine = [it.to_dict() for it in self.local_items]
         if checkpoint.get("doodl_items", mine) != mine:
             raise ValueError("this checkpoint was made for different items (prompts, seeds or number of processes); "
@@ -144,6 +154,7 @@ class DOODL(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["doodl_items"] = [it.to_dict() for it in self.local_items]
+        checkpoint["doodl_trajectory"] = trajectory(self)
 
     def on_fit_start(self) -> None:
         # one prompt at a time: an item's embedding must not depend on which items share its rank
@@ -252,16 +263,68 @@ class DOODL(LightningModule):
         padded[: len(values)] = values
         return unshard(self.all_gather(padded).reshape(world, -1).cpu(), len(self.items))
 
-    def _log_step(self, ev: Evaluation, grad: Tensor) -> None:
+    @functools.cached_property
+    def item_names(self) -> list[str]:
+        """Each item's name in TensorBoard, ``prompt | seed N`` (``console.item_labels``), in item order."""
+        from .console import item_labels
+
+        return item_labels(self.items)
+
+    def gathered_metrics(self, ev: Evaluation, grad: Tensor | None = None) -> dict[str, Tensor]:
+        """Each per-item metric of ``ev`` over ALL items (gathered from every rank; a collective): ``loss``,
+        ``loss_<guidance>``, ``latent_norm`` and, given the gradient, ``grad_norm``."""
         per_item = {"loss": ev.total, "latent_norm": self.latents.detach()[:, 0].flatten(1).norm(dim=1),
                     **{f"loss_{k}": v for k, v in ev.terms.items()}}
         if grad is not None:  # a search without gradients (best-of-N) has none
             per_item["grad_norm"] = grad.flatten(1).norm(dim=1)
-        gathered = {k: self.gather_items(v) for k, v in per_item.items()}
+        return {k: self.gather_items(v) for k, v in per_item.items()}
+
+    def metric_logs(self, gathered: dict[str, Tensor]) -> dict[str, float]:
+        """What a step logs of ``gathered_metrics``: ``train/<metric>`` (mean over items), ``items/<metric>/<name>``
+        (each item under its ``item_names`` entry, so a tag means the same item in every run) and
+        ``train/best_loss``, the mean over items of each item's lowest loss so far (``item_best_loss``, all
+        items, updated here; it restarts with a resumed process)."""
+        loss = gathered["loss"]
+        best = getattr(self, "item_best_loss", None)
+        self.item_best_loss = loss.clone() if best is None or best.shape != loss.shape else torch.minimum(best, loss)
         logs = {f"train/{k}": float(v.mean()) for k, v in gathered.items()}
+        logs["train/best_loss"] = float(self.item_best_loss.mean())
+        names = self.item_names
+        logs.update({f"items/{k}/{names[i]}": float(v[i]) for k, v in gathered.items() for i in range(len(names))})
+        return logs
+
+    def _write_tensorboard_layout(self, metrics: list[str]) -> None:
+        """Once per TensorBoard run, on rank 0: a custom-scalars layout (TensorBoard's CUSTOM SCALARS tab) with one
+        chart per metric in which every item is its own line, named ``items/<metric>/<prompt | seed>``, beside
+        the run-level mean ``train/<metric>`` (and, for the loss, ``train/best_loss``). The Scalars tab gives one
+        card per tag; only a Multiline chart draws several tags as lines of one chart. The charts are regexes
+        over tags, the same in every run, so TensorBoard merges the layouts of the runs it shows."""
+        if self._trainer is None or self.global_rank != 0:
+            return
+        import re
+
+        written = self.__dict__.setdefault("_tensorboard_layouts", [])
+        for logger in self.loggers:
+            exp = getattr(logger, "experiment", None)
+            if not hasattr(exp, "add_custom_scalars") or any(exp is w for w in written):
+                continue
+            charts = {}
+            for m in metrics:
+                tags = [f"^items/{re.escape(m)}/", f"^train/{re.escape(m)}$"]
+                if m == "loss":
+                    tags.append("^train/best_loss$")
+                charts[m] = ["Multiline", tags]
+            exp.add_custom_scalars({"DOODL: every item (prompt | seed) and the mean (train/...)": charts})
+            written.append(exp)
+
+    def _log_step(self, ev: Evaluation, grad: Tensor | None) -> None:
+        """Log one step (see ``metric_logs``) plus ``train/active_items`` and, with ``reversible``, the drift.
+        ``grad`` None: a search without gradients (best-of-N), no ``grad_norm``."""
+        gathered = self.gathered_metrics(ev, grad)
+        logs = self.metric_logs(gathered)
         logs["train/active_items"] = float(self.gather_items(self.active.float()).sum())
         if "reversible_drift" in ev.info:
             logs["train/reversible_drift"] = float(ev.info["reversible_drift"])
-        logs.update({f"items/{k}/{i:03d}": float(v[i]) for k, v in gathered.items() for i in range(len(self.items))})
+        self._write_tensorboard_layout(list(gathered))
         self.log("loss", logs["train/loss"], prog_bar=True, logger=False, batch_size=len(self.items))
         self.log_dict(logs, batch_size=len(self.items))

@@ -1,16 +1,29 @@
-"""A test-only callback that kills its own process with SIGKILL mid-run, like a pre-empted job."""
+"""A test-only callback that signals its own process mid-run, like a pre-empted or interrupted job."""
 from __future__ import annotations
 
 import os
-import signal
+import signal as signals
 
 from lightning.pytorch import Callback
 
 
 class KillAfter(Callback):
-    def __init__(self, step: int):
-        self.step = step
+    """Send ``signal`` (SIGKILL, SIGTERM or SIGINT) ``times`` times to this process once ``step`` steps have
+    finished: at the end of that step, or with ``mid_step`` at the start of the next, so that it lands while a
+    step is being computed."""
+
+    def __init__(self, step: int, signal: str = "SIGKILL", mid_step: bool = False, times: int = 1):
+        self.step, self.signum, self.mid_step, self.times = step, getattr(signals, signal), mid_step, times
+
+    def _send(self, trainer) -> None:
+        if trainer.global_step == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.mid_step:
+            self._send(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if not self.mid_step:
+            self._send(trainer)

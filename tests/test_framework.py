@@ -118,9 +118,9 @@ def test_renormalization_keeps_norms_and_callbacks_write_logs(fit):
     acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = acc.Tags()
     for key in ("train/loss", "train/loss_symmetry", "train/latent_norm", "train/grad_norm",
-                "items/loss/003", "items/loss_symmetry/000"):
+                "items/loss/a blue square | seed 1", "items/loss_symmetry/a red circle | seed 0"):  # items 3, 0
         assert key in tags["scalars"], key
-    assert len(acc.Scalars("train/loss")) == 3
+    assert len(acc.Scalars("train/loss")) == 4  # the 3 steps' evaluations and the final one (step 3)
     assert "images/all_items" in tags["images"]
     assert not list(run.rglob("*.tmp"))  # nothing half-written
 

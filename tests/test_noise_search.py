@@ -149,3 +149,16 @@ def test_alternative_updates_run_from_yaml_and_lower_the_loss(fit, update):
     assert type(opt).__name__ == {"adam": "PerItemAdam", "sgd": "PerItemSGD"}[update]
     (record,) = [json.loads(x) for x in next(out.rglob("results.jsonl")).read_text().splitlines()]
     assert record["final_loss"] < record["initial_loss"]
+
+
+def test_compute_meter_counts_what_each_search_spends(fit):
+    """compute.json against the analytic count: best-of-N = N chains without gradient; DOODL (checkpoint) =
+    per step one chain without gradient + one recomputed with gradient, plus the final evaluation."""
+    S, n = 4, 3  # write_config's model.steps; optimisation steps / candidates
+    _, out = fit("bon", steps=n, sampler="ddim", extra=[*BEST_OF_N, "--model.candidates", str(n)])
+    bon = json.loads(next(out.rglob("compute.json")).read_text())
+    assert (bon["unet_evaluations_per_image"], bon["unet_backprop_per_image"]) == (n * S + S, 0)  # + the final evaluation
+    assert bon["guidance_evaluations_per_image"] == n + 1 and bon["steps"] == n and bon["seconds"] > 0
+    _, out = fit("doodl", steps=n, sampler="ddim", backprop="checkpoint")
+    d = json.loads(next(out.rglob("compute.json")).read_text())
+    assert (d["unet_evaluations_per_image"], d["unet_backprop_per_image"]) == ((2 * n + 1) * S, n * S)

@@ -119,6 +119,13 @@ def test_tiny_run_freezes_validation_choices_and_writes_every_output(tmp_path):
     r = json.loads((out / "vocab" / "test" / "one_step.json").read_text())["record"]
     assert r["params"]["scale"] == 123.0
     assert "grad_scale 123" in (out / "results.md").read_text()
+    # the README's table is generated from the results (report stage: no sampling)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- comparison-table:begin (generated) -->\nstale\n<!-- comparison-table:end -->\nrest\n")
+    run_script("--tiny", "--weights", weights, "--out", out, "--stage", "report", "--readme", readme)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro") and text.rstrip().endswith("rest")
+    assert all(f"| {name}: " in text for name in EXPERIMENTS)
 
 
 def test_sign_test_and_paired_interval():

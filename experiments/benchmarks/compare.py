@@ -25,10 +25,10 @@ from lightning.pytorch import Callback
 
 from doodl_lightning.baselines import guided_sampling
 from doodl_lightning.best_of_n import BestOfN
+from doodl_lightning.compute import UNetCounter
 from doodl_lightning.io import atomic_write_text
 from doodl_lightning.module import DOODL
 
-from eval_lib import UNetCounter
 
 log = print
 
@@ -279,8 +279,9 @@ class Plan:
     n_max: int = 32                       # best-of-N candidates (every N <= n_max is read from one search)
     paper_steps: int = 50                 # DOODL-EDICT at the paper's steps (on a subset)
     num_cuts: int = 4                     # the cutout variant of DOODL-DDIM
-    extras_items: int = 32                # items of the test subset the expensive variants run on
-    val_extras_items: int = 8
+    extras_items: int = 32                # test items of the subset variants (DOODL-EDICT, cutouts)
+    paper_items: int = 16                 # test items of DOODL-EDICT at the paper's steps (5x the chain)
+    val_extras_items: int = 16            # validation items of the subset variants (half that at the paper's steps)
 
 
 def _mean(rec: dict, task: Task) -> float:
@@ -355,10 +356,10 @@ def validate(runner: Runner, task: Task, plan: Plan, extras: bool = True) -> dic
 
     # the variants that go to test with DDIM's update: EDICT (same steps), cutouts; iterations from their curves
     if extras:
-        sub = subset(task, plan.val_extras_items)
-        for key, kw2, t in (("doodl_edict", dict(sampler="edict"), task),
-                            ("doodl_ddim_cutouts", dict(num_cuts=plan.num_cuts), task),
-                            ("doodl_edict_paper_steps", dict(sampler="edict", steps=plan.paper_steps), sub)):
+        sub, small = subset(task, plan.val_extras_items), subset(task, max(1, plan.val_extras_items // 2))
+        for key, kw2, t in (("doodl_edict", dict(sampler="edict"), sub),
+                            ("doodl_ddim_cutouts", dict(num_cuts=plan.num_cuts), sub),
+                            ("doodl_edict_paper_steps", dict(sampler="edict", steps=plan.paper_steps), small)):
             rec = runner.doodl(t, plan.iters, cfg=cfg, **upd, **kw2)
             runs[key] = strip(rec)
             i, m = best_iteration(rec, t)
@@ -386,7 +387,8 @@ def run_test(runner: Runner, task: Task, plan: Plan, choices: dict, method: str)
         return runner.best_of_n(task, plan.n_max, c["cfg"])
     kw = {k: v for k, v in c.items() if k in ("cfg", "sampler", "steps", "update_rule", "step", "lr", "max_grad_norm",
                                               "num_cuts")}
-    t = task if method in ("doodl_ddim",) else subset(task, plan.extras_items)
+    t = task if method == "doodl_ddim" else subset(
+        task, plan.paper_items if method == "doodl_edict_paper_steps" else plan.extras_items)
     # the whole curve runs (the figure shows it); the method's result is the point at the chosen iterations
     rec = runner.doodl(t, plan.iters, **kw)
     i = c["iters"]
@@ -621,3 +623,42 @@ def draw_examples(exp_dir: Path, path: Path, summary: dict) -> None:
     t = summary["task"]
     draw_grid(rows, labels or [], path, title=f"{summary['name']} test examples (border: green = evaluator success, "
               "red = failure)\n" + "\n".join(f"P{i + 1}: {p}" for i, p in enumerate(t["prompts"][:8])))
+
+
+README_BEGIN, README_END = "<!-- comparison-table:begin (generated) -->", "<!-- comparison-table:end -->"
+
+
+def readme_table(summaries: list[dict], source: str) -> str:
+    """The README's headline table: per experiment, the evaluator's measure of each method on test and the
+    paired differences of DOODL-DDIM, generated from ``results.json`` (``source``)."""
+    lines = [README_BEGIN, "",
+             f"Generated from [`{source}`]({source}) by `shapes_eval.py --stage report --readme README.md`.", "",
+             "| experiment (test items) | unguided | one-step | best-of-N at DOODL's seconds | DOODL-DDIM | "
+             "DOODL − one-step [paired 95% CI], sign-test p | DOODL − best-of-N [paired 95% CI], sign-test p |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        if "incomplete" in s:
+            lines.append(f"| {s['name']} | {s['incomplete']} | | | | | |")
+            continue
+        t = s["task"]
+        k = 100.0 if t["binary"] else 1.0
+        rows = {r["key"]: r for r in s["rows"]}
+        n = s["n_equal_compute"]["seconds"]
+        cell = lambda key: _pct(rows[key]["primary"], k)  # noqa: E731
+        p1, p2 = s["paired"]["doodl_ddim - one_step"], s["paired"][f"doodl_ddim - best_of_{n}"]
+        unit = "%" if t["binary"] else ""
+        label = next(d["label"] for d in t["metrics"] if d["name"] == t["primary"])
+        lines.append(f"| {s['name']}: {label}{', %' if unit else ''} ({t['items']}) | {cell('unguided')} | {cell('one_step')} | "
+                     f"N = {n}: {cell(f'best_of_{n}')} | **{cell('doodl_ddim')}** | {_pct(p1, k)}, p = {p1['sign_test']['p_two_sided']:.2g} | "
+                     f"{_pct(p2, k)}, p = {p2['sign_test']['p_two_sided']:.2g} |")
+    return "\n".join(lines + ["", README_END])
+
+
+def update_readme(path: Path, table: str) -> None:
+    """Replace the generated block of ``path`` (between the markers) with ``table``."""
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{path} has no generated-table markers ({README_BEGIN} ... {README_END})")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write_text(str(path), head + table + tail)

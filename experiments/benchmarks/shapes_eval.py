@@ -53,8 +53,8 @@ from doodl_lightning.shapes import ShapesWeights  # noqa: E402
 from doodl_lightning.shapes import data as D  # noqa: E402
 
 from common import git_state, machine_description  # noqa: E402
-from compare import (TEST_METHODS, Plan, Runner, Task, save_json, save_test, summarise, task_info, validate,  # noqa: E402
-                     write_report, run_test)
+from compare import (TEST_METHODS, Plan, Runner, Task, readme_table, run_test, save_json, save_test, summarise,  # noqa: E402
+                     task_info, update_readme, validate, write_report)
 
 EXPERIMENTS = ("vocab", "compositional", "aesthetic", "personalisation")
 DESCRIPTIONS = {
@@ -79,11 +79,11 @@ MODES = {
                  plan=Plan()),
     "quick": dict(vocab=((4, 2), (4, 1)), other=((2, 2), (2, 1)), aesthetic=((2, 2), (2, 1)),
                   plan=Plan(steps=5, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.03, 0.1, 0.3), iters=3,
-                            n_max=8, paper_steps=10, num_cuts=2, extras_items=4, val_extras_items=2)),
+                            n_max=8, paper_steps=10, num_cuts=2, extras_items=4, paper_items=2, val_extras_items=2)),
     "tiny": dict(vocab=((2, 2), (2, 1)), other=((1, 2), (1, 1)), aesthetic=((1, 2), (1, 1)),
                  plan=Plan(steps=2, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.1,), adam_lrs=(0.03,),
                            sgd_lrs=(1.0,), iters=2, n_max=3, paper_steps=4, num_cuts=2, extras_items=2,
-                           val_extras_items=1)),
+                           paper_items=2, val_extras_items=1)),
 }
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
 VAL_SEED_OFFSET = 5_000  # validation seeds: SEED_BASE + 5000 + i; test seeds: SEED_BASE + i
@@ -421,6 +421,10 @@ def main(argv=None) -> int:
                     help="val: choose and freeze the knobs; test: run methods with the frozen choices; report: merge")
     ap.add_argument("--methods", nargs="*", default=list(TEST_METHODS), choices=TEST_METHODS, help="test methods to run")
     ap.add_argument("--extras-items", type=int, default=None, help="test items of the subset methods (EDICT, cutouts)")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="skip DOODL-EDICT, cutouts and EDICT at the paper's steps (validation and test)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="rewrite this file's generated comparison table (between its markers) from the results")
     ap.add_argument("--device", default="cpu", help="cpu (the reference machine) or cuda")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     a = ap.parse_args(argv)
@@ -456,7 +460,7 @@ def main(argv=None) -> int:
             task = BUILDERS[name](ctx, "val")
             log(f"== {name} validation: {len(task.prompts)} prompts x {len(task.seeds)} seeds", flush=True)
             t = time.time()
-            v = validate(runner, task, plan)
+            v = validate(runner, task, plan, extras=not a.no_variants)
             save_json(exp_dir / "val.json", {"task": task_info(task), "meta": {**meta(), "seconds": round(time.time() - t, 1)}, **v})
         if a.stage in ("test", "all"):
             if not (exp_dir / "val.json").is_file():
@@ -480,6 +484,9 @@ def main(argv=None) -> int:
               "Every method samples with DDIM at the plan's steps through the framework (`DOODL`, `BestOfN`, "
               "`baselines.guided_sampling`); each part's own command, machine, load and seconds are in its JSON.", ""]
     write_report(a.out, summaries, header, DESCRIPTIONS, YMAX)
+    if a.readme is not None:
+        source = os.path.relpath(a.out / "results.md", a.readme.resolve().parent)
+        update_readme(a.readme, readme_table(summaries, source))
     log(f"wrote {a.out}/results.md, results.json and figures in {time.time() - t0:.0f} s", flush=True)
     return 0
 
