@@ -538,6 +538,10 @@ def summarise(exp_dir: Path, targets: Callable | None = None) -> dict:
     return summary
 
 
+def guide_label(label: str) -> str:
+    return label if label.startswith("guide") else f"guide: {label}"
+
+
 def write_report(out: Path, summaries: list[dict], header: list[str], descriptions: dict[str, str], ymax: dict) -> None:
     """results.json, results.md and ``<exp>_compute.png`` (evaluator measure against UNet evaluations per image)."""
     from eval_lib import draw_curves
@@ -555,7 +559,7 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
         md += [descriptions.get(s["name"], ""), "",
                f"Test: {t['items']} items ({len(t['prompts'])} prompts x {len(t['seeds'])} seeds); validation on "
                "other seeds and other prompts (or other targets), every choice below frozen before the test run.", "",
-               f"| method | setting | items | {label[t['primary']]}{unit} [95% CI] | guide: {label[t['guide_metric']]}{unit} "
+               f"| method | setting | items | {label[t['primary']]}{unit} [95% CI] | {guide_label(label[t['guide_metric']])}{unit} "
                "| other evaluator measures | UNet evals/img (backprop'd) | guidance evals/img | s/img |",
                "|---|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
@@ -633,24 +637,25 @@ def readme_table(summaries: list[dict], source: str) -> str:
     paired differences of DOODL-DDIM, generated from ``results.json`` (``source``)."""
     lines = [README_BEGIN, "",
              f"Generated from [`{source}`]({source}) by `shapes_eval.py --stage report --readme README.md`.", "",
-             "| experiment (test items) | unguided | one-step | best-of-N at DOODL's seconds | DOODL-DDIM | "
-             "DOODL − one-step [paired 95% CI], sign-test p | DOODL − best-of-N [paired 95% CI], sign-test p |",
-             "|---|---|---|---|---|---|---|"]
+             "| experiment: evaluator's measure (test items) | unguided | one-step | DOODL-DDIM | best-of-N at DOODL's "
+             "UNet evaluations | best-of-N at DOODL's seconds | DOODL − one-step [paired 95% CI], sign-test p | "
+             "DOODL − best-of-N (UNet evaluations) | DOODL − best-of-N (seconds) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         if "incomplete" in s:
-            lines.append(f"| {s['name']} | {s['incomplete']} | | | | | |")
+            lines.append(f"| {s['name']} | {s['incomplete']} | | | | | | | |")
             continue
         t = s["task"]
         k = 100.0 if t["binary"] else 1.0
         rows = {r["key"]: r for r in s["rows"]}
-        n = s["n_equal_compute"]["seconds"]
+        n_e, n_s = s["n_equal_compute"]["unet_evaluations"], s["n_equal_compute"]["seconds"]
         cell = lambda key: _pct(rows[key]["primary"], k)  # noqa: E731
-        p1, p2 = s["paired"]["doodl_ddim - one_step"], s["paired"][f"doodl_ddim - best_of_{n}"]
-        unit = "%" if t["binary"] else ""
+        diff = lambda p: f"{_pct(p, k)}, p = {p['sign_test']['p_two_sided']:.2g}"  # noqa: E731
         label = next(d["label"] for d in t["metrics"] if d["name"] == t["primary"])
-        lines.append(f"| {s['name']}: {label}{', %' if unit else ''} ({t['items']}) | {cell('unguided')} | {cell('one_step')} | "
-                     f"N = {n}: {cell(f'best_of_{n}')} | **{cell('doodl_ddim')}** | {_pct(p1, k)}, p = {p1['sign_test']['p_two_sided']:.2g} | "
-                     f"{_pct(p2, k)}, p = {p2['sign_test']['p_two_sided']:.2g} |")
+        lines.append(f"| {s['name']}: {label}{', %' if t['binary'] else ''} ({t['items']}) | {cell('unguided')} | "
+                     f"{cell('one_step')} | {cell('doodl_ddim')} | N = {n_e}: {cell(f'best_of_{n_e}')} | "
+                     f"N = {n_s}: {cell(f'best_of_{n_s}')} | {diff(s['paired']['doodl_ddim - one_step'])} | "
+                     f"{diff(s['paired'][f'doodl_ddim - best_of_{n_e}'])} | {diff(s['paired'][f'doodl_ddim - best_of_{n_s}'])} |")
     return "\n".join(lines + ["", README_END])
 
 

@@ -77,8 +77,8 @@ YMAX = {"vocab": 100.0, "compositional": 100.0, "aesthetic": 10.0, "personalisat
 MODES = {
     "full": dict(vocab=((16, 16), (8, 4)), other=((8, 12), (4, 6)), aesthetic=((12, 8), (6, 4)),
                  plan=Plan()),
-    "quick": dict(vocab=((4, 2), (4, 1)), other=((2, 2), (2, 1)), aesthetic=((2, 2), (2, 1)),
-                  plan=Plan(steps=5, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.03, 0.1, 0.3), iters=3,
+    "quick": dict(vocab=((4, 2), (4, 1)), other=((2, 2), (2, 1)), aesthetic=((2, 2), (2, 1)), variants=("vocab",),
+                  plan=Plan(steps=5, cfgs=(2.5,), scales=(0.3, 3.0), doodl_steps=(0.1,), iters=3,
                             n_max=8, paper_steps=10, num_cuts=2, extras_items=4, paper_items=2, val_extras_items=2)),
     "tiny": dict(vocab=((2, 2), (2, 1)), other=((1, 2), (1, 1)), aesthetic=((1, 2), (1, 1)),
                  plan=Plan(steps=2, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.1,), adam_lrs=(0.03,),
@@ -460,7 +460,8 @@ def main(argv=None) -> int:
             task = BUILDERS[name](ctx, "val")
             log(f"== {name} validation: {len(task.prompts)} prompts x {len(task.seeds)} seeds", flush=True)
             t = time.time()
-            v = validate(runner, task, plan, extras=not a.no_variants)
+            # the subset variants (EDICT, cutouts, EDICT at the paper's steps): where the mode and --no-variants allow
+            v = validate(runner, task, plan, extras=not a.no_variants and name in mode.get("variants", EXPERIMENTS))
             save_json(exp_dir / "val.json", {"task": task_info(task), "meta": {**meta(), "seconds": round(time.time() - t, 1)}, **v})
         if a.stage in ("test", "all"):
             if not (exp_dir / "val.json").is_file():
