@@ -365,9 +365,10 @@ def report(trainer, stopped_by: int | None = None) -> None:
     log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: that is a collective, and the
     if log_dir:                                          # other ranks have left by now
         lines.append(f"tensorboard:   tensorboard --logdir {log_dir}")
-    head = "DOODL finished:"
+    method = type(trainer.lightning_module).__name__  # DOODL, BestOfN, ...
+    head = f"{method} finished:"
     if stopped_by is not None:
-        head = (f"DOODL stopped by {signal.Signals(stopped_by).name} after step {trainer.global_step} of "
+        head = (f"{method} stopped by {signal.Signals(stopped_by).name} after step {trainer.global_step} of "
                 f"{trainer.max_steps} (final outputs written); resume with the same command and --ckpt_path last:")
     if lines:
         print("\n".join(["", head] + lines), flush=True)
