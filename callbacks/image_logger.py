@@ -93,7 +93,7 @@ class ImageLogger(Callback):
       one item's trajectory; small images upscaled to at least ``min_side`` pixels;
     - at the end, ``contact_sheet.png``: the guidance target in the title, one row per item (prompt | seed at
       the left), one column per logged step (labelled; the last is the final evaluation), each cell with its
-      loss, the row's lowest loss in green.
+      loss, the row's lowest loss in green (and under it one line per held-out metric, ``value name``, when the run has any).
 
     ``thumbnail``: the contact sheet's cell side (default: the native size, upscaled to ``min_side``).
     ``per_item``: log the per-item TensorBoard series (off for very many items: one series each).
@@ -109,6 +109,7 @@ class ImageLogger(Callback):
         self.min_side, self.per_item = min_side, per_item
         self.logged_steps: list[int] = []
         self.losses: dict[int, dict[int, float]] = {}   # step -> item index -> loss (rank 0; the sheet's cells)
+        self.metrics: dict[int, dict[int, dict[str, float]]] = {}  # step -> item index -> held-out metrics (rank 0)
         self.final_step: int | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -117,32 +118,44 @@ class ImageLogger(Callback):
     def _path(self, index: int, step: int, view: str = "") -> str:
         return os.path.join(self.dir, "images", f"item{index:03d}", view, f"step{step:04d}.png")
 
-    def _log(self, trainer, pl_module, images: torch.Tensor, losses: torch.Tensor, step: int) -> None:
+    @staticmethod
+    def metric_lines(metrics: dict[str, float] | None) -> list[str]:
+        """Held-out metrics, one ``0.1234 name`` line each (value first: a cut keeps it)."""
+        return [f"{v:.4f} {k}" for k, v in (metrics or {}).items()]
+
+    def _log(self, trainer, pl_module, images: torch.Tensor, losses: torch.Tensor, step: int,
+             metrics: dict[str, torch.Tensor] | None = None) -> None:
         for j, item in enumerate(pl_module.local_items):
             native = to_pil(images[j])
             save_png(self._path(item.index, step), native)
             if upscale_factor(native.size, self.min_side) > 1:  # 32 px is unreadable in an image viewer
                 save_png(self._path(item.index, step, "upscaled"), upscaled(native, self.min_side))
-        parts = gather_objects([(it.index, images[j].cpu(), float(losses[j])) for j, it in enumerate(pl_module.local_items)])
+        metrics = metrics or {}
+        parts = gather_objects([(it.index, images[j].cpu(), float(losses[j]), {k: float(v[j]) for k, v in metrics.items()})
+                                for j, it in enumerate(pl_module.local_items)])
         if trainer.global_rank != 0:
             return
         if step not in self.logged_steps:
             self.logged_steps.append(step)
         ordered = sorted((p for part in parts for p in part), key=lambda p: p[0])
-        self.losses[step] = {index: loss for index, _, loss in ordered}
+        self.losses[step] = {index: loss for index, _, loss, _ in ordered}
+        if metrics:
+            self.metrics[step] = {index: values for index, _, _, values in ordered}
         experiments = [exp for exp in (getattr(lg, "experiment", None) for lg in trainer.loggers)
                        if hasattr(exp, "add_image")]
         if not experiments:
             return
         labels = dict(zip((it.index for it in pl_module.items), item_labels(pl_module.items)))
         fnt = font(12)
-        cells = [captioned(upscaled(to_pil(img), self.min_side), [labels[index], f"loss {loss:.4f} · step {step}"], fnt, 14)
-                 for index, img, loss in ordered]
+        cells = [captioned(upscaled(to_pil(img), self.min_side),
+                           [labels[index], f"loss {loss:.4f} · step {step}"] + self.metric_lines(values),
+                           fnt, 14)
+                 for index, img, loss, values in ordered]
         all_items = grid(cells, ncol=min(8, len(cells)))
         for exp in experiments:
             exp.add_image("images/all_items", pil_to_chw(all_items), global_step=step)
             if self.per_item:
-                for (index, _, _), cell in zip(ordered, cells):
+                for (index, _, _, _), cell in zip(ordered, cells):
                     exp.add_image(f"images/{labels[index]}", pil_to_chw(cell), global_step=step)
             if step == 0 or not getattr(self, "_captioned", False):
                 # the full prompts (the images' captions are cut to the image width)
@@ -153,14 +166,15 @@ class ImageLogger(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the images were made before this step's update
         if step % self.every_n_steps == 0:
-            self._log(trainer, pl_module, pl_module.last.images, pl_module.last.total, step)
+            self._log(trainer, pl_module, pl_module.last.images, pl_module.last.total, step,
+                      getattr(pl_module.last, "metrics", None))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.logged_steps and trainer.global_rank == 0 and trainer.global_step == 0:
             return
         final = pl_module.final_evaluation()
         self.final_step = trainer.global_step
-        self._log(trainer, pl_module, final.images, final.total, trainer.global_step)
+        self._log(trainer, pl_module, final.images, final.total, trainer.global_step, getattr(final, "metrics", None))
         if trainer.global_rank == 0:
             self.contact_sheet(pl_module.items, title=guidance_title(getattr(pl_module, "guidance", None)))
 
@@ -181,6 +195,8 @@ class ImageLogger(Callback):
         fnt, small, big = font(12), font(11), font(14)
         g = GUTTER
         label_w, title_h, head_h, loss_h = 150, 24, 18, 16
+        held_out_lines = max((len(v) for row in self.metrics.values() for v in row.values()), default=0)
+        loss_h += 13 * held_out_lines  # one line per held-out metric under the loss: "value name"
         width = label_w + len(steps) * (w + g) + g
         cell_top = title_h + head_h
         row_h = h + loss_h + g
@@ -210,15 +226,19 @@ class ImageLogger(Callback):
                 loss = losses[step]
                 if loss is not None:
                     draw.text((x, y + h + 1), f"{loss:.4f}", fill=BEST if loss == best else FAINT, font=small)
+                    for k, line in enumerate(self.metric_lines(self.metrics.get(step, {}).get(item.index))):
+                        draw.text((x, y + h + 14 + 13 * k), fit_text(draw, line, w, small), fill=FAINT, font=small)
         out = os.path.join(self.dir, "contact_sheet.png")
         save_png(out, sheet)
         return out
 
     def state_dict(self) -> dict:
-        return {"logged_steps": self.logged_steps, "losses": self.losses}
+        return {"logged_steps": self.logged_steps, "losses": self.losses, "metrics": self.metrics}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.logged_steps = list(state_dict["logged_steps"])
         # checkpoints made before losses were kept have none: those cells go without a number
         self.losses = {int(s): {int(i): float(v) for i, v in row.items()} for s, row in state_dict.get("losses", {}).items()}
+        self.metrics = {int(s): {int(i): {str(k): float(x) for k, x in v.items()} for i, v in row.items()}
+                        for s, row in state_dict.get("metrics", {}).items()}
 

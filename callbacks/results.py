@@ -31,6 +31,8 @@ def environment(device, trainer=None) -> dict:
 class ResultsWriter(Callback):
     """Per item: prompt, seed, rank, steps run, initial / final / best total loss and per-guidance
     terms, and the paths of its final and best images. The best iteration is kept (as ReNO does).
+    With held-out ``model.metrics``: ``initial_metrics`` / ``best_metrics`` / ``final_metrics``, their values on the
+    same images (the best iteration is chosen by the loss, never by a metric).
     ``environment``: what the numbers depend on beyond the config (``environment()``): CPU trajectories
     differ across thread counts (float32 reduction order), GPU ones across devices and library versions.
 
@@ -50,6 +52,11 @@ class ResultsWriter(Callback):
     def _terms(self, ev, j: int) -> dict:
         return {k: float(v[j]) for k, v in ev.terms.items()}
 
+    def _metrics(self, ev, kind: str, j: int) -> dict:
+        """``{<kind>_metrics: {name: value}}`` of item ``j`` when the run has held-out metrics, else nothing."""
+        metrics = getattr(ev, "metrics", None)
+        return {f"{kind}_metrics": {k: float(v[j]) for k, v in metrics.items()}} if metrics else {}
+
     def _image_path(self, item, kind: str) -> str:
         return str(self.dir / "images" / f"item{item.index:03d}_{kind}.png")
 
@@ -61,14 +68,14 @@ class ResultsWriter(Callback):
             if rec is None:
                 rec = self.records[item.index] = {
                     **item.to_dict(), "rank": trainer.global_rank, "initial_loss": total,
-                    "initial_terms": self._terms(ev, j), "best_loss": float("inf"),
+                    "initial_terms": self._terms(ev, j), "best_loss": float("inf"), **self._metrics(ev, "initial", j),
                 }
             rec["environment"] = self.env  # this process's (a resumed run: the one that ran last)
             if bool(pl_module.stepped[j]) or rec.get("steps") is None:
                 rec["steps"] = step + 1
             if total < rec["best_loss"]:
                 rec.update(best_loss=total, best_terms=self._terms(ev, j), best_step=step,
-                           best_image=self._image_path(item, "best"))
+                           best_image=self._image_path(item, "best"), **self._metrics(ev, "best", j))
                 save_png(rec["best_image"], ev.images[j])
         if step % self.every_n_steps == 0:
             self._write(trainer)
@@ -80,11 +87,12 @@ class ResultsWriter(Callback):
         for j, item in enumerate(pl_module.local_items):
             rec = self.records[item.index]
             total = float(ev.total[j])
-            rec.update(final_loss=total, final_terms=self._terms(ev, j), final_image=self._image_path(item, "final"))
+            rec.update(final_loss=total, final_terms=self._terms(ev, j), final_image=self._image_path(item, "final"),
+                       **self._metrics(ev, "final", j))
             save_png(rec["final_image"], ev.images[j])
             if total < rec["best_loss"]:  # the final latents are an iteration too
                 rec.update(best_loss=total, best_terms=self._terms(ev, j), best_step=rec["steps"],
-                           best_image=self._image_path(item, "best"))
+                           best_image=self._image_path(item, "best"), **self._metrics(ev, "best", j))
                 save_png(rec["best_image"], ev.images[j])
         self._write(trainer)
 

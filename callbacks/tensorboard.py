@@ -19,7 +19,8 @@ class TensorBoardSummary(Callback):
       the run ended (a last step can make an item worse);
     - HPARAMS: the model's hyper-parameters, each guidance term's class, weight and target
       (``guidance/<name>/...``), and the results ``result/mean_best_loss`` (the mean over items of each
-      item's lowest loss, the final evaluation included) and ``result/mean_final_loss``. Written at the end
+      item's lowest loss, the final evaluation included), ``result/mean_final_loss`` and, with held-out
+      metrics, ``result/final_metrics/<name>``. Written at the end
       of the fit, so a run killed before it is not listed there.
 
     Its checkpoint state is each item's lowest loss so far, so a resumed fit's bests span the whole run.
@@ -47,6 +48,8 @@ class TensorBoardSummary(Callback):
         params["items"] = len(getattr(pl_module, "items", ()))
         params["guidance"] = {d["name"]: {"class": d["class"], "weight": d["weight"], "target": d["target"] or "-"}
                               for d in describe_guidance(getattr(pl_module, "guidance", None))}
+        if len(getattr(pl_module, "metrics", ())):  # held out: logged, never optimised
+            params["metrics"] = {m.name: type(m).__name__ for m in pl_module.metrics}
         params["trainer"] = {"max_steps": trainer.max_steps, "precision": str(trainer.precision),
                              "world_size": trainer.world_size}
         return params
@@ -76,6 +79,8 @@ class TensorBoardSummary(Callback):
             return
         step = trainer.global_step
         results = dict(zip(RESULT_METRICS, (logs["train/best_loss"], logs["train/loss"])))
+        # held-out metrics of the final evaluation: result/final_metrics/<name> (mean over items)
+        results.update({f"result/final_{tag}": v for tag, v in logs.items() if tag.startswith("metrics/")})
         for logger in trainer.loggers:
             logger.log_metrics(logs, step=step)
         params = self.hyperparameters(trainer, pl_module)

@@ -32,6 +32,10 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
         raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
     if not doodl.local_items or not hasattr(doodl, "_cond"):
         raise RuntimeError("guided_sampling needs a prepared module: call doodl.prepare(device) first")
+    latent = next((g for g in doodl.guidance if getattr(g, "needs_latents", False)), None)
+    if latent is not None:
+        raise ValueError(f"guided sampling optimises no latents, so {latent.name} (a loss on the initial latents) has "
+                         f"nothing to act on: drop it from guidance for the baselines")
     calls = itertools.count(1)
     outs = []
     for idx in doodl.chunks():

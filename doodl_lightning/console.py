@@ -107,6 +107,8 @@ def guidance_target(g) -> str:
         return f"class {name(g.target)}"
     if isinstance(g, AestheticGuidance):
         return "maximise the score" if g.target is None else f"score {g.target:g}"
+    if getattr(g, "needs_latents", False) and type(g).__name__ == "NoiseNormRegularizer":
+        return "norm of x_T toward the chi mode"
     return ""
 
 

@@ -99,6 +99,22 @@ def step_generator(item: Item, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed((item.seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1))
 
 
+def load_control_image(path: str, size: tuple[int, int]) -> torch.Tensor:
+    """A ControlNet conditioning image as a (1, 3, H, W) float32 tensor in [0, 1], prepared as diffusers'
+    ControlNet pipelines do (RGB, stretched to ``size`` (W, H) with Lanczos, not normalised)."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"control image {path} does not exist: give a PNG or JPEG per prompt in model.control_images")
+    try:
+        im = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"control image {path} is not a readable image ({e}): give a PNG or JPEG file") from None
+    im = im.resize(size, Image.LANCZOS)
+    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size[1], size[0], 3)
+    return (x.permute(2, 0, 1).float() / 255.0).unsqueeze(0)
+
+
 def load_source_image(path: str, size: tuple[int, int]) -> torch.Tensor:
     """An image to edit as a (1, 3, H, W) float64 tensor in [-1, 1], prepared as the official code does.
 

@@ -9,9 +9,10 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from .backbone import Backbone, resolve_backbone
+from .conditioning import Conditioning
 from .data import Item, make_items, shard, step_generator, unshard
 from .guidance.base import Guidance
-from .objective import Evaluation, check_guidance, concat_evaluations, evaluate, weighted_guidance
+from .objective import Evaluation, check_guidance, concat_evaluations, evaluate, held_out_metrics, weighted_guidance
 from .optim import (DOODLOptimizer, PerItemAdam, PerItemSGD, check_alternative_update, check_update, masked_step,
                     renormalize_latents)
 from .precision import amp_unscale_cancelled, frozen_dtype, keep_optimised_dtypes
@@ -35,9 +36,15 @@ class DOODL(LightningModule):
         model: a ``Backbone`` object (``class_path: doodl_lightning.backbone.PretrainedBackbone``) or the
             shortcut, a hub id / diffusers directory / single file (+ model_config, local_files_only,
             vae_checkpointing); null = the shipped shapes world.
-        prompts x seeds, or prompt_file: the items. guidance: modules whose weighted sum is the loss.
-        sampler, backprop, steps, timestep_grid, mix_weight, guidance_scale, resolution, micro_batch,
-            drift_tolerance, cuda_graphs: the chain and how its gradient is computed.
+        prompts x seeds, or prompt_file: the items. guidance: modules whose weighted sum is the loss (images, or
+            the initial latents: ``NoiseNormRegularizer``). metrics: held-out guidance modules measured on each
+            step's images and logged (``metrics/<name>``, results.jsonl), never optimised.
+        sampler, backprop, steps, timestep_grid, mix_weight, guidance_scale, height, width (or resolution, a
+            square), micro_batch, drift_tolerance, cuda_graphs: the chain and how its gradient is computed.
+            ``sampler`` and ``timestep_grid`` null: the model's (``Backbone.default_sampler``; the official DOODL
+            EDICT on the official grid, DDIM on the model's trailing grid for Turbo/Lightning, ``lcm`` for LCM).
+        controlnet, control_images, controlnet_scale: a ControlNet and its conditioning image (one for all
+            items, or one per prompt).
         opt_t, source_image: where the chain starts (``ChainStart``).
         grad_scale, clip_grad_val, use_momentum, momentum, use_nesterov, perturb_grad_scale, tied_latents,
             optimize_first_edict_image_only, renormalize_latents: the update (``DOODLOptimizer``).
@@ -56,13 +63,19 @@ class DOODL(LightningModule):
         prompt_file: str | None = None,
         negative_prompt: str = "",
         guidance: list[Guidance] | None = None,
-        sampler: str = "edict",
+        metrics: list[Guidance] | None = None,
+        sampler: str | None = None,
         backprop: str = "checkpoint",
         steps: int = 50,
-        timestep_grid: str = "official",
+        timestep_grid: str | None = None,
         mix_weight: float = 0.93,
         guidance_scale: float = 7.5,
         resolution: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        controlnet: str | None = None,
+        control_images: list[str] | None = None,
+        controlnet_scale: float = 1.0,
         micro_batch: int | None = None,
         opt_t: int | None = None,
         source_image: str | None = None,
@@ -84,23 +97,39 @@ class DOODL(LightningModule):
         local_files_only: bool | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["guidance", "model"])
+        self.save_hyperparameters(ignore=["guidance", "metrics", "model"])
         self.hparams["model"] = model if isinstance(model, str) or model is None else type(model).__name__
         self.automatic_optimization = False
-        check_sampler(sampler, backprop, first_image_only=optimize_first_edict_image_only)
+        if sampler is not None:
+            check_sampler(sampler, backprop, first_image_only=optimize_first_edict_image_only)
         check_steps(steps, timestep_grid)
+        if resolution is not None and (height is not None or width is not None):
+            raise ValueError("give resolution (a square) or height and width, not both")
         check_mix_weight(mix_weight)
         check_guidance_scale(guidance_scale)
         check_update(grad_scale, clip_grad_val, momentum, perturb_grad_scale)
         check_alternative_update(update_rule, lr, max_grad_norm)
-        check_guidance(guidance)
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or null, got {micro_batch}")
-        self.start = ChainStart(steps, sampler, mix_weight, opt_t, source_image, tied_latents, renormalize_latents)
+        self.start = ChainStart(steps, sampler or "edict", mix_weight, opt_t, source_image, tied_latents,
+                                renormalize_latents)  # checks the start's keys before any model loads
+        check_guidance(guidance, metrics, self.start.renormalize)
         self.items: list[Item] = make_items(prompts, seeds if seeds is not None else [0], prompt_file)
         self.guidance = nn.ModuleList(guidance)
-        self.backbone = resolve_backbone(model or default_model(), model_config, local_files_only, vae_checkpointing)
-        self.latent_shape = self.backbone.latent_shape(resolution)
+        self.metrics = nn.ModuleList(metrics or [])  # held out: measured on the images, never optimised
+        self.backbone = resolve_backbone(model or default_model(), model_config, local_files_only, vae_checkpointing,
+                                         controlnet)
+        if sampler is None:  # the model's own: resolved once, recorded in the hyperparameters and checkpoints
+            self.hparams.sampler = sampler = self.backbone.default_sampler
+            check_sampler(sampler, backprop, first_image_only=optimize_first_edict_image_only)
+            self.start = ChainStart(steps, sampler, mix_weight, opt_t, source_image, tied_latents, renormalize_latents)
+        if sampler == "lcm" and opt_t is not None:
+            raise ValueError("opt_t needs a DDIM-like sampler (ddim or edict); the LCM sampler re-noises between "
+                             "steps: drop opt_t or set sampler: ddim")
+        self.latent_shape = self.backbone.latent_shape(height or resolution, width or resolution)
+        self.image_size = (self.latent_shape[1] * self.backbone.vae_scale_factor,
+                           self.latent_shape[2] * self.backbone.vae_scale_factor)
+        self.control_images = self._load_control_images(control_images)
         self.local_items: list[Item] = []        # this rank's items, set in setup
         self._final: tuple[int, Evaluation] | None = None
         self._restored = False                   # resumed from a checkpoint: the start is already applied
@@ -156,10 +185,47 @@ class DOODL(LightningModule):
         checkpoint["doodl_items"] = [it.to_dict() for it in self.local_items]
         checkpoint["doodl_trajectory"] = trajectory(self)
 
+    def _load_control_images(self, paths: list[str] | None) -> Tensor | None:
+        """The ControlNet's conditioning image of each prompt (P, 3, H, W) in [0, 1], or None."""
+        if paths is None:
+            if self.backbone.controlnet is not None:
+                raise ValueError("the model has a ControlNet but no control_images were given: add model.control_images: "
+                                 "[path] (one for all items, or one per prompt)")
+            return None
+        if self.backbone.controlnet is None:
+            raise ValueError("control_images given but the model has no ControlNet: add model.controlnet: <dir or hub id>")
+        prompts = list(dict.fromkeys(it.prompt for it in self.items))
+        if len(paths) not in (1, len(prompts)):
+            raise ValueError(f"{len(paths)} control_images for {len(prompts)} prompts: give one image, or one per prompt "
+                             "(in prompt order)")
+        from .data import load_control_image
+
+        h, w = self.image_size
+        images = torch.cat([load_control_image(p, (w, h)) for p in paths])
+        return images.expand(len(prompts), -1, -1, -1) if len(paths) == 1 else images
+
+    def _control(self, idx: list[int]) -> Tensor | None:
+        """The control images of the local items ``idx`` (each item has its prompt's image)."""
+        if self.control_images is None:
+            return None
+        prompts = list(dict.fromkeys(it.prompt for it in self.items))
+        rows = [prompts.index(self.local_items[i].prompt) for i in idx]
+        return self.control_images[rows].to(self.device)
+
+    def lcm_noises(self, idx: list[int]) -> list[Tensor] | None:
+        """The noise the LCM sampler adds after each step but the last, per item from (seed, step) alone:
+        fixed across iterations, so the chain is a deterministic function of x_T."""
+        if self.hparams.sampler != "lcm":
+            return None
+        items = [self.local_items[i] for i in idx]
+        return [torch.stack([torch.randn(self.latent_shape, generator=step_generator(it, k, stream=4)) for it in items])
+                .to(self.device) for k in range(len(self.schedule) - 1)]
+
     def on_fit_start(self) -> None:
         # one prompt at a time: an item's embedding must not depend on which items share its rank
-        self._cond = torch.cat([self.backbone.encode_prompts([it.prompt]) for it in self.local_items])
-        self._uncond = self.backbone.encode_prompts([self.hparams.negative_prompt])
+        size = self.image_size
+        self._cond = Conditioning.cat([self.backbone.encode_prompts([it.prompt], size) for it in self.local_items])
+        self._uncond = self.backbone.encode_negative(self.hparams.negative_prompt, size)
         if not self._restored:
             every = list(range(len(self.local_items)))
             self.latents.data = self.start.prepare(self.latents.detach(), self.denoiser(every), self.full_schedule,
@@ -196,7 +262,8 @@ class DOODL(LightningModule):
     def denoiser(self, idx: list[int], guidance_scale: float | None = None):
         """eps(x_t, t) of the local items ``idx`` (their prompts), with classifier-free guidance."""
         scale = self.hparams.guidance_scale if guidance_scale is None else guidance_scale
-        eps = self.backbone.denoiser(self._cond[idx], self._uncond, scale)
+        eps = self.backbone.denoiser(self._cond[idx], self._uncond, scale, control_image=self._control(idx),
+                                     control_scale=self.hparams.controlnet_scale)
         if self.hparams.cuda_graphs and self.device.type == "cuda":
             if self._graphed is None:
                 from .cuda_graphs import GraphedUNet
@@ -216,9 +283,19 @@ class DOODL(LightningModule):
         return weighted_guidance(self.guidance, [it.prompt for it in items],
                                  [step_generator(it, stream_step, stream=1) for it in items])
 
+    def metric_values(self, idx: list[int], images: Tensor) -> dict[str, Tensor]:
+        """The held-out ``metrics`` of items ``idx`` on their (detached) images, under no_grad: never optimised.
+        Their cutouts come from (seed, stream 4) generators fixed over the run, so a metric measures every step alike."""
+        if not len(self.metrics):
+            return {}
+        items = [self.local_items[i] for i in idx]
+        return held_out_metrics(self.metrics, images, [it.prompt for it in items],
+                                [step_generator(it, 0, stream=4) for it in items])
+
     def evaluate_items(self, backward: bool, latents: Tensor | None = None) -> Evaluation:
         """Evaluate every local item (in micro-batches) from ``latents`` (default: the parameter); with
-        ``backward`` fill ``latents.grad``."""
+        ``backward`` fill ``latents.grad``. The held-out metrics are measured on each item's image after the
+        backward (``metric_values``)."""
         hp = self.hparams
         latents = self.latents if latents is None else latents
         outs = []
@@ -228,7 +305,8 @@ class DOODL(LightningModule):
                 self.denoiser(idx), pair[:, 0], self.schedule, self.backbone.decode, self.loss_fn(idx, self.global_step),
                 sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
                 y=pair[:, 1] if self.start.pair_size == 2 else None, drift_tolerance=hp.drift_tolerance,
-                backward=backward, first_image_only=hp.optimize_first_edict_image_only))
+                backward=backward, first_image_only=hp.optimize_first_edict_image_only, noises=self.lcm_noises(idx)))
+            outs[-1].metrics = self.metric_values(idx, outs[-1].images)
         return concat_evaluations(outs)
 
     def training_step(self, batch, batch_idx):
@@ -272,9 +350,11 @@ class DOODL(LightningModule):
 
     def gathered_metrics(self, ev: Evaluation, grad: Tensor | None = None) -> dict[str, Tensor]:
         """Each per-item metric of ``ev`` over ALL items (gathered from every rank; a collective): ``loss``,
-        ``loss_<guidance>``, ``latent_norm`` and, given the gradient, ``grad_norm``."""
+        ``loss_<guidance>``, ``latent_norm``, ``metric_<name>`` (the held-out metrics) and, given the gradient,
+        ``grad_norm``."""
         per_item = {"loss": ev.total, "latent_norm": self.latents.detach()[:, 0].flatten(1).norm(dim=1),
-                    **{f"loss_{k}": v for k, v in ev.terms.items()}}
+                    **{f"loss_{k}": v for k, v in ev.terms.items()},
+                    **{f"metric_{k}": v for k, v in ev.metrics.items()}}
         if grad is not None:  # a search without gradients (best-of-N) has none
             per_item["grad_norm"] = grad.flatten(1).norm(dim=1)
         return {k: self.gather_items(v) for k, v in per_item.items()}
@@ -283,15 +363,20 @@ class DOODL(LightningModule):
         """What a step logs of ``gathered_metrics``: ``train/<metric>`` (mean over items), ``items/<metric>/<name>``
         (each item under its ``item_names`` entry, so a tag means the same item in every run) and
         ``train/best_loss``, the mean over items of each item's lowest loss so far (``item_best_loss``, all
-        items, updated here; it restarts with a resumed process)."""
+        items, updated here; it restarts with a resumed process). A held-out metric's mean is ``metrics/<name>``."""
         loss = gathered["loss"]
         best = getattr(self, "item_best_loss", None)
         self.item_best_loss = loss.clone() if best is None or best.shape != loss.shape else torch.minimum(best, loss)
-        logs = {f"train/{k}": float(v.mean()) for k, v in gathered.items()}
+        logs = {self.mean_tag(k): float(v.mean()) for k, v in gathered.items()}
         logs["train/best_loss"] = float(self.item_best_loss.mean())
         names = self.item_names
         logs.update({f"items/{k}/{names[i]}": float(v[i]) for k, v in gathered.items() for i in range(len(names))})
         return logs
+
+    @staticmethod
+    def mean_tag(metric: str) -> str:
+        """The tag of a metric's mean over items: ``train/<metric>``; a held-out metric's ``metrics/<name>``."""
+        return f"metrics/{metric[len('metric_'):]}" if metric.startswith("metric_") else f"train/{metric}"
 
     def _write_tensorboard_layout(self, metrics: list[str]) -> None:
         """Once per TensorBoard run, on rank 0: a custom-scalars layout (TensorBoard's CUSTOM SCALARS tab) with one
@@ -310,7 +395,7 @@ class DOODL(LightningModule):
                 continue
             charts = {}
             for m in metrics:
-                tags = [f"^items/{re.escape(m)}/", f"^train/{re.escape(m)}$"]
+                tags = [f"^items/{re.escape(m)}/", f"^{re.escape(self.mean_tag(m))}$"]
                 if m == "loss":
                     tags.append("^train/best_loss$")
                 charts[m] = ["Multiline", tags]

@@ -14,7 +14,9 @@ from .sampling import Schedule, sample
 from .sampling.backprop import cotangent_scaled
 from .precision import at_least_float32, to_module_dtype
 
-LossFn = Callable[[Tensor], "tuple[Tensor, dict[str, Tensor]]"]  # images -> (total (N,), {name: (N,)})
+# (images, latents=None) -> (total (N,), {name: (N,)}); latents: each image's initial latent, for the objectives
+# with ``needs_latents`` (the noise-norm regulariser)
+LossFn = Callable[..., "tuple[Tensor, dict[str, Tensor]]"]
 
 
 def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
@@ -34,6 +36,7 @@ class Evaluation:
     terms: dict[str, Tensor]           # name -> (N,) unweighted per-item guidance losses
     images: Tensor                     # (N, 3, H, W) in [-1, 1], detached: the image the item shows
     info: dict = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # name -> (N,) held-out metrics of ``images``, never optimised
 
 
 def evaluate(
@@ -50,6 +53,7 @@ def evaluate(
     drift_tolerance: float = 1e-3,
     backward: bool = True,
     first_image_only: bool = False,
+    noises: list[Tensor] | None = None,
 ) -> Evaluation:
     """Sample from z (and y, EDICT's second latent), decode, score; with ``backward`` accumulate
     dS/dz (and dS/dy) into their ``.grad``, S = the sum over items of the losses of the optimised images.
@@ -59,22 +63,31 @@ def evaluate(
     Each final latent is decoded and back-propagated on its own graph before the next is decoded, so
     only one VAE-decoder graph is alive at a time; then the cotangents of all final latents go back
     through the chain together. ``Evaluation.total`` is the mean over the optimised images.
+
+    Objectives of the latents (``needs_latents``, e.g. the noise-norm regulariser) see each scored image's own
+    initial latent (x_0's image: z; y_0's: y) as ``loss_fn(img, latents=...)``, on a detached leaf like the image's:
+    their gradient goes to z (and y) directly, not through the chain, and joins the chain's in the one
+    ``backward`` below, so it is added exactly once. For an objective of images only it changes nothing.
     """
     info: dict = {}
     with torch.set_grad_enabled(backward):
         finals = sample(eps, z, schedule, sampler=sampler, backprop=backprop, y=y, mix_weight=mix_weight,
-                        drift_tolerance=drift_tolerance, info=info)
+                        drift_tolerance=drift_tolerance, info=info, noises=noises)
     scored = finals[:1] if first_image_only else finals
+    starts = [z, z if y is None else y]  # the initial latent of each final's chain (EDICT without y: y_T = x_T)
     k = len(scored)
-    total, terms, images, cotangents = 0.0, {}, None, []
-    for final in scored:
+    total, terms, images, cotangents, direct = 0.0, {}, None, [], []
+    for j, final in enumerate(scored):
         leaf = final.detach().requires_grad_(backward)
+        start = starts[j].detach().requires_grad_(backward)
         with torch.set_grad_enabled(backward):
             img = decode(leaf)
-            item_total, item_terms = loss_fn(img)
+            item_total, item_terms = loss_fn(img, latents=start)
         if backward:
-            (g,) = torch.autograd.grad(item_total.sum(), leaf)
+            g, g_start = torch.autograd.grad(item_total.sum(), (leaf, start), allow_unused=True)
             cotangents.append(g)
+            if g_start is not None:  # an objective of the latents: its gradient, straight to z (or y)
+                direct.append((starts[j], g_start))
         total = total + item_total.detach() / k
         for name, v in item_terms.items():
             terms[name] = terms.get(name, 0.0) + v.detach() / k
@@ -82,24 +95,49 @@ def evaluate(
             images = img.detach()
     if backward:
         cotangents += [torch.zeros_like(f) for f in finals[k:]]
-        torch.autograd.backward(finals, cotangents)
+        torch.autograd.backward(list(finals) + [t for t, _ in direct], cotangents + [g for _, g in direct])
     return Evaluation(total, terms, images, info)
 
 
-def check_guidance(guidance) -> None:
-    """At least one guidance module, with unique names (they are log keys)."""
+def check_guidance(guidance, metrics=None, renormalize: bool = False) -> None:
+    """At least one guidance module, with unique names (they are log keys); held-out ``metrics`` named apart from
+    them and from each other; measurement-only modules only as metrics; the noise-norm regulariser only with
+    ``renormalize`` off (the hard renormalisation would cancel it)."""
+    from .guidance.noise_norm import NoiseNormRegularizer
+
     if not guidance:
         raise ValueError("no guidance modules: give model.guidance: [{class_path: ...}] (nothing to optimise)")
     names = [g.name for g in guidance]
     if len(set(names)) != len(names):
         raise ValueError(f"guidance names must be unique (they are log keys), got {names}; set name: ...")
+    for g in guidance:
+        if getattr(g, "metric_only", False):
+            raise ValueError(f"{g.name} ({type(g).__name__}) is a measurement only, never optimised: "
+                             f"list it under model.metrics, not model.guidance")
+        if isinstance(g, NoiseNormRegularizer) and renormalize:
+            raise ValueError(f"{g.name} (NoiseNormRegularizer) is the soft alternative to renormalize_latents, which "
+                             f"would cancel it every step: set renormalize_latents: false")
+    metric_names = [m.name for m in metrics or []]
+    clash = sorted(set(metric_names) & set(names))
+    if clash:
+        raise ValueError(f"metric name {clash[0]!r} is also a guidance name (both are log keys): give the metric "
+                         f"another name: ...")
+    if len(set(metric_names)) != len(metric_names):
+        raise ValueError(f"metric names must be unique (they are log keys), got {metric_names}; set name: ...")
+    for m in metrics or []:
+        if getattr(m, "needs_latents", False):
+            raise ValueError(f"metric {m.name} scores latents; metrics are measured on the images: "
+                             f"move it to model.guidance")
 
 
 def weighted_guidance(guidance, prompts: list[str], generators: list[torch.Generator]) -> LossFn:
-    """images -> (sum of weight x loss over the guidance modules, {name: loss}), per item."""
+    """(images, latents=None) -> (sum of weight x loss over the guidance modules, {name: loss}), per item;
+    ``latents`` (each image's initial latent) go to the modules with ``needs_latents`` only."""
 
-    def loss_fn(images: Tensor):
-        terms = {g.name: g(images, prompts=prompts, generators=generators) for g in guidance}
+    def loss_fn(images: Tensor, latents: Tensor | None = None):
+        terms = {g.name: g(images, prompts=prompts, generators=generators,
+                           **({"latents": latents} if getattr(g, "needs_latents", False) else {}))
+                 for g in guidance}
         total = sum((g.weight * terms[g.name] for g in guidance), torch.zeros(len(prompts), device=images.device))
         return total, terms
 
@@ -114,4 +152,13 @@ def concat_evaluations(outs: list[Evaluation]) -> Evaluation:
             info[k] = max(info.get(k, v), v)
     return Evaluation(total=torch.cat([o.total for o in outs]),
                       terms={k: torch.cat([o.terms[k] for o in outs]) for k in outs[0].terms},
-                      images=torch.cat([o.images for o in outs]), info=info)
+                      images=torch.cat([o.images for o in outs]), info=info,
+                      metrics={k: torch.cat([o.metrics[k] for o in outs]) for k in outs[0].metrics})
+
+
+@torch.no_grad()
+def held_out_metrics(metrics, images: Tensor, prompts: list[str], generators: list[torch.Generator]) -> dict[str, Tensor]:
+    """{name: (N,)} of each metric module on the detached ``images``, under no_grad: logged, never optimised
+    (the metric modules' own loss convention: lower is better unless the module says otherwise)."""
+    images = images.detach()
+    return {m.name: m(images, prompts=prompts, generators=generators).detach() for m in metrics}

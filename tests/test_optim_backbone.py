@@ -93,8 +93,8 @@ def test_backbone_loads_a_saved_pipeline_frozen_and_in_dtype(tmp_path):
     assert not bb.training and not bb.unet.training
     assert bb.vae.decoder.gradient_checkpointing
     cond = bb.encode_prompts(["a red circle", ""])
-    assert cond.shape == (2, 77, 16)
-    assert bb.latent_shape(None) == (4, 8, 8) and bb.latent_shape(32) == (4, 16, 16)
+    assert cond.hidden.shape == (2, 77, 16) and not cond.added and bb.family == "sd"
+    assert bb.latent_shape(None) == (4, 8, 8) and bb.latent_shape(32) == (4, 16, 16) and bb.latent_shape(16, 32) == (4, 8, 16)
 
 
 def test_missing_models_fail_with_one_clear_line(tmp_path):

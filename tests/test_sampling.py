@@ -238,8 +238,8 @@ def test_cfg_is_one_batched_call_equal_to_two_calls():
     out = eps(x, 500)
     assert eps.calls == 1
     unet = eps.unet
-    e_u = unet(x, 500, encoder_hidden_states=eps.uncond.expand(2, -1, -1)).sample
-    e_c = unet(x, 500, encoder_hidden_states=eps.cond).sample
+    e_u = unet(x, 500, encoder_hidden_states=eps.uncond.hidden.expand(2, -1, -1)).sample
+    e_c = unet(x, 500, encoder_hidden_states=eps.cond.hidden).sample
     assert torch.allclose(out, e_u + 7.5 * (e_c - e_u), rtol=0, atol=1e-12)
     one = Denoiser(unet, cond=eps.cond, uncond=eps.uncond, guidance_scale=1.0)
     assert torch.allclose(one(x, 500), e_c, atol=1e-12) and one.calls == 1

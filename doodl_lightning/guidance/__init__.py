@@ -4,6 +4,10 @@ from .augment import Cutouts
 from .base import Guidance
 from .classifier import ClassifierGuidance
 from .clip import CLIPGuidance, CLIPImageGuidance, CLIPTextGuidance, spherical_dist_loss
+from .hps import HPSGuidance
+from .image_reward import ImageRewardGuidance
+from .noise_norm import NoiseNormRegularizer
+from .pickscore import PickScoreGuidance
 from .symmetry import SymmetryGuidance
 
 __all__ = [
@@ -14,6 +18,10 @@ __all__ = [
     "CLIPImageGuidance",
     "AestheticGuidance",
     "ClassifierGuidance",
+    "HPSGuidance",
+    "PickScoreGuidance",
+    "ImageRewardGuidance",
     "SymmetryGuidance",
+    "NoiseNormRegularizer",
     "spherical_dist_loss",
 ]

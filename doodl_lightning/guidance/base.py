@@ -50,6 +50,11 @@ class Guidance(nn.Module, metaclass=ABCMeta):
     """
 
     default_name = "guidance"
+    # True for an objective that also sees each image's initial latent (x_T of its chain): ``loss`` then takes a
+    # ``latents=`` keyword, and ``objective.evaluate`` sends that term's gradient to the latents directly
+    needs_latents = False
+    # True for a measurement only (e.g. an independent evaluator): allowed under ``model.metrics``, refused as guidance
+    metric_only = False
 
     def __init__(self, weight: float = 1.0, name: str | None = None):
         super().__init__()
@@ -72,16 +77,23 @@ class Guidance(nn.Module, metaclass=ABCMeta):
         images: Tensor,
         prompts: Sequence[str] | None = None,
         generators: Sequence[torch.Generator] | None = None,
+        latents: Tensor | None = None,
     ) -> Tensor:
         """images (N, 3, H, W) in [-1, 1], differentiable -> per-item loss (N,), lower is better.
 
         ``prompts``: the items' diffusion prompts (used by text and per-prompt targets); ``generators``: one
         CPU generator per item for the random cutouts (None: a fixed default seed per item). The images enter
         ``loss`` in the dtype of the guidance's weights (unchanged for a guidance without weights); the loss
-        returned is at least float32 (float64 stays float64).
+        returned is at least float32 (float64 stays float64). ``latents``: the initial latent (N, C, h, w) of each
+        image's chain, required by (and only passed to) an objective with ``needs_latents``; it keeps its dtype.
         """
-        loss = self.loss(precision.to_module_dtype(images, self), prompts, generators)
-        return precision.at_least_float32(loss)
+        images = precision.to_module_dtype(images, self)
+        if not self.needs_latents:
+            return precision.at_least_float32(self.loss(images, prompts, generators))
+        if latents is None:
+            raise ValueError(f"{self.name} ({type(self).__name__}) scores the initial latents, which this caller does "
+                             f"not give (it scores images only): drop {self.name} from its guidance")
+        return precision.at_least_float32(self.loss(images, prompts, generators, latents=latents))
 
     @abstractmethod
     def loss(

@@ -12,6 +12,7 @@ Gradients flow to the latents only; the denoiser's weights are frozen.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -21,9 +22,10 @@ from ..precision import autocast_state, restored_autocast
 from .ddim import ddim_step, sample_ddim
 from .edict import _order, check_mix_weight, edict_step, relative_error, sample_edict, unmix
 from .denoiser import Eps
+from .lcm import check_lcm_noises, lcm_step, sample_lcm
 from .schedule import Schedule
 
-SAMPLERS = ("ddim", "edict")
+SAMPLERS = ("ddim", "edict", "lcm")
 BACKPROPS = ("autograd", "checkpoint", "reversible")
 
 
@@ -33,14 +35,14 @@ class ReversibleDriftWarning(UserWarning):
 
 def check_sampler(sampler: str, backprop: str, first_image_only: bool = False) -> None:
     if first_image_only and sampler != "edict":
-        raise ValueError("optimize_first_edict_image_only needs sampler 'edict' (DDIM makes one image)")
+        raise ValueError(f"optimize_first_edict_image_only needs sampler 'edict' ({sampler} makes one image)")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if backprop not in BACKPROPS:
         raise ValueError(f"unknown backprop {backprop!r}; choose one of {', '.join(BACKPROPS)}")
     if backprop == "reversible" and sampler != "edict":
-        raise ValueError("backprop 'reversible' needs sampler 'edict' (DDIM is not exactly invertible); "
-                         "use 'checkpoint' or 'autograd' with 'ddim'")
+        raise ValueError(f"backprop 'reversible' needs sampler 'edict' ({sampler} is not exactly invertible); "
+                         f"use 'checkpoint' or 'autograd' with '{sampler}'")
 
 
 def sample(
@@ -54,24 +56,38 @@ def sample(
     mix_weight: float = 0.93,
     drift_tolerance: float = 1e-3,
     info: dict | None = None,
+    noises: list[Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Run ``sampler`` from x_T (and y_T for EDICT; default y_T = x_T) with a differentiable chain.
 
-    Returns the final latents as a tuple: (x_0,) for ``ddim``, (x_0, y_0) for ``edict``. ``info`` (a
-    dict) receives ``reversible_drift`` and ``reversible_fallback`` once backward has run.
+    Returns the final latents as a tuple: (x_0,) for ``ddim`` and ``lcm``, (x_0, y_0) for ``edict``.
+    ``noises``: the noise LCM adds after each step but the last (fixed per item). ``info`` (a dict)
+    receives ``reversible_drift`` and ``reversible_fallback`` once backward has run.
     """
     check_sampler(sampler, backprop)
+    s = schedule.initial_scale
     if sampler == "ddim":
         if backprop == "autograd":
             return (cotangent_scaled(lambda x: sample_ddim(eps, x, schedule), x),)
-        return (_DDIMCheckpoint.apply(x, eps, schedule),)
+        return (_ChainCheckpoint.apply(x * s if s != 1.0 else x, lambda x, i: ddim_step(eps, x, schedule, i),
+                                       len(schedule)),)
+    if sampler == "lcm":
+        zs = check_lcm_noises(noises, schedule, x)
+        if backprop == "autograd":
+            return (cotangent_scaled(lambda x: sample_lcm(eps, x, schedule, zs[:-1]), x),)
+        return (_ChainCheckpoint.apply(x * s if s != 1.0 else x,
+                                       lambda x, i: lcm_step(eps, x, schedule, i, zs[i]), len(schedule)),)
     p = check_mix_weight(mix_weight)
     y = x if y is None else y
+    if s != 1.0 and backprop != "autograd":  # sample_edict scales its own input
+        x, y = x * s, y * s
     if backprop == "autograd":
         return cotangent_scaled(lambda x, y: sample_edict(eps, x, y, schedule, p), x, y)
     if backprop == "checkpoint":
         return _EDICTCheckpoint.apply(x, y, eps, schedule, p)
-    return _EDICTReversible.apply(x, y, eps, schedule, p, float(drift_tolerance), info)
+    # x and y are scaled above: the Function's own sample_edict must not scale them again
+    return _EDICTReversible.apply(x, y, eps, dataclasses.replace(schedule, initial_scale=1.0), p,
+                                  float(drift_tolerance), info)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -140,24 +156,27 @@ def _edict_trajectory(eps, schedule, p, x, y):
 
 # -- the three chains as autograd Functions --------------------------------------------------------
 
-class _DDIMCheckpoint(torch.autograd.Function):
+class _ChainCheckpoint(torch.autograd.Function):
+    """A chain of single-latent steps x <- step(x, i), i = 0..n-1 (DDIM, LCM): keep each step's input,
+    recompute the step with grad in backward."""
+
     @staticmethod
-    def forward(ctx, x, eps, schedule):
+    def forward(ctx, x, step, n):
         xs = [x]
-        for i in range(len(schedule)):
-            xs.append(ddim_step(eps, xs[-1], schedule, i))
+        for i in range(n):
+            xs.append(step(xs[-1], i))
         ctx.save_for_backward(*xs[:-1])  # one latent per step: the whole memory cost
-        ctx.eps, ctx.schedule, ctx.autocast = eps, schedule, autocast_state(x.device.type)
+        ctx.step, ctx.n, ctx.autocast = step, n, autocast_state(x.device.type)
         return xs[-1]
 
     @staticmethod
     def backward(ctx, g):
         xs = ctx.saved_tensors
         with restored_autocast(ctx.autocast):
-            for i in reversed(range(len(ctx.schedule))):
+            for i in reversed(range(ctx.n)):
                 xi = xs[i].detach().requires_grad_()
                 with torch.enable_grad():
-                    out = ddim_step(ctx.eps, xi, ctx.schedule, i)
+                    out = ctx.step(xi, i)
                 (g,) = _vjp((out,), (xi,), (g,))
         return g, None, None
 

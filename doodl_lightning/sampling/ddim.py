@@ -16,6 +16,7 @@ def ddim_step(eps: Eps, x: Tensor, schedule: Schedule, i: int) -> Tensor:
 
 def sample_ddim(eps: Eps, x: Tensor, schedule: Schedule) -> Tensor:
     """DDIM sampling from x_T to x_0 (Song et al. 2021, Algorithm of eq. 12, eta = 0)."""
+    x = x * schedule.initial_scale if schedule.initial_scale != 1.0 else x
     for i in range(len(schedule)):
         x = ddim_step(eps, x, schedule, i)
     return x

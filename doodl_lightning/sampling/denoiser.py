@@ -1,11 +1,13 @@
-"""eps(x_t, t) of a diffusers UNet, classifier-free guidance batched into one call."""
+"""eps(x_t, t) of a diffusers UNet (+ ControlNet), classifier-free guidance batched into one call."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ..conditioning import Conditioning
 from ..precision import module_dtype
 
 Eps = Callable[[Tensor, int], Tensor]  # eps(x_t, t): what every sampler calls; a Denoiser is one
@@ -16,11 +18,27 @@ def check_guidance_scale(guidance_scale: float) -> None:
         raise ValueError(f"guidance_scale must be >= 0 (1 = conditional only, 0 = unconditional only), got {guidance_scale}")
 
 
+@dataclass
+class Control:
+    """A ControlNet's input to every UNet call: the model, one conditioning image per item (N, 3, H, W) in
+    [0, 1] at the output size (as diffusers' control-image processor makes it), and the residuals' scale."""
+
+    controlnet: torch.nn.Module
+    image: Tensor
+    scale: float = 1.0
+
+    def __getitem__(self, idx) -> "Control":
+        return Control(self.controlnet, self.image[idx], self.scale)
+
+
 class Denoiser:
     """Noise prediction with classifier-free guidance (Ho & Salimans 2022) in ONE batched UNet call.
 
     ``unet`` is a diffusers ``UNet2DConditionModel`` (text-conditioned: give ``cond`` and, for CFG,
-    ``uncond``) or ``UNet2DModel`` (unconditional: no embeddings, guidance_scale 1). The latents may be
+    ``uncond``, as hidden-state tensors or ``Conditioning``s with a family's added embeddings, e.g. SDXL's)
+    or ``UNet2DModel`` (unconditional: no embeddings, guidance_scale 1). ``control`` adds a ControlNet's
+    residuals to every call (the same image for the conditional and unconditional halves, as diffusers'
+    pipelines do); ``timestep_cond`` is an LCM UNet's guidance-scale embedding. The latents may be
     float32 while the UNet runs in half precision: inputs are cast to the UNet's dtype and eps is cast
     back, so the sampler's linear algebra stays in the latents' dtype.
     """
@@ -29,11 +47,13 @@ class Denoiser:
         self,
         unet: torch.nn.Module,
         *,
-        cond: Tensor | None = None,
-        uncond: Tensor | None = None,
+        cond: Tensor | Conditioning | None = None,
+        uncond: Tensor | Conditioning | None = None,
         guidance_scale: float = 1.0,
         prediction_type: str = "epsilon",
         alphas_cumprod: Tensor | None = None,
+        control: Control | None = None,
+        timestep_cond: Tensor | None = None,
     ):
         check_guidance_scale(guidance_scale)
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -43,7 +63,8 @@ class Denoiser:
         if guidance_scale not in (0.0, 1.0) and (cond is None or uncond is None):
             raise ValueError(f"guidance_scale={guidance_scale} needs both cond and uncond embeddings")
         self.unet = unet
-        self.cond, self.uncond = cond, uncond
+        self.cond, self.uncond = Conditioning.of(cond), Conditioning.of(uncond)
+        self.control, self.timestep_cond = control, timestep_cond
         self.guidance_scale = float(guidance_scale)
         self.prediction_type = prediction_type
         self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.double().cpu()
@@ -51,17 +72,26 @@ class Denoiser:
         self.calls = 0  # UNet calls, for honest compute accounting in benchmarks
         self._timesteps: dict = {}
 
-    def _unet(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+    def _unet(self, x: Tensor, t: Tensor, context: Conditioning | None, control_image: Tensor | None = None) -> Tensor:
         self.calls += 1
         if context is None:
-            out = self.unet(x, t).sample
-        else:
-            out = self.unet(x, t, encoder_hidden_states=context.to(x.device, self.dtype)).sample
+            return self.unet(x, t).sample[:, : x.shape[1]]
+        kwargs = {"encoder_hidden_states": context.hidden.to(x.device, self.dtype)}
+        if context.added:
+            kwargs["added_cond_kwargs"] = {k: v.to(x.device, self.dtype) for k, v in context.added.items()}
+        if self.timestep_cond is not None:
+            kwargs["timestep_cond"] = self.timestep_cond.to(x.device, self.dtype).expand(x.shape[0], -1)
+        if self.control is not None:
+            net = self.control.controlnet
+            cdtype = module_dtype(net, torch.float32)
+            down, mid = net(x.to(cdtype), t, encoder_hidden_states=kwargs["encoder_hidden_states"].to(cdtype),
+                            controlnet_cond=control_image.to(x.device, cdtype), conditioning_scale=self.control.scale,
+                            added_cond_kwargs={k: v.to(cdtype) for k, v in kwargs.get("added_cond_kwargs", {}).items()}
+                            or None, return_dict=False)
+            kwargs["down_block_additional_residuals"] = [r.to(self.dtype) for r in down]
+            kwargs["mid_block_additional_residual"] = mid.to(self.dtype)
+        out = self.unet(x, t, **kwargs).sample
         return out[:, : x.shape[1]]  # drop a learned-variance half if the model has one
-
-    @staticmethod
-    def _expand(context: Tensor, n: int) -> Tensor:
-        return context.expand(n, *context.shape[1:]) if context.shape[0] == 1 else context
 
     def _timestep(self, t: int, device: torch.device) -> Tensor:
         # one device tensor per timestep, made once: no blocking host-to-device copy per UNet call
@@ -76,16 +106,22 @@ class Denoiser:
         t = self._timestep(t_int, x.device)
         xin = x.to(self.dtype)
         s = self.guidance_scale
+        image = None if self.control is None else self.control.image
+        if image is not None and image.shape[0] not in (1, n):
+            raise ValueError(f"{image.shape[0]} control images for {n} latents: give one per item")
+        if image is not None:
+            image = image.expand(n, *image.shape[1:])
         if self.cond is None and self.uncond is None:
             out = self._unet(xin, t, None)
         elif s == 1.0:
-            out = self._unet(xin, t, self._expand(self.cond, n))
+            out = self._unet(xin, t, self.cond.expand(n), image)
         elif s == 0.0:
-            out = self._unet(xin, t, self._expand(self.uncond, n))
+            out = self._unet(xin, t, self.uncond.expand(n), image)
         else:
             # uncond and cond as one batch: one UNet call per eps, never two
-            context = torch.cat([self._expand(self.uncond, n), self._expand(self.cond, n)])
-            out_uncond, out_cond = self._unet(torch.cat([xin, xin]), t, context).chunk(2)
+            context = Conditioning.cat([self.uncond.expand(n), self.cond.expand(n)])
+            both = None if image is None else torch.cat([image, image])
+            out_uncond, out_cond = self._unet(torch.cat([xin, xin]), t, context, both).chunk(2)
             out = out_uncond + s * (out_cond - out_uncond)
         out = out.to(x.dtype)
         if self.prediction_type == "v_prediction":

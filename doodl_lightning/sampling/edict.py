@@ -65,6 +65,8 @@ def edict_step_inverse(eps: Eps, x: Tensor, y: Tensor, schedule: Schedule, i: in
 def sample_edict(eps: Eps, x: Tensor, y: Tensor, schedule: Schedule, mix_weight: float = 0.93) -> tuple[Tensor, Tensor]:
     """EDICT sampling of the coupled pair (x_T, y_T) -> (x_0, y_0) (EDICT paper, Algorithm 2)."""
     p = check_mix_weight(mix_weight)
+    if schedule.initial_scale != 1.0:
+        x, y = x * schedule.initial_scale, y * schedule.initial_scale
     for i in range(len(schedule)):
         x, y = edict_step(eps, x, y, schedule, i, p)
     return x, y
@@ -83,6 +85,8 @@ def edict_invert(eps: Eps, x0: Tensor, schedule: Schedule, mix_weight: float = 0
     x, y = x0, x0
     for i in reversed(range(len(schedule))):
         x, y = edict_step_inverse(eps, x, y, schedule, i, p)
+    if schedule.initial_scale != 1.0:  # the chain starts from initial_scale x_T: undo it
+        x, y = x / schedule.initial_scale, y / schedule.initial_scale
     error = None
     if check:
         rx, ry = sample_edict(eps, x, y, schedule, p)

@@ -6,6 +6,12 @@
           schedule), random weights: the right size for speed and memory measurements.
 ``sd21``  the SD-2.1 (768-v) architecture: linear-projection attention with 64-dim heads, 1024-dim
           OpenCLIP-H text tower, v-prediction.
+``sd-turbo``    SD-Turbo: SD-2.1-base (512 px, epsilon) with Euler on trailing timesteps, no CFG.
+``tiny-sdxl``   a tiny SDXL-layout UNet (text_time added conditioning, two text towers) for tests.
+``sdxl``        the REAL SDXL-base architecture (UNet 320/640/1280 with 1/2/10 transformer layers, 2048-dim
+                context = CLIP-L 768 + OpenCLIP-bigG 1280, text_time micro-conditioning, 1024 px; VAE with
+                scaling 0.13025 and force_upcast), Euler with leading spacing as released.
+``sdxl-turbo``  SDXL-Turbo: the SDXL architecture at 512 px, Euler on trailing timesteps, no CFG.
 
 Everything here is a plain config dict handed to the diffusers / transformers constructors, so a
 component built here is exactly what ``from_pretrained`` would build before loading weights. With
@@ -20,12 +26,13 @@ import torch
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_RESOLUTION", "SD1_SCHEDULER_CONFIG", "build_components", "build_scheduler",
-    "build_text_encoder", "build_unet", "build_vae", "latent_size", "parameter_count", "scheduler_config",
+    "build_controlnet", "build_text_encoder", "build_text_encoder_2", "build_unet", "text_encoder_2_config", "build_vae", "latent_size", "parameter_count", "scheduler_config",
     "text_encoder_config", "unet_config", "vae_config", "vae_scale_factor",
 ]
 
-ARCHITECTURES = ("tiny", "sd15", "sd21")
-DEFAULT_RESOLUTION = {"tiny": 16, "sd15": 512, "sd21": 768}  # pixels
+ARCHITECTURES = ("tiny", "sd15", "sd21", "sd-turbo", "tiny-sdxl", "sdxl", "sdxl-turbo")
+DEFAULT_RESOLUTION = {"tiny": 16, "sd15": 512, "sd21": 768, "sd-turbo": 512, "tiny-sdxl": 16, "sdxl": 1024,
+                      "sdxl-turbo": 512}  # pixels
 
 _UNET = {
     "tiny": dict(
@@ -45,6 +52,25 @@ _UNET = {
 }
 _UNET["sd21"] = dict(_UNET["sd15"], sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                      use_linear_projection=True, upcast_attention=True)
+_UNET["sd-turbo"] = dict(_UNET["sd21"], sample_size=64, upcast_attention=False)
+# SDXL's text_time conditioning: the pooled text embedding (projection_dim) + 6 micro-conditioning numbers,
+# each a sinusoidal embedding of addition_time_embed_dim
+_UNET["tiny-sdxl"] = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=(2, 4), norm_num_groups=4, use_linear_projection=True,
+    transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=16 + 6 * 4,
+)
+_UNET["sdxl"] = dict(
+    sample_size=128, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+_UNET["sdxl-turbo"] = dict(_UNET["sdxl"], sample_size=64)
 
 _VAE = {
     "tiny": dict(
@@ -59,6 +85,10 @@ _VAE = {
     ),
 }
 _VAE["sd21"] = dict(_VAE["sd15"], sample_size=768)
+_VAE["sd-turbo"] = _VAE["sd15"]
+_VAE["tiny-sdxl"] = dict(_VAE["tiny"], scaling_factor=0.13025, force_upcast=True)
+_VAE["sdxl"] = dict(_VAE["sd15"], sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+_VAE["sdxl-turbo"] = dict(_VAE["sdxl"], sample_size=512)
 
 _TEXT = {
     "tiny": dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -72,6 +102,17 @@ _TEXT = {
                  bos_token_id=0, eos_token_id=2, pad_token_id=1),
 }
 
+_TEXT["sd-turbo"] = _TEXT["sd21"]
+_TEXT["tiny-sdxl"] = dict(_TEXT["tiny"], vocab_size=49408, bos_token_id=0, eos_token_id=2)  # + a second, below
+_TEXT["sdxl"] = _TEXT["sdxl-turbo"] = dict(_TEXT["sd15"])  # CLIP ViT-L/14; the second tower is _TEXT_2's
+_TEXT_2 = {  # SDXL's second text tower (CLIPTextModelWithProjection): its pooled projection feeds text_time
+    "tiny-sdxl": dict(_TEXT["tiny-sdxl"], projection_dim=16, hidden_act="gelu"),
+    "sdxl": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1),
+}
+_TEXT_2["sdxl-turbo"] = _TEXT_2["sdxl"]
+
 # Stable Diffusion 1.x's noise schedule, the one place it is spelt: the released SD-1.x scheduler_config.json
 # (SD-2.x keeps it; the shapes world trains with it). Scheduler classes take what they know of it
 # (``from_config``), so PNDM ignores ``clip_sample``.
@@ -82,6 +123,11 @@ _SCHEDULER = {
     "tiny": ("DDIMScheduler", SD1_SCHEDULER_CONFIG),
     "sd15": ("PNDMScheduler", dict(SD1_SCHEDULER_CONFIG, skip_prk_steps=True)),
     "sd21": ("DDIMScheduler", dict(SD1_SCHEDULER_CONFIG, prediction_type="v_prediction")),
+    # the released Turbo / SDXL configs: Euler; trailing timesteps for the one-step distillations
+    "sd-turbo": ("EulerDiscreteScheduler", dict(SD1_SCHEDULER_CONFIG, timestep_spacing="trailing")),
+    "tiny-sdxl": ("EulerDiscreteScheduler", dict(SD1_SCHEDULER_CONFIG, timestep_spacing="leading")),
+    "sdxl": ("EulerDiscreteScheduler", dict(SD1_SCHEDULER_CONFIG, timestep_spacing="leading")),
+    "sdxl-turbo": ("EulerDiscreteScheduler", dict(SD1_SCHEDULER_CONFIG, timestep_spacing="trailing")),
 }
 
 
@@ -101,6 +147,11 @@ def vae_config(name: str) -> dict:
 
 def text_encoder_config(name: str) -> dict:
     return copy.deepcopy(_TEXT[_check(name)])
+
+
+def text_encoder_2_config(name: str) -> dict | None:
+    """The second text tower of an SDXL-layout architecture (None for one-tower ones)."""
+    return copy.deepcopy(_TEXT_2.get(_check(name)))
 
 
 def scheduler_config(name: str) -> tuple[str, dict]:
@@ -159,6 +210,35 @@ def build_text_encoder(name: str, *, device=None, dtype=torch.float32, seed: int
     return _frozen(model, dtype)
 
 
+def build_text_encoder_2(name: str, *, device=None, dtype=torch.float32, seed: int = 3):
+    """SDXL's second text tower, ``CLIPTextModelWithProjection``, random weights."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = text_encoder_2_config(name)
+    if cfg is None:
+        raise ValueError(f"architecture {name!r} has one text tower")
+    with _building(device, seed):
+        model = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    return _frozen(model, dtype)
+
+
+def build_controlnet(unet, *, seed: int = 4, vae_scale_factor: int = 8):
+    """A ``ControlNetModel`` for ``unet``'s base (diffusers' ``from_unet``: the encoder half copied, zero
+    convolutions), its zero convolutions made random so the residuals are not zero in tests. Its image
+    encoder halves the control image log2(``vae_scale_factor``) times, down to the latents' size."""
+    from diffusers import ControlNetModel
+
+    downs = vae_scale_factor.bit_length() - 1
+    channels = (16, 32, 96, 256)[: downs + 1] if downs <= 3 else None
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "conv_out" in name or "controlnet_mid_block" in name or "controlnet_down_blocks" in name:
+                p.normal_(0, 0.1)
+    return _frozen(net, next(unet.parameters()).dtype)
+
+
 def build_scheduler(name: str):
     import diffusers
 
@@ -169,7 +249,8 @@ def build_scheduler(name: str):
 def build_components(name: str, *, device=None, dtype=torch.float32, seed: int = 0,
                      parts=("unet", "vae", "text_encoder", "scheduler")) -> dict:
     """The named parts of architecture ``name`` (each from its own seed derived from ``seed``)."""
-    builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}
+    builders = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
+                "text_encoder_2": build_text_encoder_2}
     out = {}
     for k, part in enumerate(parts):
         if part == "scheduler":
@@ -177,7 +258,7 @@ def build_components(name: str, *, device=None, dtype=torch.float32, seed: int =
         elif part in builders:
             out[part] = builders[part](name, device=device, dtype=dtype, seed=seed * 10 + k)
         else:
-            raise ValueError(f"unknown part {part!r}; choose from unet, vae, text_encoder, scheduler")
+            raise ValueError(f"unknown part {part!r}; choose from unet, vae, text_encoder, text_encoder_2, scheduler")
     return out
 
 

@@ -57,7 +57,7 @@ from doodl_lightning.objective import evaluate, weighted_guidance  # noqa: E402
 from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, Schedule, relative_error  # noqa: E402
 from doodl_lightning.testing import architectures  # noqa: E402
 
-from common import fmt, machine_description, random_embeddings, text_table  # noqa: E402
+from common import fmt, machine_description, random_conditioning, text_table  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ACCELS = ("eager", "graphs", "compile")
@@ -92,7 +92,10 @@ class Model:
         if args.pretrained:
             self.name = args.pretrained
             self.backbone = PretrainedBackbone(args.pretrained).to(self.device)
-            cond, uncond = (self.backbone.encode_prompts([text]).float() for text in (args.prompt, ""))
+            size = (args.resolution, args.resolution) if args.resolution else None
+            cond = self.backbone.encode_prompts([args.prompt], size).float()
+            uncond = self.backbone.encode_negative("", size).float()
+            self.backbone.text_encoder_2 = None
             # only the two embeddings stay: the text encoder's weights must not count in any record's peak
             self.backbone.text_encoder = None
         else:
@@ -101,8 +104,13 @@ class Model:
             self.name = f"{args.sd_config} (random weights)"
             parts = architectures.build_components(args.sd_config, device=self.device, dtype=torch.float32, seed=args.seed,
                                                    parts=("unet", "vae", "scheduler"))
-            self.backbone = Backbone(parts["unet"], parts["vae"], None, None, parts["scheduler"])
-            cond, uncond = random_embeddings(self.backbone.unet.config.cross_attention_dim, args.seed)
+            controlnet = None
+            if args.controlnet:  # the base's ControlNet (diffusers' from_unet), random image per record
+                controlnet = architectures.build_controlnet(parts["unet"], vae_scale_factor=architectures.vae_scale_factor(args.sd_config))
+                self.name += " + ControlNet"
+            self.backbone = Backbone(parts["unet"], parts["vae"], None, None, parts["scheduler"], controlnet=controlnet)
+            res = args.resolution or architectures.DEFAULT_RESOLUTION[args.sd_config]
+            cond, uncond = random_conditioning(self.backbone.unet, args.seed, (res, res))
         self.cond, self.uncond = cond.to(self.device), uncond.to(self.device)
         self.unet, self.vae, self.scheduler = self.backbone.unet, self.backbone.vae, self.backbone.scheduler
         self.dtype, self.channels_last, self.master = torch.float32, False, None
@@ -116,8 +124,8 @@ class Model:
         if dtype != self.dtype:
             if self.master is None:  # first switch away from the float32 build: keep its weights
                 self.master = {k: {n: p.detach().cpu().clone() for n, p in m.state_dict().items()}
-                               for k, m in (("unet", self.unet), ("vae", self.vae))}
-            for k, m in (("unet", self.unet), ("vae", self.vae)):
+                               for k, m in self._weights()}
+            for k, m in self._weights():
                 m.to(dtype=torch.float32)
                 m.load_state_dict(self.master[k])
                 m.to(dtype=dtype)
@@ -133,9 +141,17 @@ class Model:
         else:
             self.vae.disable_gradient_checkpointing()
 
+    def _weights(self):
+        parts = [("unet", self.unet), ("vae", self.vae)]
+        return parts + ([("controlnet", self.backbone.controlnet)] if self.backbone.controlnet is not None else [])
+
     def denoiser(self, accel: str, guidance_scale: float) -> Denoiser:
         """The backbone's CFG denoiser, its UNet swapped for the compiled or graphed one."""
-        den = self.backbone.denoiser(self.cond, self.uncond, guidance_scale)
+        control = None
+        if self.backbone.controlnet is not None:
+            res = self.args.resolution or architectures.DEFAULT_RESOLUTION[self.args.sd_config]
+            control = torch.rand((1, 3, res, res), generator=torch.Generator().manual_seed(self.args.seed)).to(self.device)
+        den = self.backbone.denoiser(self.cond, self.uncond, guidance_scale, control_image=control)
         if accel == "compile":
             if self.compiled is None:
                 self.compiled = torch.compile(self.unet, mode=self.args.compile_mode, dynamic=False)
@@ -215,13 +231,16 @@ def _prepare(model: Model, job: dict, args):
     schedule = Schedule.from_scheduler(model.scheduler, job["steps"], "model")
     z0 = model.latents(job["batch"], rec["resolution"])
     den = None
+    if job["accel"] == "graphs" and model.graphs_error is None and (model.cond.added or model.backbone.controlnet is not None):
+        model.graphs_error = "the CUDA-graph UNet takes text hidden states only (SD-1.x/2.x without ControlNet)"
     if job["accel"] == "graphs" and model.graphs_error is None:
         try:  # capture once per input shape (as the Denoiser batches it), before anything is timed
             den = model.denoiser("graphs", args.guidance_scale)
             b, cfg = z0.shape[0], args.guidance_scale not in (0.0, 1.0)
             emb = lambda e: e.expand(b, *e.shape[1:])  # noqa: E731
             x = torch.cat([z0, z0]) if cfg else z0
-            ctx = torch.cat([emb(model.uncond), emb(model.cond)]) if cfg else emb(model.cond if args.guidance_scale else model.uncond)
+            hid_c, hid_u = model.cond.hidden, model.uncond.hidden
+            ctx = torch.cat([emb(hid_u), emb(hid_c)]) if cfg else emb(hid_c if args.guidance_scale else hid_u)
             model.graphed.prepare(x.to(dtype), torch.as_tensor(schedule.timesteps[0], device=device), ctx.to(dtype))
         except torch.OutOfMemoryError:
             raise
@@ -239,6 +258,10 @@ def _prepare(model: Model, job: dict, args):
     rec["setup_seconds"] = time.perf_counter() - t_setup
 
     loss_fn = model.loss_fn(job["batch"])
+    noises = None
+    if job["sampler"] == "lcm":  # LCM's between-step noise, fixed per record
+        gen = torch.Generator().manual_seed(args.seed + 7)
+        noises = [torch.randn(z0.shape, generator=gen).to(device) for _ in range(len(schedule) - 1)]
 
     def iteration(counter: _SavedBytes | None = None):
         z = z0.clone().requires_grad_()
@@ -253,10 +276,10 @@ def _prepare(model: Model, job: dict, args):
         if counter is not None:
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
                 ev = evaluate(den, z, schedule, decode, loss_fn, sampler=job["sampler"], backprop=job["backprop"],
-                              mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"])
+                              mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"], noises=noises)
         else:
             ev = evaluate(den, z, schedule, decode, loss_fn, sampler=job["sampler"], backprop=job["backprop"],
-                          mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"])
+                          mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"], noises=noises)
         _sync(device)
         return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
 
@@ -564,12 +587,15 @@ def summarize(paths: list[str]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps (default 5 10 20; --quick: 2 3)")
-    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--samplers", nargs="+", default=["ddim", "edict"], choices=SAMPLERS,
+                   help="lcm: the LCM sampler with fixed random noises between steps (any model; timing only)")
     p.add_argument("--backprops", nargs="+", default=list(BACKPROPS), choices=BACKPROPS)
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="seeds per batch (one record each)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--sd-config", default="tiny", choices=architectures.ARCHITECTURES,
-                   help="architecture with random weights (tiny, sd15 = real SD-1.5 configs, sd21)")
+                   help="architecture with random weights (tiny; sd15, sd21, sd-turbo, sdxl, sdxl-turbo: the real "
+                        "released configs)")
+    p.add_argument("--controlnet", action="store_true", help="add a ControlNet for the --sd-config base (random weights)")
     p.add_argument("--pretrained", default=None, help="hub id or local dir of a diffusers SD checkpoint")
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     p.add_argument("--device", default="cpu")

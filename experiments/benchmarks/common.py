@@ -103,6 +103,22 @@ def text_table(columns: list[tuple[str, str, str | None]], records: list[dict], 
 
 # -- random-weight models ----------------------------------------------------------------------------------
 
+def random_conditioning(unet, seed: int, size: tuple[int, int]):
+    """(cond, uncond) ``Conditioning``s for a random-weight UNet of any family: unit-normal hidden states
+    (1, 77, cross_attention_dim) and, for SDXL's text_time UNet, a unit-normal pooled text embedding and the
+    micro-conditioning ids of ``size`` (what its text towers would hand it)."""
+    from doodl_lightning.conditioning import Conditioning
+
+    cond, uncond = random_embeddings(unet.config.cross_attention_dim, seed)
+    if unet.config.get("addition_embed_type") != "text_time":
+        return Conditioning(cond), Conditioning(uncond)
+    gen = torch.Generator().manual_seed(seed + 321)
+    pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    ids = torch.tensor([[size[0], size[1], 0, 0, size[0], size[1]]], dtype=torch.float32)
+    return tuple(Conditioning(h, {"text_embeds": torch.randn((1, pooled), generator=gen), "time_ids": ids})
+                 for h in (cond, uncond))
+
+
 def random_embeddings(dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) text embeddings (1, 77, dim), unit-normal from ``seed + 123``, for a random-weight UNet:
     a random text encoder would only turn token ids into random embeddings (float32, CPU)."""

@@ -1,0 +1,296 @@
+"""Model families behind one backbone (SD-1.x, SD-Turbo, SDXL, SDXL-Turbo, LCM, ControlNet): parity with
+diffusers' own pipelines (a reference no one here wrote), exact gradients, fits through ``cli.py``, bad input.
+
+Every model is a tiny random pipeline in the released layout, saved with ``save_pretrained`` and loaded back
+through the same code path as a downloaded one (``doodl_lightning.testing.families``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from cli import main, run_cli
+from doodl_lightning.backbone import PretrainedBackbone
+from doodl_lightning.guidance import SymmetryGuidance
+from doodl_lightning.module import DOODL
+from doodl_lightning.sampling import Schedule, sample, sample_ddim, sample_lcm
+from doodl_lightning.testing import families as F
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_pipeline_dir):
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    tmp = tmp_path_factory.mktemp("families")
+    paths = {
+        "sd": tiny_pipeline_dir,  # DDIM, SD-1.x config
+        "sd-turbo": F.save_tiny_sd_pipeline(tmp / "sd_turbo", "euler_trailing"),
+        "sdxl": F.save_tiny_sdxl_pipeline(tmp / "sdxl", "euler"),
+        "sdxl-ddim": F.save_tiny_sdxl_pipeline(tmp / "sdxl_ddim", "ddim"),
+        "sdxl-turbo": F.save_tiny_sdxl_pipeline(tmp / "sdxl_turbo", "euler_trailing"),
+        "lcm": F.save_tiny_lcm_pipeline(tmp / "lcm"),
+        "controlnet-sd": F.save_tiny_sd_pipeline(tmp / "cn_sd", "ddim", controlnet=True),
+        "controlnet-sdxl": F.save_tiny_sdxl_pipeline(tmp / "cn_sdxl", "ddim", controlnet=True),
+    }
+    rgb = (np.random.RandomState(0).rand(16, 32, 3) * 255).astype("uint8")
+    Image.fromarray(rgb).save(tmp / "control.png")
+    paths["control_image"] = str(tmp / "control.png")
+    paths["tmp"] = tmp
+    return paths
+
+
+def family_config(write_config, path: Path, pipe, out: Path, iterations: int, chain_steps: int, **model) -> str:
+    """``write_config`` (``iterations`` optimisation steps) with the model's chain of ``chain_steps`` steps."""
+    cfg = write_config(path, pipe, out, steps=iterations, **model)
+    data = yaml.safe_load(Path(cfg).read_text())
+    data["model"]["steps"] = chain_steps
+    Path(cfg).write_text(yaml.safe_dump(data))
+    return cfg
+
+
+def doodl(path, steps, guidance_scale, height=16, width=16, **kw) -> DOODL:
+    m = DOODL(model=path, prompts=[PROMPT], seeds=[0], steps=steps, guidance_scale=guidance_scale, height=height,
+              width=width, guidance=[SymmetryGuidance()], **kw)
+    return m.prepare()
+
+
+# (family, pipeline class, steps, the pipeline's guidance scale, size, module keys beyond the defaults)
+PARITY = {
+    "sd-ddim": ("sd", "StableDiffusionPipeline", 4, 7.5, (16, 16), dict(sampler="ddim", timestep_grid="model")),
+    # Turbo: no sampler or grid given: the model's own (DDIM = Euler on its trailing grid); no CFG
+    "turbo-sd-1step": ("sd-turbo", "StableDiffusionPipeline", 1, 0.0, (16, 16), {}),
+    "turbo-sd-4steps": ("sd-turbo", "StableDiffusionPipeline", 4, 0.0, (16, 16), {}),
+    "sdxl-ddim-nonsquare": ("sdxl-ddim", "StableDiffusionXLPipeline", 4, 5.0, (16, 32),
+                            dict(sampler="ddim", timestep_grid="model")),
+    "sdxl-euler-leading": ("sdxl", "StableDiffusionXLPipeline", 4, 5.0, (16, 16),
+                           dict(sampler="ddim", timestep_grid="model")),
+    "sdxl-turbo-1step": ("sdxl-turbo", "StableDiffusionXLPipeline", 1, 0.0, (16, 16), {}),
+    "controlnet-sd": ("controlnet-sd", "StableDiffusionControlNetPipeline", 4, 5.0, (16, 32),
+                      dict(sampler="ddim", timestep_grid="model")),
+    "controlnet-sdxl": ("controlnet-sdxl", "StableDiffusionXLControlNetPipeline", 4, 5.0, (16, 32),
+                        dict(sampler="ddim", timestep_grid="model")),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY))
+def test_unguided_chain_equals_the_diffusers_pipeline(models, case):
+    import diffusers
+
+    family, cls, steps, g, (h, w), keys = PARITY[case]
+    control = "controlnet" in case
+    m = doodl(models[family], steps, g if g > 1 else 1.0, h, w,
+              control_images=[models["control_image"]] if control else None, **keys)
+    assert m.hparams.sampler == "ddim"
+    x = m.latents.detach()[:, 0]
+    with torch.no_grad():
+        ours = sample_ddim(m.denoiser([0]), x, m.schedule)
+    pipe = getattr(diffusers, cls).from_pretrained(models[family])
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"image": Image.open(models["control_image"])} if control else {}
+    ref = pipe(PROMPT, latents=x.clone(), num_inference_steps=steps, guidance_scale=g, height=h, width=w,
+               output_type="latent", **extra).images
+    assert ours.shape == ref.shape == (1, 4, h // 2, w // 2)
+    # float32, the pipeline's own schedulers (Euler's sigmas from float32 abar): relative to the latents' scale
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
+    if control:  # the image matters: the ControlNet is really in the chain
+        blank = m.backbone.denoiser(m._cond, m._uncond, g, control_image=torch.zeros(1, 3, h, w))
+        assert (sample_ddim(blank, x, m.schedule) - ours).abs().max() > 1e-3
+
+
+def test_lcm_chain_equals_the_diffusers_pipeline_given_its_noise(models):
+    """LCM re-noises between steps: with the pipeline's own draws (one generator, in step order) as the fixed
+    per-step noises, our chain is its chain; the guidance-scale embedding replaces CFG."""
+    import diffusers
+
+    m = doodl(models["lcm"], 4, 8.5)
+    assert m.hparams.sampler == "lcm" and m.schedule.timesteps == (999, 759, 499, 259)
+    x = m.latents.detach()[:, 0]
+    gen = torch.Generator().manual_seed(5)
+    noises = [torch.randn(x.shape, generator=gen) for _ in range(3)]
+    with torch.no_grad():
+        ours = sample_lcm(m.denoiser([0]), x, m.schedule, noises)
+    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(models["lcm"])
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(PROMPT, latents=x.clone(), num_inference_steps=4, guidance_scale=8.5, height=16, width=16,
+               output_type="latent", generator=torch.Generator().manual_seed(5)).images
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
+    # the module's own noises are fixed per (seed, step): the same chain every iteration
+    assert all(torch.equal(a, b) for a, b in zip(m.lcm_noises([0]), m.lcm_noises([0])))
+
+
+def test_sdxl_conditioning_is_both_towers_pooled_projection_and_micro_conditioning(models):
+    bb = PretrainedBackbone(models["sdxl"])
+    assert bb.family == "sdxl" and bb.default_size == 16 and bb.default_sampler == "edict"
+    cond = bb.encode_prompts([PROMPT, "a blue square"], (16, 32))
+    assert cond.hidden.shape == (2, 77, 32)  # 16 + 16: the penultimate layers of both towers
+    assert cond.added["text_embeds"].shape == (2, 16)
+    assert cond.added["time_ids"].tolist() == [[16, 32, 0, 0, 16, 32]] * 2
+    neg = bb.encode_negative("", (16, 32))  # no negative prompt: zeros, as force_zeros_for_empty_prompt
+    assert not neg.hidden.any() and not neg.added["text_embeds"].any()
+    assert bb.encode_negative("blurry", (16, 32)).hidden.abs().sum() > 0
+    # a float16 run keeps the force_upcast VAE in float32 (SDXL's VAE overflows in half precision)
+    half = bb.to(torch.float16)
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+
+
+def _family_denoiser(models, family, dtype=torch.float64):
+    bb = PretrainedBackbone(models[family]).to(dtype)
+    size = (16, 32) if "controlnet" in family else (16, 16)
+    control = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(1)) if "controlnet" in family else None
+    eps = bb.denoiser(bb.encode_prompts([PROMPT], size), bb.encode_negative("", size), 3.0, control_image=control)
+    return bb, eps, bb.latent_shape(*size)
+
+
+@pytest.mark.parametrize("family,sampler", [("sdxl-ddim", "ddim"), ("sdxl", "edict"), ("sdxl-turbo", "ddim"),
+                                            ("sd-turbo", "ddim"), ("controlnet-sd", "ddim"),
+                                            ("controlnet-sdxl", "edict"), ("lcm", "lcm")])
+def test_checkpoint_and_reversible_equal_autograd_in_float64(models, family, sampler):
+    bb, eps, shape = _family_denoiser(models, family)
+    steps = 1 if "turbo" in family else 3
+    schedule = Schedule.from_scheduler(bb.scheduler, steps, "model")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, *shape), generator=gen, dtype=torch.float64)
+    noises = [torch.randn_like(x) for _ in range(steps - 1)] if sampler == "lcm" else None
+    w = torch.randn_like(x)
+
+    def grad(backprop):
+        z = x.clone().requires_grad_()
+        finals = sample(eps, z, schedule, sampler=sampler, backprop=backprop, noises=noises)
+        sum(((f * w).sum() + (f ** 2).sum()) for f in finals).backward()
+        return z.grad
+
+    ref = grad("autograd")
+    modes = ["checkpoint"] + (["reversible"] if sampler == "edict" else [])
+    for mode in modes:
+        assert torch.allclose(grad(mode), ref, rtol=1e-9, atol=1e-12), mode
+
+
+def test_sdxl_checkpoint_keeps_one_latent_per_step(models):
+    bb, eps, shape = _family_denoiser(models, "sdxl-ddim", torch.float32)
+    x = torch.randn((1, *shape)).requires_grad_()
+
+    def saved(steps):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sample(eps, x, Schedule.from_scheduler(bb.scheduler, steps, "model"), sampler="ddim")
+        return total
+
+    latent = x.numel() * 4
+    assert saved(4) - saved(2) == 2 * latent and saved(8) - saved(4) == 4 * latent
+
+
+FITS = {
+    "sdxl-nonsquare": ("sdxl", dict(steps=2, sampler="ddim", timestep_grid="model", height=16, width=32)),
+    "sdxl-edict": ("sdxl", dict(steps=2)),
+    "turbo-sd-1step": ("sd-turbo", dict(steps=1, guidance_scale=1.0)),
+    "sdxl-turbo-1step": ("sdxl-turbo", dict(steps=1, guidance_scale=1.0)),
+    "controlnet-sd": ("controlnet-sd", dict(steps=2, sampler="ddim", timestep_grid="model", height=16, width=32)),
+    "lcm": ("lcm", dict(steps=2, guidance_scale=8.5)),
+}
+
+
+@pytest.mark.parametrize("case", list(FITS))
+def test_doodl_fit_through_the_cli_lowers_the_loss(models, write_config, case):
+    family, keys = FITS[case]
+    out = models["tmp"] / f"fit_{case}"
+    if "controlnet" in case:
+        keys = dict(keys, control_images=[models["control_image"]])
+    keys = dict(keys)
+    cfg = family_config(write_config, models["tmp"] / f"{case}.yaml", models[family], out, 4, keys.pop("steps"),
+                        update_rule="adam", lr=0.1, **keys)
+    cli = main(["fit", "--config", cfg])
+    run = out / "lightning_logs/version_0"
+    records = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    assert np.mean([r["final_loss"] for r in records]) < np.mean([r["initial_loss"] for r in records])
+    h, w = keys.get("height", 16), keys.get("width", 16)
+    assert cli.model.latent_shape == (4, h // 2, w // 2)
+    with Image.open(run / records[0]["final_image"]) as im:
+        assert im.size == (w, h)
+
+
+def test_sdxl_turbo_two_processes_equal_one_process(models, write_config):
+    """DDP over seeds for a new family: every item ends exactly where a one-process run leaves it."""
+    tmp = models["tmp"]
+    keys = dict(guidance_scale=1.0, micro_batch=1, seeds=[0, 1, 2])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = main(["fit", "--config", family_config(write_config, tmp / "one.yaml", models["sdxl-turbo"],
+                                                     tmp / "ddp_one", 2, 1, **keys)])
+    finally:
+        torch.set_num_threads(threads)
+    ref = {it.index: one.model.latents.detach()[j] for j, it in enumerate(one.model.local_items)}
+    cfg = family_config(write_config, tmp / "two.yaml", models["sdxl-turbo"], tmp / "ddp_two", 2, 1, **keys)
+    r = subprocess.run([sys.executable, "cli.py", "fit", "--config", cfg, "--trainer.devices", "2",
+                        "--trainer.strategy", "seed_parallel"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {}
+    for ckpt in sorted((tmp / "ddp_two/lightning_logs/version_0/checkpoints").glob("last.ckpt*")):
+        c = torch.load(ckpt, weights_only=True)
+        for j, item in enumerate(c["doodl_items"]):
+            got[item["index"]] = c["state_dict"]["latents"][j]
+    assert sorted(got) == sorted(ref) == list(range(6))
+    assert all(torch.equal(got[i], ref[i]) for i in ref)
+
+
+@pytest.mark.parametrize("case", ["controlnet-base-mismatch", "controlnet-image-missing", "controlnet-no-images",
+                                  "sdxl-size-not-dividing", "turbo-opt-t-lcm"])
+def test_bad_family_input_is_one_line_and_writes_nothing(models, write_config, capsys, case):
+    tmp = models["tmp"]
+    out = tmp / f"bad_{case}"
+    sd_controlnet = str(Path(models["controlnet-sd"]) / "controlnet")
+    keys, expected = {
+        "controlnet-base-mismatch": (dict(model=models["sdxl"], controlnet=sd_controlnet,
+                                          control_images=[models["control_image"]]),
+                                     "error: the ControlNet does not match the base model: its cross_attention_dim is 16, "
+                                     "the UNet's is 32; use a ControlNet trained for this base (SD-1.x ControlNets for "
+                                     "SD-1.x, SDXL ones for SDXL)"),
+        "controlnet-image-missing": (dict(model=models["controlnet-sd"], control_images=[str(tmp / "nope.png")]),
+                                     f"error: control image {tmp / 'nope.png'} does not exist: give a PNG or JPEG per "
+                                     "prompt in model.control_images"),
+        "controlnet-no-images": (dict(model=models["controlnet-sd"]),
+                                 "error: the model has a ControlNet but no control_images were given: add "
+                                 "model.control_images: [path] (one for all items, or one per prompt)"),
+        "sdxl-size-not-dividing": (dict(model=models["sdxl"], height=16, width=18),
+                                   "error: width 18 gives 9-pixel latents, which the UNet's 1 down-samplings cannot "
+                                   "halve evenly: use a multiple of 4"),
+        "turbo-opt-t-lcm": (dict(model=models["lcm"], opt_t=1),
+                            "error: opt_t needs a DDIM-like sampler (ddim or edict); the LCM sampler re-noises between "
+                            "steps: drop opt_t or set sampler: ddim"),
+    }[case]
+    model = keys.pop("model")
+    cfg = write_config(tmp / f"bad_{case}.yaml", model, out, **keys)
+    assert run_cli(["fit", "--config", cfg]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == expected
+    assert not out.exists()
+
+
+def test_a_standalone_controlnet_directory_loads_with_its_base(models):
+    from doodl_lightning.testing.architectures import build_unet  # noqa: F401  (import check of the builders)
+
+    base = PretrainedBackbone(models["sd"])
+    cn_dir = F.save_tiny_controlnet(models["tmp"] / "standalone_cn", base.unet)
+    bb = PretrainedBackbone(models["sd"], controlnet=cn_dir)
+    assert bb.controlnet is not None and bb.family == "sd"
