@@ -246,6 +246,12 @@ class Backbone(nn.Module):
             return "lcm"
         return "ddim" if default_grid(self.scheduler) == "model" else "edict"
 
+    def schedule(self, steps: int, grid: str | None = None):
+        """The chain's time grid of ``steps`` steps (``Schedule.from_scheduler``; None: the model's default grid)."""
+        from .sampling import Schedule
+
+        return Schedule.from_scheduler(self.scheduler, steps, grid)
+
     def latent_shape(self, height: int | None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents of a ``height`` x ``width`` image (None: the model's size; one number:
         a square)."""

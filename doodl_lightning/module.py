@@ -252,7 +252,7 @@ class DOODL(LightningModule):
     @functools.cached_property
     def full_schedule(self) -> Schedule:
         """The whole chain of ``steps`` steps on ``timestep_grid`` (built once: the chain reads it per step)."""
-        return Schedule.from_scheduler(self.backbone.scheduler, self.hparams.steps, self.hparams.timestep_grid)
+        return self.backbone.schedule(self.hparams.steps, self.hparams.timestep_grid)
 
     @functools.cached_property
     def schedule(self) -> Schedule:

@@ -294,3 +294,23 @@ def test_a_standalone_controlnet_directory_loads_with_its_base(models):
     cn_dir = F.save_tiny_controlnet(models["tmp"] / "standalone_cn", base.unet)
     bb = PretrainedBackbone(models["sd"], controlnet=cn_dir)
     assert bb.controlnet is not None and bb.family == "sd"
+
+
+def test_sdxl_unet_and_vae_gradient_checkpointing_leave_the_gradient_unchanged(models):
+    """The memory options at 1024 px (the UNet's own checkpointing inside the chain's with-grad recomputation, the
+    decoder's) recompute, they do not approximate: the same gradient in float64."""
+    from doodl_lightning.objective import evaluate, weighted_guidance
+
+    def grad(**kw):
+        bb = PretrainedBackbone(models["sdxl-ddim"], **kw).double()
+        eps = bb.denoiser(bb.encode_prompts([PROMPT]), bb.encode_negative(""), 3.0)
+        z = torch.randn((1, *bb.latent_shape(16)), generator=torch.Generator().manual_seed(0),
+                        dtype=torch.float64).requires_grad_()
+        loss = weighted_guidance([SymmetryGuidance()], [PROMPT], [torch.Generator().manual_seed(0)])
+        evaluate(eps, z, Schedule.from_scheduler(bb.scheduler, 2, "model"), bb.decode, loss, sampler="ddim")
+        return z.grad, bb
+
+    ref, _ = grad()
+    ckpt, bb = grad(unet_checkpointing=True, vae_checkpointing=True)
+    assert bb.unet.is_gradient_checkpointing and bb.vae.decoder.gradient_checkpointing
+    assert torch.allclose(ckpt, ref, rtol=1e-10, atol=1e-14)

@@ -61,6 +61,33 @@ def test_every_guidance_kind_runs_through_the_cli(world, write_config, kind):
     assert cli.model.latents.grad is not None and cli.model.latents.grad.abs().sum() > 0
 
 
+@pytest.fixture(scope="module")
+def turbo_pipe(world):
+    from doodl_lightning.testing.families import save_tiny_sd_pipeline
+
+    return save_tiny_sd_pipeline(world[0] / "turbo_pipe", "euler_trailing")
+
+
+@pytest.mark.parametrize("kind", ["clip_text", "clip_image", "aesthetic", "classifier", "symmetry"])
+def test_one_step_turbo_optimisation_works_with_every_guidance_kind(world, turbo_pipe, write_config, kind):
+    """steps: 1 on a Turbo-layout model (its trailing grid and sampler, chosen from the model): one UNet call per
+    iteration, and the gradient reaches the noise through it for every guidance module."""
+    tmp, _, kinds = world
+    out = tmp / f"turbo_{kind}"
+    cfg = write_config(tmp / f"turbo_{kind}.yaml", turbo_pipe, out, steps=2, guidance=[kinds[kind]], guidance_scale=1.0,
+                       update_rule="adam", lr=0.05)
+    data = yaml.safe_load(Path(cfg).read_text())
+    data["model"]["steps"] = 1
+    Path(cfg).write_text(yaml.safe_dump(data))
+    cli = main(["fit", "--config", cfg])
+    m = cli.model
+    assert m.schedule.timesteps == (999,) and m.hparams.sampler == "ddim"
+    assert m.latents.grad is not None and torch.isfinite(m.latents.grad).all() and m.latents.grad.abs().sum() > 0
+    compute = json.loads((out / "lightning_logs/version_0/compute.json").read_text())
+    # one UNet call per chain: 2 iterations x (forward + its checkpoint recomputation) + the final evaluation
+    assert compute["unet_evaluations_per_image"] == 5 and compute["unet_backprop_per_image"] == 2
+
+
 def test_weighted_sum_of_two_guidances_logs_each_term(world, write_config):
     tmp, pipe, kinds = world
     two = [kinds["symmetry"], {**kinds["clip_text"], "init_args": {**kinds["clip_text"]["init_args"], "weight": 0.5}}]

@@ -69,6 +69,7 @@ RECORD_KEYS = (
     "warmup_seconds", "setup_seconds", "saved_bytes", "peak_memory_bytes", "peak_memory_kind",
     "peak_reserved_bytes", "unet_calls", "loss", "grad_rel_error_vs_autograd", "grad_rel_error_vs_fp32",
     "time_vs_autograd", "reversible_drift", "reversible_fallback", "drift_tolerance", "note", "interleaved",
+    "floor_seconds", "floor_parts", "time_vs_floor",
 )
 
 
@@ -284,7 +285,49 @@ def _prepare(model: Model, job: dict, args):
         return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
 
     iteration.den = den
+    iteration.floor = lambda: _floor(model, den, z0, schedule, job, noises)
     return rec, iteration
+
+
+def _median_seconds(fn, device, repeats: int = 3) -> float:
+    fn()  # warm-up (allocator, kernels)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _floor(model: Model, den, z0: torch.Tensor, schedule, job: dict, noises) -> dict:
+    """The iteration's floor: its model calls timed alone in this run, at the record's shapes — a UNet forward
+    (no graph), a UNet forward with its VJP, a VAE decode with its VJP — times how many the chain needs:
+    k steps x (forward + forward with VJP) + (decodes with VJP), k = 2 UNet calls per step for EDICT (one
+    per latent) and 2 decoded images, 1 otherwise. ``reversible`` adds inverse forwards it does not count."""
+    device, t = model.device, schedule.timesteps[0]
+    x = z0.clone()
+
+    def forward():
+        with torch.no_grad():
+            den(x, t)
+
+    def forward_vjp():
+        xi = x.clone().requires_grad_()
+        e = den(xi, t)
+        torch.autograd.grad(e, xi, torch.ones_like(e))
+
+    def decode_vjp():
+        zi = x.clone().requires_grad_()
+        img = model.backbone.decode(zi)
+        torch.autograd.grad(img.float().square().sum(), zi)
+
+    parts = {"unet_forward": _median_seconds(forward, device), "unet_forward_vjp": _median_seconds(forward_vjp, device),
+             "decode_vjp": _median_seconds(decode_vjp, device)}
+    k = 2 if job["sampler"] == "edict" else 1
+    floor = k * len(schedule) * (parts["unet_forward"] + parts["unet_forward_vjp"]) + k * parts["decode_vjp"]
+    return {"floor_seconds": floor, "floor_parts": parts}
 
 
 def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
@@ -302,7 +345,11 @@ def run_job(model: Model, job: dict, args) -> tuple[dict, torch.Tensor | None]:
             break
         dt, grad, ev, calls = iteration(counter if (k == 0 and not warm) else None)
         times.append(dt)
-    return _finish(model, job, rec, iteration, counter, warm, times, (grad, ev, calls))
+    rec, g = _finish(model, job, rec, iteration, counter, warm, times, (grad, ev, calls))
+    if args.floor and job["backprop"] != "autograd" and job["role"] == "timed":
+        rec.update(iteration.floor())
+        rec["time_vs_floor"] = rec["seconds_per_iteration"] / rec["floor_seconds"]
+    return rec, g
 
 
 def _finish(model, job, rec, iteration, counter, warm, times, last):
@@ -513,7 +560,8 @@ def attach_errors(records: list[dict], grads: list) -> None:
 def table(records: list[dict]) -> str:
     cols = [("sampler", "sampler", None), ("backprop", "backprop", None), ("steps", "steps", None),
             ("batch", "batch", None), ("dtype", "dtype", None), ("accel", "accel", None),
-            ("s/iter", "seconds_per_iteration", "s"), ("x autograd", "time_vs_autograd", "x"), ("n", "repeats", None), ("peak MiB", "peak_memory_bytes", "MiB"),
+            ("s/iter", "seconds_per_iteration", "s"), ("x autograd", "time_vs_autograd", "x"),
+            ("x floor", "time_vs_floor", "x"), ("n", "repeats", None), ("peak MiB", "peak_memory_bytes", "MiB"),
             ("saved KiB", "saved_bytes", "KiB"), ("unet", "unet_calls", None),
             ("err vs autograd", "grad_rel_error_vs_autograd", "e"), ("err vs fp32", "grad_rel_error_vs_fp32", "e"),
             ("drift", "reversible_drift", "e"), ("status", "status", None)]
@@ -596,6 +644,9 @@ def parse_args(argv=None):
                    help="architecture with random weights (tiny; sd15, sd21, sd-turbo, sdxl, sdxl-turbo: the real "
                         "released configs)")
     p.add_argument("--controlnet", action="store_true", help="add a ControlNet for the --sd-config base (random weights)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the iteration's floor: UNet forward, forward with VJP and VAE decode with VJP, each "
+                        "alone, times what the chain needs (time_vs_floor = iteration / floor)")
     p.add_argument("--pretrained", default=None, help="hub id or local dir of a diffusers SD checkpoint")
     p.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     p.add_argument("--device", default="cpu")
