@@ -27,7 +27,8 @@ def closed_form_grad(z: torch.Tensor, weight: float) -> torch.Tensor:
 
 def test_noise_norm_value_and_gradient_are_renos_closed_form():
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) * torch.tensor([0.5, 1.0, 1.7], dtype=torch.float64).view(3, 1, 1, 1)
+    scale = torch.tensor([0.5, 1.0, 1.7], dtype=torch.float64).view(3, 1, 1, 1)  # norms below, near and above the mode
+    z = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) * scale
     reg = NoiseNormRegularizer(weight=0.01)
     assert reg.needs_latents and reg.name == "noise_norm" and reg.weight == 0.01
     leaf = z.clone().requires_grad_()
@@ -116,7 +117,8 @@ def fit(tmp_path, tiny_pipeline_dir, write_config):
 
 def _clip(tiny_clip, **kw):
     return {"class_path": "doodl_lightning.guidance.CLIPTextGuidance",
-            "init_args": {"model_config": str(tiny_clip.config), "pretrained": str(tiny_clip.weights), "num_cuts": 2, **kw}}
+            "init_args": {"model_config": str(tiny_clip.config), "pretrained": str(tiny_clip.weights), "num_cuts": 2,
+                          **kw}}
 
 
 def test_held_out_metrics_are_logged_and_never_optimised(fit, tiny_clip):

@@ -19,7 +19,8 @@ MEASURES = ("quality", "prompt")
 
 
 def prompt_attributes(prompt: str) -> dict[str, list[int]]:
-    """The evaluator classes a single-object shapes prompt names, per attribute: ``{"colour": [3], "shape": [1, 2, 3, 4]}``
+    """The evaluator classes a single-object shapes prompt names, per attribute:
+    ``{"colour": [3], "shape": [1, 2, 3, 4]}``
     for "a green polygon" (a coarse noun allows each of its fine classes). One-line errors for two objects or none."""
     text = " " + " ".join(prompt.lower().replace(",", " ").split()) + " "
     if " and " in text:
@@ -39,7 +40,8 @@ def prompt_attributes(prompt: str) -> dict[str, list[int]]:
         if coarse not in ATTRIBUTE_NAMES["shape"] and f" {coarse} " in text:
             named.setdefault("shape", []).extend(k for k, to in enumerate(FINE_TO_COARSE) if to == c)
     if not named.get("shape"):
-        raise ValueError(f"prompt {prompt!r} names no shape (one of {', '.join(ATTRIBUTE_NAMES['shape'] + COARSE_SHAPES[1:2])})")
+        nouns = ", ".join(ATTRIBUTE_NAMES["shape"] + COARSE_SHAPES[1:2])
+        raise ValueError(f"prompt {prompt!r} names no shape (one of {nouns})")
     return named
 
 
@@ -71,7 +73,8 @@ class EvaluatorMetric(Guidance):
 
         path = Path(evaluator_dir) if evaluator_dir else ShapesWeights().evaluator_dir
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"evaluator_dir {path} has no config.json: give the shapes evaluator's weights folder")
+            raise FileNotFoundError(f"evaluator_dir {path} has no config.json: give the shapes evaluator's "
+                                    f"weights folder")
         cfg = json.loads((path / "config.json").read_text())
         self.net = ShapesEvaluatorNet(width=cfg["width"], hidden=cfg["hidden"])
         self.net.load_state_dict({k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()})
