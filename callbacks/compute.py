@@ -38,7 +38,7 @@ class ComputeMeter(Callback):
 
     def summary(self, pl_module) -> dict:
         n = max(len(pl_module.local_items), 1)
-        cfg_rows = 1 if pl_module.hparams.guidance_scale in (0.0, 1.0) else 2
+        cfg_rows = pl_module.backbone.rows_per_evaluation(pl_module.hparams.guidance_scale)  # 2: CFG batched
         c = self.unet.per_image(n, cfg_rows)
         return {"unet_evaluations_per_image": c["unet_forward_per_image"],
                 "unet_backprop_per_image": c["unet_backward_per_image"],

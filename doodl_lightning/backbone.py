@@ -41,12 +41,37 @@ def _naming_bad_weights(files: list[Path]):
         raise
 
 
-# model_index.json's pipeline class -> the family it is (SD3 / FLUX, rectified-flow transformers, are not
-# UNet families); any other text-to-image UNet pipeline is read by its components
+# model_index.json's pipeline class -> the family it is (SD3 / FLUX, rectified-flow transformers, are served by
+# doodl_lightning.families.flow); any other text-to-image UNet pipeline is read by its components
 _PIPELINE_FAMILIES = {
     "StableDiffusionPipeline": "sd", "StableDiffusionControlNetPipeline": "sd", "LatentConsistencyModelPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLControlNetPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
 }
+FLOW_PIPELINE_FAMILIES = ("sd3", "flux")
+
+
+def model_family(model: str, model_config: str | None = None, local_files_only: bool | None = None) -> str | None:
+    """The family model_index.json names (``_PIPELINE_FAMILIES``) of a local directory, a single file's config
+    directory or a hub id (its model_index.json alone, from the cache offline); None when it cannot be read
+    (the loader then says why) or names another pipeline."""
+    path = Path(os.path.expanduser(model))
+    if path.is_file():
+        path = Path(os.path.expanduser(model_config)) if model_config else None
+    if path is not None and path.is_dir():
+        return _PIPELINE_FAMILIES.get(_pipeline_class_name(path))
+    if path is not None or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        return None
+    try:
+        import json
+
+        from huggingface_hub import hf_hub_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only
+        index = hf_hub_download(model, "model_index.json", local_files_only=offline)
+        return _PIPELINE_FAMILIES.get(json.loads(Path(index).read_text()).get("_class_name"))
+    except Exception:  # noqa: BLE001 - unreachable, not cached, gated: the pipeline loader reports it
+        return None
 
 
 def _pipeline_class_name(path: Path) -> str | None:
@@ -60,13 +85,10 @@ def _pipeline_class(name: str | None):
     """The diffusers pipeline class named in model_index.json; one line for a family we do not serve."""
     import diffusers
 
-    if name in ("StableDiffusion3Pipeline", "FluxPipeline"):
-        raise ValueError(f"{name} is a rectified-flow transformer, not a UNet model: its family is not served "
-                         "by this backbone")
     cls = getattr(diffusers, name, None) if name else diffusers.StableDiffusionPipeline
     if cls is None:
         raise ValueError(f"model_index.json names pipeline class {name!r}, which this diffusers does not have: "
-                         "give a Stable Diffusion 1.x/2.x, SDXL, LCM or ControlNet pipeline directory")
+                         "give a Stable Diffusion 1.x/2.x, SDXL, LCM, ControlNet, SD3 or FLUX pipeline directory")
     return cls
 
 
@@ -80,9 +102,10 @@ def _pipeline_kwargs(cls) -> dict:
     return kwargs
 
 
-def _load_pipeline(model: str, config: str | None, local_files_only: bool | None):
+def _load_pipeline(model: str, config: str | None, local_files_only: bool | None, **extra):
     """A diffusers pipeline from a hub id, a local directory or a single file (+ its config directory), its
-    class taken from the model itself (model_index.json), so no family flag has to be right."""
+    class taken from the model itself (model_index.json), so no family flag has to be right. ``extra``: more
+    ``from_pretrained`` arguments (``torch_dtype``)."""
     from diffusers import DiffusionPipeline
 
     path = Path(os.path.expanduser(model))
@@ -96,7 +119,7 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
                              "with the model's configs (model_index.json, unet/config.json, ...)")
         cls = _pipeline_class(_pipeline_class_name(Path(os.path.expanduser(config))))
         with _naming_bad_weights([path]):
-            return cls.from_single_file(str(path), config=config, local_files_only=True, **_pipeline_kwargs(cls))
+            return cls.from_single_file(str(path), config=config, local_files_only=True, **_pipeline_kwargs(cls), **extra)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelNotFoundError(f"{model} is a directory without model_index.json: "
@@ -106,13 +129,13 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
         weights = sorted(f for f in path.rglob("*") if f.suffix in _WEIGHT_SUFFIXES)
         used = [f for f in weights if f.suffix == ".safetensors" or not list(f.parent.glob("*.safetensors"))]
         with _naming_bad_weights(used):
-            return cls.from_pretrained(str(path), local_files_only=True, **_pipeline_kwargs(cls))
+            return cls.from_pretrained(str(path), local_files_only=True, **_pipeline_kwargs(cls), **extra)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"model {model!r} not found: no such file or directory (and not a hub id 'org/name')")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only
     try:
         return DiffusionPipeline.from_pretrained(model, local_files_only=offline, safety_checker=None,
-                                                 requires_safety_checker=False)
+                                                 requires_safety_checker=False, **extra)
     except (OSError, ValueError) as e:  # hub unreachable or not in the local cache
         raise ModelNotFoundError(
             f"could not load hub model {model!r} ({type(e).__name__}); on a machine with internet run "
@@ -246,8 +269,23 @@ class Backbone(nn.Module):
             return "lcm"
         return "ddim" if default_grid(self.scheduler) == "model" else "edict"
 
-    def schedule(self, steps: int, grid: str | None = None):
-        """The chain's time grid of ``steps`` steps (``Schedule.from_scheduler``; None: the model's default grid)."""
+    samplers = ("ddim", "edict", "lcm")  # the samplers of an eps / v-prediction UNet
+
+    def rows_per_evaluation(self, guidance_scale: float) -> int:
+        """Rows one item occupies in a model call: 2 with classifier-free guidance batched (uncond, cond), 1 without
+        (scale 0 or 1; LCM's guidance embedding) -- what the compute meter divides by."""
+        return 1 if guidance_scale in (0.0, 1.0) or self.unet.config.get("time_cond_proj_dim") else 2
+
+    def check_sampler(self, sampler: str, grid: str | None = None) -> None:
+        """One line when ``sampler`` (or the ``timestep_grid``) is not one this model family runs (the flow samplers
+        need SD3 / FLUX; a UNet's grids are checked by ``check_steps``)."""
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler {sampler!r} is for rectified-flow models (SD3, FLUX); this is a diffusion UNet "
+                             f"model: use {', '.join(self.samplers)}, or leave sampler unset")
+
+    def schedule(self, steps: int, grid: str | None = None, size: tuple[int, int] | None = None):
+        """The chain's time grid of ``steps`` steps (``Schedule.from_scheduler``; None: the model's default grid).
+        ``size`` (the image's height, width) matters to resolution-dependent grids only (FLUX's), not a UNet's."""
         from .sampling import Schedule
 
         return Schedule.from_scheduler(self.scheduler, steps, grid)
@@ -359,6 +397,14 @@ def resolve_backbone(model: "Backbone | str", model_config: str | None = None, l
             raise ValueError("model_config, vae_checkpointing, local_files_only and controlnet go with model: <path or "
                              "id>; for a Backbone object set them in its own init_args")
         return model
+    if model_family(model, model_config, local_files_only) in FLOW_PIPELINE_FAMILIES:  # SD3 / FLUX: from the model
+        from .families.flow import PretrainedFlowBackbone
+
+        if controlnet is not None:
+            raise ValueError("controlnet is for the UNet families (SD-1.x/2.x, SDXL); this SD3 / FLUX model has none "
+                             "here: drop controlnet")
+        return PretrainedFlowBackbone(model, model_config=model_config, local_files_only=local_files_only,
+                                      vae_checkpointing=vae_checkpointing)
     return PretrainedBackbone(model, model_config=model_config, local_files_only=local_files_only,
                               vae_checkpointing=vae_checkpointing, controlnet=controlnet)
 
@@ -378,6 +424,9 @@ class PretrainedBackbone(Backbone):
     def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
                  vae_checkpointing: bool = False, controlnet: str | None = None, vae: str | None = None,
                  unet_checkpointing: bool = False, vae_tiling: bool = False):
+        if model_family(path, model_config, local_files_only) in FLOW_PIPELINE_FAMILIES:
+            raise ValueError(f"{path} is an SD3 / FLUX (rectified-flow transformer) model: use "
+                             "doodl_lightning.families.flow.PretrainedFlowBackbone (or model: <path>)")
         pipe = _load_pipeline(path, model_config, local_files_only)
         net = load_controlnet(controlnet) if controlnet else getattr(pipe, "controlnet", None)
         if isinstance(net, (list, tuple)) or type(net).__name__ == "MultiControlNetModel":

@@ -30,6 +30,9 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
         raise ValueError(f"unknown estimate {estimate!r}; choose one of {', '.join(ESTIMATES)}")
     if grad_scale < 0:
         raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
+    if doodl.hparams.sampler not in ("ddim", "edict"):
+        raise ValueError(f"guided sampling (the official baselines) guides eps on the DDIM / EDICT chains; sampler "
+                         f"{doodl.hparams.sampler!r} has no such baseline here: use sampler ddim or edict")
     if not doodl.local_items or not hasattr(doodl, "_cond"):
         raise RuntimeError("guided_sampling needs a prepared module: call doodl.prepare(device) first")
     latent = next((g for g in doodl.guidance if getattr(g, "needs_latents", False)), None)

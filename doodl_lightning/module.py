@@ -42,7 +42,8 @@ class DOODL(LightningModule):
         sampler, backprop, steps, timestep_grid, mix_weight, guidance_scale, height, width (or resolution, a
             square), micro_batch, drift_tolerance, cuda_graphs: the chain and how its gradient is computed.
             ``sampler`` and ``timestep_grid`` null: the model's (``Backbone.default_sampler``; the official DOODL
-            EDICT on the official grid, DDIM on the model's trailing grid for Turbo/Lightning, ``lcm`` for LCM).
+            EDICT on the official grid, DDIM on the model's trailing grid for Turbo/Lightning, ``lcm`` for LCM,
+            ``flow`` (Euler on the pipeline's grid; ``flow_edict`` the invertible one) for SD3 / FLUX).
         controlnet, control_images, controlnet_scale: a ControlNet and its conditioning image (one for all
             items, or one per prompt).
         opt_t, source_image: where the chain starts (``ChainStart``).
@@ -123,6 +124,7 @@ class DOODL(LightningModule):
             self.hparams.sampler = sampler = self.backbone.default_sampler
             check_sampler(sampler, backprop, first_image_only=optimize_first_edict_image_only)
             self.start = ChainStart(steps, sampler, mix_weight, opt_t, source_image, tied_latents, renormalize_latents)
+        self.backbone.check_sampler(sampler, timestep_grid)  # e.g. ddim on a flow model (SD3 / FLUX): one line, now
         if sampler == "lcm" and opt_t is not None:
             raise ValueError("opt_t needs a DDIM-like sampler (ddim or edict); the LCM sampler re-noises between "
                              "steps: drop opt_t or set sampler: ddim")
@@ -252,7 +254,7 @@ class DOODL(LightningModule):
     @functools.cached_property
     def full_schedule(self) -> Schedule:
         """The whole chain of ``steps`` steps on ``timestep_grid`` (built once: the chain reads it per step)."""
-        return self.backbone.schedule(self.hparams.steps, self.hparams.timestep_grid)
+        return self.backbone.schedule(self.hparams.steps, self.hparams.timestep_grid, self.image_size)
 
     @functools.cached_property
     def schedule(self) -> Schedule:

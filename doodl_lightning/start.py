@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from .data import Item, initial_noise, load_source_image
-from .sampling import Eps, Schedule, edict_invert, sample_ddim, sample_edict
+from .sampling import (Eps, Schedule, edict_invert, flow_edict_invert, sample_ddim, sample_edict, sample_flow,
+                       sample_flow_edict)
 
 
 class ChainStart:
@@ -29,8 +30,9 @@ class ChainStart:
         if source_image is not None:
             if not os.path.isfile(source_image):
                 raise FileNotFoundError(f"source_image {source_image} does not exist")
-            if sampler != "edict":
-                raise ValueError("editing a source_image needs sampler 'edict' (exact inversion)")
+            if sampler not in ("edict", "flow_edict"):
+                raise ValueError("editing a source_image needs sampler 'edict' (or 'flow_edict' for SD3 / FLUX): "
+                                 "exact inversion")
             if opt_t is not None:
                 raise ValueError("opt_t cannot be combined with source_image (the official code optimises an edit "
                                  "at x_T): drop opt_t")
@@ -39,7 +41,7 @@ class ChainStart:
                                  "not Gaussian noise; the official code asserts it): drop renormalize_latents")
         self.steps, self.sampler, self.mix_weight = steps, sampler, mix_weight
         self.opt_t, self.source_image, self.tied_latents = opt_t, source_image, tied_latents
-        self.pair_size = 2 if sampler == "edict" else 1
+        self.pair_size = 2 if sampler in ("edict", "flow_edict") else 1
         # renormalisation to the norm of x_T: on for seed noise, off for an inverted image
         self.renormalize = (source_image is None) if renormalize_latents is None else renormalize_latents
         self.round_trip_error: float | None = None  # of the inversion, when editing
@@ -63,9 +65,11 @@ class ChainStart:
         if start == 0:
             return pair
         head = full.head(start)
-        if self.sampler == "ddim":
-            return sample_ddim(eps, pair[:, 0], head).unsqueeze(1).to(pair.dtype)
-        out = torch.stack(sample_edict(eps, pair[:, 0], pair[:, 1], head, self.mix_weight), dim=1)
+        if self.sampler in ("ddim", "flow"):
+            run = sample_ddim if self.sampler == "ddim" else sample_flow
+            return run(eps, pair[:, 0], head).unsqueeze(1).to(pair.dtype)
+        coupled = sample_flow_edict if self.sampler == "flow_edict" else sample_edict
+        out = torch.stack(coupled(eps, pair[:, 0], pair[:, 1], head, self.mix_weight), dim=1)
         if self.tied_latents:
             out = out.mean(dim=1, keepdim=True).expand_as(out)
         return out.to(pair.dtype).contiguous()
@@ -76,6 +80,6 @@ class ChainStart:
         x = load_source_image(self.source_image, (w * f, h * f)).to(pair.device)
         gens = [torch.Generator().manual_seed(it.seed) for it in items]
         z0 = backbone.encode_images(x.expand(len(gens), -1, -1, -1), generators=gens)
-        inv = edict_invert(eps, z0, full, self.mix_weight)
+        inv = (flow_edict_invert if self.sampler == "flow_edict" else edict_invert)(eps, z0, full, self.mix_weight)
         self.round_trip_error = inv.round_trip_error
         return torch.stack([inv.x, inv.y], dim=1)

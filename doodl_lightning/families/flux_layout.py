@@ -83,8 +83,8 @@ class FluxVelocity:
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], self.guidance_scale, device=device, dtype=torch.float32).expand(b)
         cond, pooled = self.prompt_embeds, self.pooled_prompt_embeds
-        out = self.transformer(
-            hidden_states=hidden, timestep=timestep, guidance=guidance,
+        out = self.transformer(  # hidden states positionally: a forward hook (the compute meter) sees the rows
+            hidden, timestep=timestep, guidance=guidance,
             pooled_projections=pooled.to(dtype).expand(b, -1),
             encoder_hidden_states=cond.to(dtype).expand(b, -1, -1),
             txt_ids=text_ids(cond.shape[1], device, dtype), img_ids=latent_image_ids(h, w, device, dtype),

@@ -25,8 +25,10 @@ from .denoiser import Eps
 from .lcm import check_lcm_noises, lcm_step, sample_lcm
 from .schedule import Schedule
 
-SAMPLERS = ("ddim", "edict", "lcm")
+SAMPLERS = ("ddim", "edict", "lcm", "flow", "flow_edict")
 BACKPROPS = ("autograd", "checkpoint", "reversible")
+FLOW_SAMPLERS = ("flow", "flow_edict")  # rectified flow (SD3 / FLUX): Euler, and EDICT's coupling on it (flow.py)
+COUPLED_SAMPLERS = ("edict", "flow_edict")  # two latents (x, y), exactly invertible
 
 
 class ReversibleDriftWarning(UserWarning):
@@ -34,15 +36,15 @@ class ReversibleDriftWarning(UserWarning):
 
 
 def check_sampler(sampler: str, backprop: str, first_image_only: bool = False) -> None:
-    if first_image_only and sampler != "edict":
-        raise ValueError(f"optimize_first_edict_image_only needs sampler 'edict' ({sampler} makes one image)")
+    if first_image_only and sampler not in COUPLED_SAMPLERS:
+        raise ValueError(f"optimize_first_edict_image_only needs sampler 'edict' or 'flow_edict' ({sampler} makes one image)")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if backprop not in BACKPROPS:
         raise ValueError(f"unknown backprop {backprop!r}; choose one of {', '.join(BACKPROPS)}")
-    if backprop == "reversible" and sampler != "edict":
-        raise ValueError(f"backprop 'reversible' needs sampler 'edict' ({sampler} is not exactly invertible); "
-                         f"use 'checkpoint' or 'autograd' with '{sampler}'")
+    if backprop == "reversible" and sampler not in COUPLED_SAMPLERS:
+        raise ValueError(f"backprop 'reversible' needs sampler 'edict' (or 'flow_edict') ({sampler} is not exactly "
+                         f"invertible); use 'checkpoint' or 'autograd' with '{sampler}'")
 
 
 def sample(
@@ -60,11 +62,23 @@ def sample(
 ) -> tuple[Tensor, ...]:
     """Run ``sampler`` from x_T (and y_T for EDICT; default y_T = x_T) with a differentiable chain.
 
-    Returns the final latents as a tuple: (x_0,) for ``ddim`` and ``lcm``, (x_0, y_0) for ``edict``.
-    ``noises``: the noise LCM adds after each step but the last (fixed per item). ``info`` (a dict)
-    receives ``reversible_drift`` and ``reversible_fallback`` once backward has run.
+    Returns the final latents as a tuple: (x_0,) for ``ddim``, ``lcm`` and ``flow``, (x_0, y_0) for ``edict`` and
+    ``flow_edict``. ``noises``: the noise LCM adds after each step but the last (fixed per item). ``info`` (a dict)
+    receives ``reversible_drift`` and ``reversible_fallback`` once backward has run. The flow samplers take a
+    velocity callable and a ``FlowSchedule`` (SD3 / FLUX; ``sampling/flow.py``).
     """
     check_sampler(sampler, backprop)
+    from .flow import FlowSchedule, sample_flow_differentiable, sample_flow_edict_differentiable
+
+    if (sampler in FLOW_SAMPLERS) != isinstance(schedule, FlowSchedule):
+        raise ValueError(f"sampler {sampler!r} does not run on a {type(schedule).__name__}: the flow samplers (flow, "
+                         "flow_edict) are for rectified-flow models (SD3 / FLUX) and their FlowSchedule, ddim / edict / "
+                         "lcm for diffusion UNets and their Schedule")
+    if sampler == "flow":
+        return (sample_flow_differentiable(eps, x, schedule, backprop),)
+    if sampler == "flow_edict":
+        return sample_flow_edict_differentiable(eps, x, schedule, backprop=backprop, y=y, mix_weight=mix_weight,
+                                                drift_tolerance=drift_tolerance, info=info)
     s = schedule.initial_scale
     if sampler == "ddim":
         if backprop == "autograd":

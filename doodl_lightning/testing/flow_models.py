@@ -21,11 +21,15 @@ from contextlib import nullcontext
 import torch
 
 __all__ = [
-    "FLOW_ARCHITECTURES", "build_flow_scheduler", "build_flow_transformer", "build_flow_vae", "flow_scheduler_config",
-    "flow_transformer_config", "flow_vae_config", "sd3_velocity", "tiny_flux_transformer", "tiny_sd3_transformer",
+    "FLOW_ARCHITECTURES", "FLOW_DEFAULT_RESOLUTION", "build_flow_scheduler", "build_flow_transformer", "build_flow_vae",
+    "flow_parameter_count", "flow_scheduler_config",
+    "flow_transformer_config", "flow_vae_config", "save_tiny_flux_pipeline", "save_tiny_sd3_pipeline", "sd3_velocity",
+    "tiny_flux_transformer", "tiny_sd3_transformer", "tiny_t5_tokenizer",
 ]
 
 FLOW_ARCHITECTURES = ("tiny-sd3", "tiny-flux-dev", "tiny-flux-schnell", "sd35-medium", "flux-dev", "flux-schnell")
+FLOW_DEFAULT_RESOLUTION = {"tiny-sd3": 16, "tiny-flux-dev": 16, "tiny-flux-schnell": 16, "sd35-medium": 1024,
+                           "flux-dev": 1024, "flux-schnell": 1024}  # pixels (the pipelines' defaults)
 
 # -- transformers ----------------------------------------------------------------------------------
 
@@ -124,10 +128,33 @@ def _check(name: str) -> str:
     return name
 
 
-def flow_transformer_config(name: str) -> tuple[str, dict]:
-    """(diffusers class name, constructor kwargs) of architecture ``name``'s transformer."""
+def flow_transformer_config(name: str, layers: int | None = None) -> tuple[str, dict]:
+    """(diffusers class name, constructor kwargs) of architecture ``name``'s transformer. ``layers``: a shortened
+    copy for smoke runs on small machines -- SD3 ``layers`` joint blocks (dual attention on those of the first 13
+    that remain), FLUX ``layers`` double-stream and 2 x ``layers`` single-stream blocks (FLUX.1's 19 : 38)."""
     cls, cfg = _TRANSFORMER[_check(name)]
-    return cls, copy.deepcopy(cfg)
+    cfg = copy.deepcopy(cfg)
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        if cls == "SD3Transformer2DModel":
+            cfg.update(num_layers=min(layers, cfg["num_layers"]),
+                       dual_attention_layers=tuple(i for i in cfg.get("dual_attention_layers", ()) if i < layers))
+        else:
+            cfg.update(num_layers=min(layers, cfg["num_layers"]),
+                       num_single_layers=min(2 * layers, cfg["num_single_layers"]))
+    return cls, cfg
+
+
+def flow_parameter_count(name: str, layers: int | None = None) -> int:
+    """Parameters (+ buffers: SD3's stored position table) of architecture ``name``'s transformer, counted on the
+    meta device (no memory, well under a second even for FLUX.1's 12 B)."""
+    import diffusers
+
+    cls, cfg = flow_transformer_config(name, layers)
+    with torch.device("meta"):
+        model = getattr(diffusers, cls)(**cfg)
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
 def flow_vae_config(name: str) -> dict:
@@ -149,11 +176,12 @@ def _frozen(module: torch.nn.Module, dtype) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def build_flow_transformer(name: str, *, device=None, dtype=torch.float32, seed: int = 0):
-    """``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` of architecture ``name``, random weights, frozen."""
+def build_flow_transformer(name: str, *, device=None, dtype=torch.float32, seed: int = 0, layers: int | None = None):
+    """``SD3Transformer2DModel`` / ``FluxTransformer2DModel`` of architecture ``name``, random weights, frozen
+    (``layers``: fewer blocks, see ``flow_transformer_config``)."""
     import diffusers
 
-    cls, cfg = flow_transformer_config(name)
+    cls, cfg = flow_transformer_config(name, layers)
     with _building(device, seed):
         model = getattr(diffusers, cls)(**cfg)
     return _frozen(model, dtype)
@@ -196,3 +224,91 @@ def sd3_velocity(transformer, prompt_embeds, pooled_prompt_embeds):
                            pooled_projections=pooled_prompt_embeds, return_dict=False)[0]
 
     return velocity
+
+
+# -- tiny whole pipelines (text encoders, tokenizers, VAE, scheduler), saved in the released layouts --------
+
+_T5_WORDS = ("an the of in on with red blue green yellow circle square triangle photo painting dog cat hat "
+             "lighthouse at dusk blurry").split()
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512):
+    """A T5 tokenizer (SentencePiece-style Unigram, ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, the ``▁`` word marker)
+    built offline: a few whole words plus every lower-case letter, digit and punctuation mark, so any prompt
+    tokenises. ``transformers.T5TokenizerFast`` (= ``T5Tokenizer`` in transformers 5); saved as tokenizer.json."""
+    import string
+
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -4.0) for w in _T5_WORDS]
+    vocab += [(c, -8.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    vocab += [("▁" + c, -8.5) for c in string.ascii_lowercase + string.digits]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _tiny_t5_encoder(vocab_size: int, d_model: int, seed: int):
+    """A two-layer T5 v1.1-style encoder (gated GELU, no dropout) with ``d_model`` outputs."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False, use_cache=False)
+    return T5EncoderModel(cfg).eval()
+
+
+def _tiny_clip(hidden: int, projection: int | None, seed: int, vocab_size: int):
+    """A CLIP text tower over ``vocab_size`` token ids; with ``projection`` the ``CLIPTextModelWithProjection`` SD3
+    uses, else FLUX's ``CLIPTextModel``. (eos_token_id 2: the pooled state is taken at the highest id, the end-of-text
+    token of the CLIP tokenizers, as for the released towers' configs.)"""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                         projection_dim=projection or hidden, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    model = CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
+    return model.eval()
+
+
+def _clip_tokenizer():
+    """A CLIP BPE tokenizer (open_clip's merges, offline) reduced to the merges that spell ``_T5_WORDS``: the same
+    sub-words as the full vocabulary for those, any other text byte by byte; ~600 ids, so the tiny towers' embedding
+    tables stay small and the saved pipelines load fast."""
+    from ..shapes.tokenizer import build_small_clip_tokenizer
+
+    return build_small_clip_tokenizer(["a", *_T5_WORDS])
+
+
+def save_tiny_sd3_pipeline(path, seed: int = 0) -> str:
+    """A tiny ``StableDiffusion3Pipeline`` directory: the tiny SD3.5-style transformer, CLIP-L-like (hidden 8) and
+    CLIP-G-like (hidden 4) towers with projections (8 + 8 = the transformer's pooled 16; their penultimate
+    states, 8 + 4, zero-padded to the joint 16), a tiny T5 (16) and the 16-channel VAE (scaling and shift
+    factor), shift-3 flow-matching scheduler. (SD3 without T5 is this directory loaded without it.)"""
+    from diffusers import StableDiffusion3Pipeline
+
+    tok3, clip = tiny_t5_tokenizer(), _clip_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=build_flow_transformer("tiny-sd3", seed=seed), scheduler=build_flow_scheduler("tiny-sd3"),
+        vae=build_flow_vae("tiny-sd3", seed=seed + 1),
+        text_encoder=_tiny_clip(8, 8, seed + 2, len(clip)), tokenizer=clip,
+        text_encoder_2=_tiny_clip(4, 8, seed + 3, len(clip)), tokenizer_2=clip,
+        text_encoder_3=_tiny_t5_encoder(len(tok3), 16, seed + 4), tokenizer_3=tok3)
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+def save_tiny_flux_pipeline(path, seed: int = 0, schnell: bool = False) -> str:
+    """A tiny ``FluxPipeline`` directory: the tiny FLUX-style transformer (guidance embedding as FLUX.1-dev, or
+    none and no shift as FLUX.1-schnell), a CLIP text tower (pooled 16), a tiny T5 (16) and the 16-channel VAE."""
+    from diffusers import FluxPipeline
+
+    name = "tiny-flux-schnell" if schnell else "tiny-flux-dev"
+    tok2, clip = tiny_t5_tokenizer(), _clip_tokenizer()
+    pipe = FluxPipeline(
+        transformer=build_flow_transformer(name, seed=seed), scheduler=build_flow_scheduler(name),
+        vae=build_flow_vae(name, seed=seed + 1), text_encoder=_tiny_clip(16, None, seed + 2, len(clip)),
+        tokenizer=clip, text_encoder_2=_tiny_t5_encoder(len(tok2), 16, seed + 3), tokenizer_2=tok2)
+    pipe.save_pretrained(str(path))
+    return str(path)

@@ -11,6 +11,9 @@ is a ``doodl_lightning.backbone.Backbone``: random-weight architectures (``--sd-
     python experiments/benchmarks/backprop.py --sd-config sd15 --device cuda --dtype float16 \\
         --steps 10 50 100 --samplers edict ddim --backprops checkpoint reversible --json sd15.json
     python experiments/benchmarks/backprop.py --pretrained runwayml/stable-diffusion-v1-5 ...
+    python experiments/benchmarks/backprop.py --sd-config flux-schnell --resolution 64 --steps 1 --json out.json
+        # SD3.5-medium / FLUX.1 (sd35-medium, flux-dev, flux-schnell): samplers flow, flow_edict; on a machine
+        # without the memory for the full transformer, fewer blocks (--layers N; chosen and noted automatically)
 
 Per record (one sampler x backprop x steps x batch x dtype x options) it reports:
 seconds_per_iteration (median of the timed repeats after the warm-up), saved_bytes (bytes the chain's
@@ -49,13 +52,14 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 
 import torch  # noqa: E402
 
-from doodl_lightning.backbone import Backbone, PretrainedBackbone  # noqa: E402
+from doodl_lightning.backbone import FLOW_PIPELINE_FAMILIES, Backbone, PretrainedBackbone, model_family  # noqa: E402
+from doodl_lightning.families.flow import FlowBackbone, PretrainedFlowBackbone  # noqa: E402
 from doodl_lightning.cuda_graphs import GraphedUNet  # noqa: E402
 from doodl_lightning.data import Item, initial_noise, step_generator  # noqa: E402
 from doodl_lightning.guidance import SymmetryGuidance  # noqa: E402
 from doodl_lightning.objective import evaluate, weighted_guidance  # noqa: E402
-from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, Schedule, relative_error  # noqa: E402
-from doodl_lightning.testing import architectures  # noqa: E402
+from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, relative_error  # noqa: E402
+from doodl_lightning.testing import architectures, flow_models  # noqa: E402
 
 from common import fmt, machine_description, random_conditioning, text_table  # noqa: E402
 
@@ -90,15 +94,38 @@ class Model:
 
         dlogging.set_verbosity_error()  # diffusers warns on every dtype cast of a model built from a config
         t0 = time.perf_counter()
+        self.note = None
         if args.pretrained:
             self.name = args.pretrained
-            self.backbone = PretrainedBackbone(args.pretrained).to(self.device)
+            flow = model_family(args.pretrained) in FLOW_PIPELINE_FAMILIES
+            self.backbone = (PretrainedFlowBackbone if flow else PretrainedBackbone)(args.pretrained).to(self.device)
             size = (args.resolution, args.resolution) if args.resolution else None
             cond = self.backbone.encode_prompts([args.prompt], size).float()
             uncond = self.backbone.encode_negative("", size).float()
-            self.backbone.text_encoder_2 = None
-            # only the two embeddings stay: the text encoder's weights must not count in any record's peak
-            self.backbone.text_encoder = None
+            # only the two embeddings stay: the text encoders' weights must not count in any record's peak
+            if flow:
+                self.backbone.release_text_encoders()
+            else:
+                self.backbone.text_encoder_2 = None
+                self.backbone.text_encoder = None
+        elif args.sd_config in flow_models.FLOW_ARCHITECTURES:
+            # SD3.5 / FLUX.1 with random weights and unit-normal text embeddings of the pipeline's lengths
+            layers = args.layers  # resolved by main (flow_layers)
+            self.name = f"{args.sd_config} (random weights{'' if layers is None else f', --layers {layers}'})"
+            if layers is not None:
+                _, full = flow_models.flow_transformer_config(args.sd_config)
+                _, cut = flow_models.flow_transformer_config(args.sd_config, layers)
+                blocks = ("num_layers", "num_single_layers")
+                self.note = (f"transformer shortened to {' + '.join(f'{cut[k]} of {full[k]}' for k in blocks if k in cut)} "
+                             f"blocks ({flow_models.flow_parameter_count(args.sd_config, layers) / 1e9:.2f} of "
+                             f"{flow_models.flow_parameter_count(args.sd_config) / 1e9:.2f} B parameters)")
+            transformer = flow_models.build_flow_transformer(args.sd_config, device=self.device, seed=args.seed,
+                                                             layers=layers)
+            self.backbone = FlowBackbone(transformer, flow_models.build_flow_vae(args.sd_config, device=self.device),
+                                         flow_models.build_flow_scheduler(args.sd_config))
+            res = args.resolution or flow_models.FLOW_DEFAULT_RESOLUTION[args.sd_config]
+            tokens = (77 if self.backbone.family == "sd3" else 0) + self.backbone.max_sequence_length
+            cond, uncond = random_conditioning(transformer, args.seed, (res, res), text_tokens=tokens)
         else:
             # random weights: a random text encoder would only turn random ids into random embeddings, so draw
             # the (unit-scale) embeddings directly: no transformers import, no 0.5 GB on the GPU
@@ -156,8 +183,13 @@ class Model:
         if accel == "compile":
             if self.compiled is None:
                 self.compiled = torch.compile(self.unet, mode=self.args.compile_mode, dynamic=False)
-            den.unet = self.compiled
+            if isinstance(self.backbone, FlowBackbone):
+                den.transformer = self.compiled
+            else:
+                den.unet = self.compiled
         if accel == "graphs":
+            if isinstance(self.backbone, FlowBackbone):
+                raise RuntimeError("CUDA graphs capture the UNet only (SD-1.x/2.x); use --compile for SD3 / FLUX")
             if self.device.type != "cuda":
                 raise RuntimeError("CUDA graphs need --device cuda")
             if self.graphed is None:
@@ -181,6 +213,30 @@ class Model:
         items = self.items(batch)
         return weighted_guidance([SymmetryGuidance()], [it.prompt for it in items],
                                  [step_generator(it, 0, stream=1) for it in items])
+
+
+def flow_layers(args) -> int | None:
+    """``--layers``, or on CPU the full model when its float32 weights (x 1.5 for the VJP's working memory) fit in
+    the available memory, else 1 (printed: the record's model and note say what ran)."""
+    if args.layers is not None or torch.device(args.device).type != "cpu":
+        return args.layers
+    need = flow_models.flow_parameter_count(args.sd_config) * 4 * 1.5
+    available = _available_memory()
+    if available is None or need <= available:
+        return None
+    print(f"# {args.sd_config}: the full transformer needs ~{need / 2**30:.0f} GiB here (float32 weights x 1.5), "
+          f"{available / 2**30:.0f} GiB available: building it with --layers 1 (pass --layers N to choose)", flush=True)
+    return 1
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _free(device) -> None:
@@ -229,7 +285,7 @@ def _prepare(model: Model, job: dict, args):
     model.configure(dtype, job["channels_last"], job["vae_checkpointing"])
     # the model's own grid: any step count (the official grid needs steps dividing 1000); timings do not
     # depend on which timesteps are visited
-    schedule = Schedule.from_scheduler(model.scheduler, job["steps"], "model")
+    schedule = model.backbone.schedule(job["steps"], "model", (rec["resolution"], rec["resolution"]))
     z0 = model.latents(job["batch"], rec["resolution"])
     den = None
     if job["accel"] == "graphs" and model.graphs_error is None and (model.cond.added or model.backbone.controlnet is not None):
@@ -304,8 +360,8 @@ def _median_seconds(fn, device, repeats: int = 3) -> float:
 def _floor(model: Model, den, z0: torch.Tensor, schedule, job: dict, noises) -> dict:
     """The iteration's floor: its model calls timed alone in this run, at the record's shapes — a UNet forward
     (no graph), a UNet forward with its VJP, a VAE decode with its VJP — times how many the chain needs:
-    k steps x (forward + forward with VJP) + (decodes with VJP), k = 2 UNet calls per step for EDICT (one
-    per latent) and 2 decoded images, 1 otherwise. ``reversible`` adds inverse forwards it does not count."""
+    k steps x (forward + forward with VJP) + (decodes with VJP), k = 2 UNet calls per step for EDICT and
+    flow_edict (one per latent) and 2 decoded images, 1 otherwise (the flow models' transformer likewise). ``reversible`` adds inverse forwards it does not count."""
     device, t = model.device, schedule.timesteps[0]
     x = z0.clone()
 
@@ -325,7 +381,7 @@ def _floor(model: Model, den, z0: torch.Tensor, schedule, job: dict, noises) -> 
 
     parts = {"unet_forward": _median_seconds(forward, device), "unet_forward_vjp": _median_seconds(forward_vjp, device),
              "decode_vjp": _median_seconds(decode_vjp, device)}
-    k = 2 if job["sampler"] == "edict" else 1
+    k = 2 if job["sampler"] in ("edict", "flow_edict") else 1
     floor = k * len(schedule) * (parts["unet_forward"] + parts["unet_forward_vjp"]) + k * parts["decode_vjp"]
     return {"floor_seconds": floor, "floor_parts": parts}
 
@@ -405,9 +461,11 @@ def _base_record(job: dict, args, model: Model | None = None) -> dict:
     rec = {k: None for k in RECORD_KEYS}
     rec.update({k: job[k] for k in ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last",
                                     "vae_checkpointing", "drift_tolerance", "role")})
-    res = args.resolution or architectures.DEFAULT_RESOLUTION.get(args.sd_config, 512)
+    res = args.resolution or {**architectures.DEFAULT_RESOLUTION, **flow_models.FLOW_DEFAULT_RESOLUTION}.get(args.sd_config, 512)
     rec.update(resolution=res, device=str(args.device), guidance_scale=args.guidance_scale,
                model=model.name if model is not None else (args.pretrained or f"{args.sd_config} (random weights)"))
+    if model is not None and model.note and not rec.get("note"):
+        rec["note"] = model.note
     return rec
 
 
@@ -434,7 +492,7 @@ def make_jobs(args) -> list[dict]:
         for batch, sampler, backprop, steps, dtype in itertools.product(
                 _as_list(g["batch"]), _as_list(g["samplers"]), _as_list(g["backprops"]), _as_list(g["steps"]),
                 _as_list(g["dtype"])):
-            if backprop == "reversible" and sampler != "edict":
+            if backprop == "reversible" and sampler not in ("edict", "flow_edict"):
                 continue
             if backprop == "autograd" and g["max_autograd_steps"] is not None and steps > g["max_autograd_steps"]:
                 continue
@@ -635,14 +693,19 @@ def summarize(paths: list[str]) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sampler steps (default 5 10 20; --quick: 2 3)")
-    p.add_argument("--samplers", nargs="+", default=["ddim", "edict"], choices=SAMPLERS,
-                   help="lcm: the LCM sampler with fixed random noises between steps (any model; timing only)")
+    p.add_argument("--samplers", nargs="+", default=None, choices=SAMPLERS,
+                   help="default ddim edict (flow flow_edict for SD3 / FLUX); lcm: the LCM sampler with fixed random "
+                        "noises between steps (any UNet model; timing only)")
     p.add_argument("--backprops", nargs="+", default=list(BACKPROPS), choices=BACKPROPS)
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="seeds per batch (one record each)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--sd-config", default="tiny", choices=architectures.ARCHITECTURES,
-                   help="architecture with random weights (tiny; sd15, sd21, sd-turbo, sdxl, sdxl-turbo: the real "
-                        "released configs)")
+    p.add_argument("--sd-config", default="tiny", choices=architectures.ARCHITECTURES + flow_models.FLOW_ARCHITECTURES,
+                   help="architecture with random weights (tiny; sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd35-medium, "
+                        "flux-dev, flux-schnell: the real released configs; tiny-sd3, tiny-flux-*: test sizes)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="SD3 / FLUX: build the transformer with this many blocks (FLUX: N double-stream + 2N single-"
+                        "stream) for a smoke run; default: the full model, or on CPU, when its weights do not fit in "
+                        "the available memory, 1 (said in the output and the records' note)")
     p.add_argument("--controlnet", action="store_true", help="add a ControlNet for the --sd-config base (random weights)")
     p.add_argument("--floor", action="store_true",
                    help="also time the iteration's floor: UNet forward, forward with VJP and VAE decode with VJP, each "
@@ -690,6 +753,10 @@ def parse_args(argv=None):
         if args.isolate == "auto":
             args.isolate = "none"
     args.steps = args.steps or [5, 10, 20]
+    flow = args.sd_config in flow_models.FLOW_ARCHITECTURES and not args.pretrained
+    if args.pretrained:
+        flow = model_family(args.pretrained) in FLOW_PIPELINE_FAMILIES
+    args.samplers = args.samplers or (["flow", "flow_edict"] if flow else ["ddim", "edict"])
     if args.threads is None and torch.device(args.device).type == "cpu" and args.sd_config == "tiny" and not args.pretrained:
         args.threads = 1
     args.accel = "compile" if args.compile else ("graphs" if args.cuda_graphs else "eager")
@@ -708,6 +775,8 @@ def main(argv=None) -> list[dict]:
     if args.worker is not None:
         worker_main(args.worker)
         return []
+    if args.sd_config in flow_models.FLOW_ARCHITECTURES and not args.pretrained:
+        args.layers = flow_layers(args)  # once, here: every record (and subprocess) builds the same model
     _setup_torch(args)
     start = time.perf_counter()
     jobs = make_jobs(args)

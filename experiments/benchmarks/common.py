@@ -103,11 +103,19 @@ def text_table(columns: list[tuple[str, str, str | None]], records: list[dict], 
 
 # -- random-weight models ----------------------------------------------------------------------------------
 
-def random_conditioning(unet, seed: int, size: tuple[int, int]):
+def random_conditioning(unet, seed: int, size: tuple[int, int], text_tokens: int | None = None):
     """(cond, uncond) ``Conditioning``s for a random-weight UNet of any family: unit-normal hidden states
     (1, 77, cross_attention_dim) and, for SDXL's text_time UNet, a unit-normal pooled text embedding and the
-    micro-conditioning ids of ``size`` (what its text towers would hand it)."""
+    micro-conditioning ids of ``size`` (what its text towers would hand it). An SD3 / FLUX transformer (``unet``
+    with a ``joint_attention_dim``): hidden states (1, ``text_tokens``, joint_attention_dim) and pooled projections
+    (1, pooled_projection_dim), as its text encoders would hand them."""
     from doodl_lightning.conditioning import Conditioning
+
+    if unet.config.get("joint_attention_dim") is not None:
+        gen = torch.Generator().manual_seed(seed + 123)
+        dim, pooled = unet.config.joint_attention_dim, unet.config.pooled_projection_dim
+        return tuple(Conditioning(torch.randn((1, text_tokens or 256, dim), generator=gen),
+                                  {"pooled_projections": torch.randn((1, pooled), generator=gen)}) for _ in range(2))
 
     cond, uncond = random_embeddings(unet.config.cross_attention_dim, seed)
     if unet.config.get("addition_embed_type") != "text_time":

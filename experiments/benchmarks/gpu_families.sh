@@ -1,0 +1,86 @@
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+# Few-step families and real-size guidance on one GPU, at most 8 minutes in all (TOTAL=470 s).
+# Random weights from the real configs (doodl_lightning/testing/architectures.py; the guidance models at their
+# released sizes, see iterations.py), bf16 frozen models, float32 latents. In priority order (a record that no
+# longer fits is skipped, not started):
+#   1  iterations.py sd-turbo 512, 1 step, 50 iterations, CLIP ViT-L-14          -> issue 16: <= 5 s, peak <= 8 GiB
+#   2  iterations.py sd-turbo 512, 1 step, 50 iterations, the 4-reward ensemble   -> issue 17: <= 8 s/image, <= 12 GiB
+#   3  backprop.py SDXL 1024, 50 DDIM steps, checkpoint, --floor, VAE checkpointing -> issue 16: <= 1.25x floor, <= 16 GiB
+#   4  iterations.py record 1 with VAE-decoder checkpointing (what it saves of the peak)
+#   5  backprop.py SDXL-Turbo 512 at 1 and 4 steps, --floor
+#   6  backprop.py SD-Turbo 512 + ControlNet, 1 step, --floor
+#   7  iterations.py record 1 with the UNet as CUDA graphs (what they buy)
+#   8  iterations.py record 1 with 4 images at once (throughput)
+# Run from the repository root on the device machine, the wheels the image lacks carried in .whl/ (diffusers,
+# open_clip_torch, ftfy, wcwidth):
+#   bash experiments/benchmarks/gpu_families.sh     (writes $OUT/families.json, bp_*.json, families.log, gpu.txt)
+# Every record runs in its own process under a hard timeout and an internal deadline (iterations.py stops
+# iterating and writes a 'partial' record), is caught on its own (OOM / error -> its status), and its JSON is
+# (re)written when it ends (iterations.py: a 'started' record first, replaced by the result). Summary last.
+# CPU check of this script's logic (not a measurement):
+#   PY=.venv/bin/python ITER_ARGS="--tiny --device cpu --dtype float32" \
+#   BP_ARGS="--device cpu --sd-config tiny-sdxl --resolution 32 --dtype float32" OUT=/tmp/famcheck bash ...
+set -u
+OUT=${OUT:-/tmp/doodl-bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$SECONDS
+TOTAL=${TOTAL:-470}
+PY=${PY:-python3}
+ITER=experiments/benchmarks/iterations.py
+BP=experiments/benchmarks/backprop.py
+ITER_ARGS=${ITER_ARGS:-}
+BP_ARGS=${BP_ARGS:-}
+WEIGHTS=${WEIGHTS:-/tmp/doodl-rand-weights}   # the reward models' random files (reused by a rerun on this machine)
+LOG="$OUT/families.log"
+JSON="$OUT/families.json"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
+$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+$PY -c "import open_clip, ftfy; print('open_clip', open_clip.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+echo "# gpu_families.sh started $(date -u '+%F %T') UTC, TOTAL=${TOTAL}s" > "$LOG"
+
+# run NAME LIMIT MIN COMMAND...: COMMAND under a hard timeout of min(LIMIT, time left), @DEADLINE@ in it replaced
+# by that limit less 20 s (iterations.py's internal deadline: time to finish and write the record); skipped when
+# less than MIN seconds are left. The output is appended to families.log; its last lines are shown.
+run() {
+  local name=$1 limit=$2 min=$3
+  shift 3
+  local left=$((TOTAL - 20 - (SECONDS - T0)))
+  if [ "$left" -lt "$min" ]; then
+    echo "== $name: skipped (${left}s left, needs ${min}s)" | tee -a "$LOG"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local args=() a
+  for a in "$@"; do args+=("${a//@DEADLINE@/$((limit - 20))}"); done
+  echo "== $name (hard limit ${limit}s; $((SECONDS - T0))s elapsed): ${args[*]}" | tee -a "$LOG"
+  local start=$SECONDS
+  timeout -k 10 "$limit" "${args[@]}" > /tmp/doodl-record.log 2>&1
+  local rc=$?
+  cat /tmp/doodl-record.log >> "$LOG"
+  tail -n 5 /tmp/doodl-record.log
+  echo "== $name: exit $rc after $((SECONDS - start))s (124 = hard timeout)" | tee -a "$LOG"
+}
+
+ITER_RUN="$PY $ITER --device cuda --dtype bfloat16 --weights-dir $WEIGHTS --json $JSON --append --no-progress --deadline @DEADLINE@"
+BP_RUN="$PY $BP --device cuda --dtype bfloat16 --samplers ddim --backprops checkpoint --floor --grad-reference none"
+TURBO="--sd-config sd-turbo --resolution 512 --steps 1 --iterations 50"
+
+run issue16_clip_vit_l 100 45 $ITER_RUN $TURBO --guidance clip-vit-l $ITER_ARGS
+run issue17_reward_ensemble 200 90 $ITER_RUN $TURBO --guidance reward-ensemble --vae-checkpointing $ITER_ARGS
+run issue16_sdxl_1024_floor 150 80 $BP_RUN --sd-config sdxl --resolution 1024 --steps 50 --vae-checkpointing \
+  --repeats 2 --warmup 1 --record-budget 45 --json "$OUT/bp_sdxl.json" $BP_ARGS
+run issue16_clip_vit_l_vaeckpt 70 40 $ITER_RUN $TURBO --guidance clip-vit-l --vae-checkpointing $ITER_ARGS
+run sdxl_turbo_512_floor 80 40 $BP_RUN --sd-config sdxl-turbo --resolution 512 --steps 1 4 --vae-checkpointing \
+  --guidance-scale 1.0 --repeats 3 --json "$OUT/bp_sdxl_turbo.json" $BP_ARGS
+run sd_turbo_controlnet_floor 70 40 $BP_RUN --sd-config sd-turbo --resolution 512 --steps 1 --controlnet \
+  --guidance-scale 1.0 --repeats 3 --json "$OUT/bp_controlnet.json" $BP_ARGS
+run issue16_clip_vit_l_graphs 70 40 $ITER_RUN $TURBO --guidance clip-vit-l --cuda-graphs $ITER_ARGS
+run clip_vit_l_batch4 70 40 $ITER_RUN $TURBO --guidance clip-vit-l --batch 4 $ITER_ARGS
+
+echo "== summary ($(head -1 "$OUT/gpu.txt"); $((SECONDS - T0)) s) ==" | tee -a "$LOG"
+$PY $ITER --summarize "$JSON" "$OUT"/bp_*.json 2>&1 | tee -a "$LOG"
