@@ -125,6 +125,11 @@ class DOODL(LightningModule):
             check_sampler(sampler, backprop, first_image_only=optimize_first_edict_image_only)
             self.start = ChainStart(steps, sampler, mix_weight, opt_t, source_image, tied_latents, renormalize_latents)
         self.backbone.check_sampler(sampler, timestep_grid)  # e.g. ddim on a flow model (SD3 / FLUX): one line, now
+        if cuda_graphs:
+            from .families.flow import FlowBackbone
+
+            if isinstance(self.backbone, FlowBackbone):
+                raise ValueError("cuda_graphs replays a UNet; this model is a flow transformer (SD3 / FLUX): drop cuda_graphs")
         if sampler == "lcm" and opt_t is not None:
             raise ValueError("opt_t needs a DDIM-like sampler (ddim or edict); the LCM sampler re-noises between "
                              "steps: drop opt_t or set sampler: ddim")

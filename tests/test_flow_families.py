@@ -340,3 +340,10 @@ def test_sd3_flux_benchmark_records_flow_samplers(tmp_path):
     assert by["flow", "checkpoint"]["grad_rel_error_vs_autograd"] < 1e-6
     assert by["flow", "checkpoint"]["unet_calls"] == 4 and by["flow_edict", "reversible"]["unet_calls"] == 8
     assert by["flow", "checkpoint"]["saved_bytes"] == 2 * 16 * 8 * 8 * 4  # one float32 latent per step
+
+
+def test_flux_refuses_cuda_graphs_in_one_line(flow_models):
+    """CUDA graphs replay a UNet; on a flow transformer the key would silently do nothing, so it is refused."""
+    with pytest.raises(ValueError, match="cuda_graphs replays a UNet; this model is a flow transformer"):
+        DOODL(model=flow_models["flux-schnell"], prompts=[PROMPT], seeds=[0], steps=1, guidance_scale=1.0,
+              cuda_graphs=True, guidance=[SymmetryGuidance()])
