@@ -65,3 +65,15 @@ def _write_config(path: Path, pipe: str, out: Path, steps: int = 3, callbacks=No
 def write_config():
     """``write_config(path, pipe, out, steps=3, callbacks=None, **model) -> str``: a ``cli.py fit`` YAML config."""
     return _write_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that runs a script's main() in-process may set torch's thread count (the benchmarks use 1 thread for
+    tiny models); later tests compare in-process float32 results with subprocess ones bit for bit, which needs
+    the same thread count in both, so every test starts and ends with the session's."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from doodl_lightning import cuda_graphs as G
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +57,7 @@ def test_quick_in_process(tmp_path):
     assert saved["edict", "autograd", 3] > 100 * saved["edict", "checkpoint", 3]
 
 
+@pytest.mark.slow
 def test_subprocess_records_and_fp32_reference(tmp_path):
     # one fresh interpreter per record on CPU (peak RSS of its own), gradients compared across processes:
     # a bfloat16 record gets its error against the same gradient with the model in float32

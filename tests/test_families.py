@@ -208,7 +208,8 @@ FITS = {
 }
 
 
-@pytest.mark.parametrize("case", list(FITS))
+@pytest.mark.parametrize("case", [c if c in ("sdxl-nonsquare", "turbo-sd-1step", "controlnet-sd") else
+                                  pytest.param(c, marks=pytest.mark.slow) for c in FITS])
 def test_doodl_fit_through_the_cli_lowers_the_loss(models, write_config, case):
     family, keys = FITS[case]
     out = models["tmp"] / f"fit_{case}"

@@ -152,6 +152,7 @@ def test_resume_runs_the_config_not_the_checkpoints_hyperparameters(done, tmp_pa
 
 
 # -- 3. concurrent runs, 7. paths relative to the config file or the repository -----------------------------
+@pytest.mark.slow
 def test_runs_started_at_once_from_another_directory_find_their_inputs_and_get_a_run_directory_each(
         tmp_path, tiny_pipeline_dir, write_config):
     """Two runs started at once from an unrelated working directory, into the same output directory: each finds

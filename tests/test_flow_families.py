@@ -240,7 +240,8 @@ FITS = {  # the model: key as a path (the shortcut) or a class_path backbone wit
 }
 
 
-@pytest.mark.parametrize("case", list(FITS))
+@pytest.mark.parametrize("case", [c if c != "flux-dev-class-path" else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in FITS])
 def test_sd3_flux_doodl_fit_through_the_cli_lowers_the_loss(flow_models, write_config, case):
     family, keys = FITS[case]
     keys = dict(keys)
@@ -321,6 +322,7 @@ def test_sd3_flux_bad_input_is_one_line_and_writes_nothing(flow_models, write_co
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sd3_flux_benchmark_records_flow_samplers(tmp_path):
     """``experiments/benchmarks/backprop.py --sd-config tiny-sd3 | tiny-flux-*`` (the same code as sd35-medium,
     flux-dev, flux-schnell) times the flow samplers' records: exact checkpoint gradients, one latent (pair) per step,

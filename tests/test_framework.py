@@ -159,6 +159,7 @@ def test_renormalization_off_lets_norms_move(fit):
     assert not torch.allclose(norms, m.initial_norm[:, None].float().expand_as(norms), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_per_item_early_stopping_freezes_items_and_ends_fit(fit):
     cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"stop_at": 1e9}}]
     cli, _ = fit("e", steps=10, callbacks=cb)
@@ -248,6 +249,7 @@ def test_unknown_class_path_and_unwritable_output_dir(tmp_path, tiny_pipeline_di
         main(["fit", "--config", cfg])
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_error(tmp_path, tiny_pipeline_dir, write_config):
     cfg = write_config(tmp_path / "e.yaml", tiny_pipeline_dir, tmp_path / "e", seeds=[-3])
     r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", cfg], capture_output=True, text=True,
@@ -256,6 +258,7 @@ def test_cli_prints_one_line_error(tmp_path, tiny_pipeline_dir, write_config):
     assert r.stderr.strip().splitlines()[-1].startswith("error: seeds must be non-negative integers")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_pipeline_dir, write_config, fit):
     """SIGKILL after step 3 of 5, resume from last.ckpt: same latents, complete results and images."""
     full, _ = fit("full", steps=5)

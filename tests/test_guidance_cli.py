@@ -68,7 +68,8 @@ def turbo_pipe(world):
     return save_tiny_sd_pipeline(world[0] / "turbo_pipe", "euler_trailing")
 
 
-@pytest.mark.parametrize("kind", ["clip_text", "clip_image", "aesthetic", "classifier", "symmetry"])
+@pytest.mark.parametrize("kind", ["clip_text", "symmetry"] + [pytest.param(k, marks=pytest.mark.slow)
+                                                              for k in ("clip_image", "aesthetic", "classifier")])
 def test_one_step_turbo_optimisation_works_with_every_guidance_kind(world, turbo_pipe, write_config, kind):
     """steps: 1 on a Turbo-layout model (its trailing grid and sampler, chosen from the model): one UNet call per
     iteration, and the gradient reaches the noise through it for every guidance module."""

@@ -35,6 +35,7 @@ def test_there_are_eval_configs_for_sd15():
     assert {p.name for p in EVAL_CONFIGS} >= {"eval_aesthetic.yaml", "eval_clip_text.yaml"}
 
 
+@pytest.mark.slow
 def test_tiny_model_comparison_from_yaml(tmp_path, tiny_pipeline_dir, tiny_clip):
     clip = {"model_config": str(tiny_clip.config), "pretrained": str(tiny_clip.weights), "num_cuts": 0}
     cfg = {

@@ -39,7 +39,7 @@ def reference_losses(cli, candidates: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "edict"])
+@pytest.mark.parametrize("sampler", ["ddim", pytest.param("edict", marks=pytest.mark.slow)])
 def test_best_of_n_keeps_the_candidate_the_guidance_scores_best(fit, sampler):
     n = 4
     cli, out = fit("bon", steps=n, sampler=sampler, extra=[*BEST_OF_N, "--model.candidates", str(n)])
@@ -61,6 +61,7 @@ def test_best_of_n_keeps_the_candidate_the_guidance_scores_best(fit, sampler):
         assert r["final_loss"] == pytest.approx(r["best_loss"], rel=1e-5)  # the kept noise, re-sampled
 
 
+@pytest.mark.slow
 def test_best_of_one_is_the_unguided_sample_doodl_starts_from(fit):
     bon, _ = fit("bon1", steps=1, extra=[*BEST_OF_N, "--model.candidates", "1"])
     doodl, _ = fit("doodl", steps=1)
@@ -79,6 +80,7 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
+@pytest.mark.slow
 def test_best_of_n_resumes_to_the_uninterrupted_result(fit):
     full, _ = fit("full", steps=4, extra=[*BEST_OF_N, "--model.candidates", "4"])
     callbacks = [{"class_path": "test_noise_search.StopAfter", "init_args": {"steps": 2}},

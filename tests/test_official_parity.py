@@ -186,7 +186,11 @@ UPDATES = {
 }
 
 
-@pytest.mark.parametrize("name", list(UPDATES))
+# the spine (tied, untied, first image only) in the default suite; the other update variants with -m slow
+FAST_UPDATES = ("tied", "untied", "first_image_only")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_UPDATES else pytest.param(n, marks=pytest.mark.slow) for n in UPDATES])
 def test_three_doodl_updates_match_official(world, name):
     tmp, pipe = world
     kw = dict(grad_scale=4.0, clip_grad_val=2e-3, perturb_grad_scale=1e-3)

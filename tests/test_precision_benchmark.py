@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,6 +19,7 @@ def _load():
     return mod
 
 
+@pytest.mark.slow
 def test_quick_precision_benchmark(tmp_path):
     threads = torch.get_num_threads()
     out = tmp_path / "precision.json"

@@ -90,6 +90,7 @@ def check_outputs(out: Path, variants=EXPERIMENTS) -> dict:
     return res
 
 
+@pytest.mark.slow
 def test_tiny_run_freezes_validation_choices_and_writes_every_output(tmp_path):
     weights = build_tiny_world(tmp_path / "weights")
     out = tmp_path / "out"

@@ -44,6 +44,7 @@ def test_time_scale_must_be_positive(tmp_path, capsys):
     assert not (tmp_path / "w").exists()  # nothing half-made
 
 
+@pytest.mark.slow
 def test_smoke_profile_trains_and_exports_every_model(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out, work = tmp_path / "weights", tmp_path / "work"

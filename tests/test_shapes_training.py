@@ -35,6 +35,7 @@ def test_yaml_keys_are_init_arguments(stage):
     assert set(cfg["model"]["init_args"]) <= set(params)
 
 
+@pytest.mark.slow
 def test_train_vae_then_diffusion(tmp_path):
     vae = _fit("vae", tmp_path)
     sd = _fit("diffusion", tmp_path, "--model.init_args.vae_path", str(vae))
