@@ -24,6 +24,7 @@ from doodl_lightning.guidance import SymmetryGuidance
 from doodl_lightning.module import DOODL
 from doodl_lightning.sampling import Schedule, sample, sample_ddim, sample_lcm
 from doodl_lightning.testing import families as F
+from doodl_lightning.testing.memory import saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle"
@@ -183,16 +184,8 @@ def test_sdxl_checkpoint_keeps_one_latent_per_step(models):
     x = torch.randn((1, *shape)).requires_grad_()
 
     def saved(steps):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            sample(eps, x, Schedule.from_scheduler(bb.scheduler, steps, "model"), sampler="ddim")
-        return total
+        schedule = Schedule.from_scheduler(bb.scheduler, steps, "model")
+        return saved_bytes(lambda x: sample(eps, x, schedule, sampler="ddim"), x)
 
     latent = x.numel() * 4
     assert saved(4) - saved(2) == 2 * latent and saved(8) - saved(4) == 4 * latent

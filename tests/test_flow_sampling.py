@@ -18,6 +18,7 @@ from doodl_lightning.testing.flow_models import (
     build_flow_scheduler, flow_scheduler_config, flow_transformer_config, flow_vae_config, sd3_velocity,
     tiny_flux_transformer, tiny_sd3_transformer,
 )
+from doodl_lightning.testing.memory import saved_bytes
 
 warnings.filterwarnings("ignore", message=".*should be kept in float32.*")
 
@@ -296,18 +297,6 @@ def test_flow_half_precision_gradient_survives_tiny_cotangents():
         assert relative_error(grads[name], grads["ref"]) < 2e-2, name
 
 
-def saved_bytes(fn, x):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(x)
-    del out
-    return total
 
 
 def test_flow_saved_bytes_flat_in_steps():

@@ -10,6 +10,7 @@ from doodl_lightning.sampling import (
     Denoiser, GuidedEps, OneStepGradient, ReversibleDriftWarning, Schedule, edict_invert, edict_step, edict_step_inverse,
     relative_error, sample, sample_ddim, sample_edict,
 )
+from doodl_lightning.testing import memory
 from doodl_lightning.testing.tiny import CROSS_DIM, sd_scheduler, tiny_unconditional_unet, tiny_unet
 
 
@@ -83,17 +84,7 @@ def saved_bytes(sampler, backprop, steps):
     eps = make_denoiser(torch.float32)
     schedule = Schedule.from_scheduler(sd_scheduler(), steps, "model")
     x = latents(torch.float32).requires_grad_()
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = sample(eps, x, schedule, sampler=sampler, backprop=backprop)
-    del out
-    return total
+    return memory.saved_bytes(lambda x: sample(eps, x, schedule, sampler=sampler, backprop=backprop), x)
 
 
 def test_saved_bytes_scale_with_steps():

@@ -3,6 +3,7 @@
 ``architectures``  the tiny, SD-1.5 and SD-2.1 architectures (UNet, VAE, text encoder, scheduler) and the
                    SD-1.x noise schedule (``SD1_SCHEDULER_CONFIG``).
 ``tiny``           tiny UNets, the SD-1.x DDIM scheduler, a saved tiny SD pipeline and tiny open_clip models.
+``memory``         bytes autograd saves for a computation's backward (the memory-claims' measuring stick).
 ``flow_models``    SD3.5-medium / FLUX.1 transformers, VAEs and schedulers (real configs and tiny ones), and saved
                    tiny SD3 / FLUX pipelines (CLIP towers, T5 with an offline tokenizer).
 """
