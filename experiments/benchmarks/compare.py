@@ -238,7 +238,7 @@ def best_by(records: list[dict], task: Task, key=None) -> dict:
 
 def best_iteration(rec: dict, task: Task) -> tuple[int, float]:
     """The iteration count with the highest validation mean along a DOODL curve (ties: fewer iterations)."""
-    means = [sum(p["per_item"][task.primary]) / len(task.items) for p in rec["curve"]]
+    means = [_point_mean(p, task) for p in rec["curve"]]
     i = max(range(len(means)), key=lambda k: (means[k], -k))
     return i, means[i]
 
@@ -275,13 +275,22 @@ class Plan:
     adam_lrs: tuple = (0.03,)
     sgd_lrs: tuple = (1.0,)
     max_grad_norm: float = 1.0            # per item, for adam and sgd
-    iters: int = 8                        # DOODL iterations at most (the count is chosen on validation)
-    n_max: int = 32                       # best-of-N candidates (every N <= n_max is read from one search)
+    iters: int = 8                        # DOODL iterations of every configuration in the validation sweep
+    iters_max: int = 32                   # the chosen configuration's validation curve runs this far: its
+                                          # iteration count is read from it (bracketed unless best at the end)
+    n_max: int = 64                       # best-of-N candidates (every N <= n_max is read from one search)
+    val_n_max: int | None = 32            # best-of-N's CFG is chosen at this N on validation (None: n_max)
     paper_steps: int = 50                 # DOODL-EDICT at the paper's steps (on a subset)
     num_cuts: int = 4                     # the cutout variant of DOODL-DDIM
     extras_items: int = 32                # test items of the subset variants (DOODL-EDICT, cutouts)
     paper_items: int = 16                 # test items of DOODL-EDICT at the paper's steps (5x the chain)
     val_extras_items: int = 16            # validation items of the subset variants (half that at the paper's steps)
+
+
+def _point_mean(point: dict, task: Task) -> float:
+    """The primary measure's mean at one point of a curve (an iteration count, or an N)."""
+    v = point["per_item"][task.primary]
+    return sum(v) / len(v)
 
 
 def _mean(rec: dict, task: Task) -> float:
@@ -314,10 +323,11 @@ def validate(runner: Runner, task: Task, plan: Plan, extras: bool = True) -> dic
     choices["one_step"] = {**best["params"], "val_mean": _mean(best, task),
                            "bracketed": bracketed(scales, best["params"]["scale"]), "sweep": sorted(scales)}
 
-    # best-of-N: CFG, judged at N = n_max
-    bon = {c: keep(f"best_of_n cfg{c:g} N{plan.n_max}", runner.best_of_n(task, plan.n_max, c)) for c in plan.cfgs}
+    # best-of-N: CFG, judged at N = val_n_max
+    n_val = plan.val_n_max or plan.n_max
+    bon = {c: keep(f"best_of_n cfg{c:g} N{n_val}", runner.best_of_n(task, n_val, c)) for c in plan.cfgs}
     c_bon = max(plan.cfgs, key=lambda c: (_mean(bon[c], task), -plan.cfgs.index(c)))
-    choices["best_of_n"] = {"cfg": c_bon, "val_mean_at_n_max": _mean(bon[c_bon], task)}
+    choices["best_of_n"] = {"cfg": c_bon, "judged_at_n": n_val, "val_mean_at_n": _mean(bon[c_bon], task)}
 
     # DOODL-DDIM: CFG at the middle step, then the update variants at that CFG; iterations from each curve
     mid = plan.doodl_steps[len(plan.doodl_steps) // 2]
@@ -354,13 +364,30 @@ def validate(runner: Runner, task: Task, plan: Plan, extras: bool = True) -> dic
                                  key=lambda x: x[:2])[3]["step"])}
     upd = {k: v for k, v in kw.items() if k != "cfg"}
 
-    # the variants that go to test with DDIM's update: EDICT (same steps), cutouts; iterations from their curves
+    # the iteration count: the chosen configuration's curve run on to iters_max, its best point read from it
+    # (the sweep's short curves cannot bracket it when they still rise at their end)
+    if plan.iters_max > plan.iters:
+        long = keep(f"{label} to {plan.iters_max} it", runner.doodl(task, plan.iters_max, **kw))
+        iters, m = best_iteration(long, task)
+        choices["doodl_ddim"].update(iters=iters, val_mean=m, iterations_run=plan.iters_max)
+        curve = long["curve"]
+    else:
+        curve = runs[label]["curve"]
+    choices["doodl_ddim"]["iterations_bracketed"] = iters < len(curve) - 1
+    # (UNet evaluations per image, validation mean) along both curves: the validation figure
+    choices["doodl_ddim"]["iteration_curve"] = [[p["unet_evaluations_per_image"], round(_point_mean(p, task), 5)]
+                                                for p in curve]
+    choices["best_of_n"]["n_curve"] = [[p["unet_evaluations_per_image"], round(_point_mean(p, task), 5)]
+                                       for p in runs[f"best_of_n cfg{c_bon:g} N{n_val}"]["curve"]]
+
+    # the variants that go to test with DDIM's update: EDICT (same steps), cutouts; iterations from their own
+    # curves, run as far as DDIM's chosen count (at least the sweep's)
     if extras:
         sub, small = subset(task, plan.val_extras_items), subset(task, max(1, plan.val_extras_items // 2))
         for key, kw2, t in (("doodl_edict", dict(sampler="edict"), sub),
                             ("doodl_ddim_cutouts", dict(num_cuts=plan.num_cuts), sub),
                             ("doodl_edict_paper_steps", dict(sampler="edict", steps=plan.paper_steps), small)):
-            rec = runner.doodl(t, plan.iters, cfg=cfg, **upd, **kw2)
+            rec = runner.doodl(t, max(plan.iters, iters), cfg=cfg, **upd, **kw2)
             runs[key] = strip(rec)
             i, m = best_iteration(rec, t)
             log(f"  [{task.name}/val] {key:44s} best {m:.3f} after {i} iterations", flush=True)
@@ -389,9 +416,10 @@ def run_test(runner: Runner, task: Task, plan: Plan, choices: dict, method: str)
                                               "num_cuts")}
     t = task if method == "doodl_ddim" else subset(
         task, plan.paper_items if method == "doodl_edict_paper_steps" else plan.extras_items)
-    # the whole curve runs (the figure shows it); the method's result is the point at the chosen iterations
-    rec = runner.doodl(t, plan.iters, **kw)
+    # DOODL-DDIM's curve runs at least as far as the validation sweep's (the figure shows it); the subset
+    # variants stop at their chosen count; the method's result is the point at the chosen iterations
     i = c["iters"]
+    rec = runner.doodl(t, max(i, plan.iters) if method == "doodl_ddim" else max(i, 1), **kw)
     rec["chosen_iterations"] = i
     rec["metrics"] = {**rec["metrics"], **rec["curve"][i]["per_item"]}
     full = runner._verdicts(t, rec["curve_images"][i], runner.reference(t, kw["cfg"]))
@@ -580,9 +608,13 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
         ch = s["choices"]
         md += ["", "Validation choices (frozen in `" + s["name"] + "/val.json` before the test run):", ""]
         md += [f"- {m}: " + ", ".join(f"{kk} {vv:g}" if isinstance(vv, float) else f"{kk} {vv}" for kk, vv in c.items()
-                                      if kk not in ("sweep", "official_step_sweep"))
+                                      if kk not in ("sweep", "official_step_sweep", "iteration_curve", "n_curve"))
                + (f"; sweep {c.get('sweep') or c.get('official_step_sweep')}" if c.get("sweep") or c.get("official_step_sweep") else "")
                for m, c in ch.items()]
+        val_fig = _validation_curves(s, out / f"{s['name']}_validation.png", k, unit, label[t["primary"]],
+                                     ymax.get(s["name"], 100.0 if t["binary"] else None))
+        if val_fig:
+            md += ["", val_fig, "", f"![{s['name']}: validation curves]({s['name']}_validation.png)"]
         md += ["", f"![{s['name']}: evaluator against compute]({s['name']}_compute.png)", "",
                f"![{s['name']}: test examples]({s['name']}_examples.png)", ""]
         draw_examples(out / s["name"], out / f"{s['name']}_examples.png", s)
@@ -596,6 +628,28 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
                     ymax.get(s["name"], 100.0 if t["binary"] else None))
     atomic_write_text(str(out / "results.md"), "\n".join(md) + "\n")
     save_json(out / "results.json", {"experiments": summaries})
+
+
+def _validation_curves(summary: dict, path: Path, k: float, unit: str, measure: str, ymax) -> str:
+    """The figure and sentence that show where the DOODL iteration count was read (the chosen configuration's
+    validation curve beside best-of-N's at its chosen CFG); '' for results made before the curves were kept."""
+    from eval_lib import draw_curves
+
+    d, b = summary["choices"]["doodl_ddim"], summary["choices"]["best_of_n"]
+    if "iteration_curve" not in d:
+        return ""
+    dc = d["iteration_curve"]
+    series = [{"label": f"DOODL-DDIM (0...{len(dc) - 1} it)", "points": [(x, y * k, y * k, y * k) for x, y in dc]}]
+    if b.get("n_curve"):
+        series.append({"label": f"best-of-N (N = 1...{len(b['n_curve'])})",
+                       "points": [(x, y * k, y * k, y * k) for x, y in b["n_curve"]]})
+    draw_curves(series, path, f"{summary['name']} (validation): {measure}, mean; DOODL's iterations read here",
+                "UNet evaluations per image (log scale)", measure + unit, ymax)
+    best = d["iters"]
+    return (f"Validation curve of the chosen DOODL-DDIM configuration (mean after 0, 1, ... iterations): "
+            + ", ".join(_num(y, k) for _, y in dc) + f". Best after {best} iterations of {len(dc) - 1} run: "
+            + ("bracketed (the curve falls or stays flat after it)." if d.get("iterations_bracketed")
+               else "NOT bracketed (the best is the last point run)."))
 
 
 def draw_examples(exp_dir: Path, path: Path, summary: dict) -> None:

@@ -75,16 +75,21 @@ YMAX = {"vocab": 100.0, "compositional": 100.0, "aesthetic": 10.0, "personalisat
 
 # sizes: (prompts, seeds) of the test and validation splits, and the sweep plan
 MODES = {
+    # the subset variants (EDICT, cutouts, EDICT at the paper's steps) run where there is a target to explain
     "full": dict(vocab=((16, 16), (8, 4)), other=((8, 12), (4, 6)), aesthetic=((12, 8), (6, 4)),
-                 plan=Plan()),
+                 variants=("vocab", "aesthetic"), plan=Plan()),
     "quick": dict(vocab=((4, 2), (4, 1)), other=((2, 2), (2, 1)), aesthetic=((2, 2), (2, 1)), variants=("vocab",),
-                  plan=Plan(steps=5, cfgs=(2.5,), scales=(0.3, 3.0), doodl_steps=(0.1,), iters=3,
-                            n_max=8, paper_steps=10, num_cuts=2, extras_items=4, paper_items=2, val_extras_items=2)),
+                  plan=Plan(steps=5, cfgs=(2.5,), scales=(0.3, 3.0), doodl_steps=(0.1,), iters=3, iters_max=5,
+                            n_max=8, val_n_max=None, paper_steps=10, num_cuts=2, extras_items=4, paper_items=2,
+                            val_extras_items=2)),
     "tiny": dict(vocab=((2, 2), (2, 1)), other=((1, 2), (1, 1)), aesthetic=((1, 2), (1, 1)),
                  plan=Plan(steps=2, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.1,), adam_lrs=(0.03,),
-                           sgd_lrs=(1.0,), iters=2, n_max=3, paper_steps=4, num_cuts=2, extras_items=2,
-                           paper_items=2, val_extras_items=1)),
+                           sgd_lrs=(1.0,), iters=2, iters_max=3, n_max=3, val_n_max=None, paper_steps=4, num_cuts=2,
+                           extras_items=2, paper_items=2, val_extras_items=1)),
 }
+# the test parts a parallel run (--jobs) schedules per experiment, heaviest first
+TEST_PARTS = (("doodl_ddim",), ("best_of_n", "one_step"), ("doodl_edict_paper_steps",), ("doodl_edict", "doodl_ddim_cutouts"))
+VARIANTS = ("doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps")
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
 VAL_SEED_OFFSET = 5_000  # validation seeds: SEED_BASE + 5000 + i; test seeds: SEED_BASE + i
 
@@ -408,6 +413,69 @@ def targets(summary: dict) -> dict:
     return {}
 
 
+# ------------------------------------------------------------------------------------------------ parallel parts
+def run_parts(a, argv: list[str], variants: tuple) -> dict:
+    """Run the protocol as separate processes (``a.jobs`` at a time, threads split between them): each
+    experiment's validation, then its test parts as soon as its choices are frozen. Returns the run's record
+    (every part's command, log, seconds and exit status); raises SystemExit if a part failed."""
+    import subprocess
+
+    threads = max(1, (a.threads or os.cpu_count() or 1) // a.jobs)
+    base = [sys.executable, str(Path(__file__).resolve()), "--out", str(a.out), "--device", a.device,
+            "--threads", str(threads), "--no-report"]
+    base += ["--quick"] if a.quick else ["--tiny"] if a.tiny else []
+    base += ["--weights", str(a.weights)] + (["--extras-items", str(a.extras_items)] if a.extras_items else [])
+    base += ["--no-variants"] if a.no_variants else []
+    jobs = []
+    if a.stage in ("val", "all"):
+        jobs += [{"name": f"{e}_val", "after": None, "args": ["--experiments", e, "--stage", "val"]} for e in a.experiments]
+    if a.stage in ("test", "all"):
+        for e in a.experiments:
+            for part in TEST_PARTS:
+                methods = [m for m in part if m in a.methods
+                           and (m not in VARIANTS or (e in variants and not a.no_variants))]
+                if methods:
+                    jobs.append({"name": f"{e}_test_{'+'.join(methods)}", "args": ["--experiments", e, "--stage", "test",
+                                 "--methods", *methods], "after": f"{e}_val" if a.stage == "all" else None})
+    (a.out / "logs").mkdir(parents=True, exist_ok=True)
+    t0, running, done, pending = time.time(), {}, {}, list(jobs)
+    log(f"{len(jobs)} parts, {a.jobs} at a time, {threads} torch thread(s) each; logs in {a.out / 'logs'}", flush=True)
+    while pending or running:
+        ready = [j for j in pending if j["after"] is None or done.get(j["after"], {}).get("rc") == 0]
+        blocked = [j for j in pending if j["after"] in done and done[j["after"]]["rc"] != 0]
+        for j in blocked:  # its validation failed: nothing to test with
+            pending.remove(j)
+            done[j["name"]] = {"rc": None, "skipped": f"{j['after']} failed"}
+        while ready and len(running) < a.jobs:
+            j = ready.pop(0)
+            pending.remove(j)
+            path = a.out / "logs" / f"{j['name']}.log"
+            fh = open(path, "w")
+            proc = subprocess.Popen(base + j["args"], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                    env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            running[j["name"]] = (proc, fh, time.time(), j)
+            log(f"  start  {j['name']:48s} [{time.time() - t0:6.0f} s]", flush=True)
+        time.sleep(1.0)
+        for name, (proc, fh, t, j) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            fh.close()
+            del running[name]
+            done[name] = {"rc": proc.returncode, "seconds": round(time.time() - t, 1),
+                          "command": " ".join(["python experiments/benchmarks/shapes_eval.py", *base[2:], *j["args"]]),
+                          "log": str(Path("logs") / f"{name}.log")}
+            log(f"  {'done ' if proc.returncode == 0 else 'FAILED'} {name:48s} [{time.time() - t0:6.0f} s] "
+                f"{done[name]['seconds']:.0f} s", flush=True)
+            if proc.returncode != 0:
+                log((a.out / "logs" / f"{name}.log").read_text()[-3000:], flush=True)
+    record = {"jobs": a.jobs, "threads_per_job": threads, "wall_seconds": round(time.time() - t0, 1), "parts": done}
+    failed = [n for n, d in done.items() if d["rc"] != 0]
+    if failed:
+        save_json(a.out / "run_failed.json", record)
+        raise SystemExit(f"error: parts failed: {', '.join(failed)} (their logs are in {a.out / 'logs'})")
+    return record
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -426,8 +494,14 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", type=Path, default=None,
                     help="rewrite this file's generated comparison table (between its markers) from the results")
     ap.add_argument("--device", default="cpu", help="cpu (the reference machine) or cuda")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; split over --jobs)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run the parts (each experiment's validation, then its test methods) as this many separate "
+                         "processes at a time, then merge (2 on a 2-core CPU: one torch thread each)")
+    ap.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a part of a --jobs run
     a = ap.parse_args(argv)
+    if a.jobs < 1:
+        ap.error(f"--jobs must be >= 1, got {a.jobs}")
     if a.weights is None:
         from doodl_lightning.shapes import weights_dir
 
@@ -452,6 +526,12 @@ def main(argv=None) -> int:
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "plan": plan.__dict__}
 
     runner = None
+    if a.jobs > 1 and a.stage != "report":
+        record = run_parts(a, argv, mode.get("variants", EXPERIMENTS))
+        save_json(a.out / "run.json", {**record, "command": command, "machine": machine_description(ctx.device),
+                                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                       "git_commit": commit, "uncommitted": dirty})
+        a.stage = "report"
     if a.stage != "report":
         runner = Runner(ctx.weights.backbone(), ctx.device, plan.steps)
     for name in a.experiments:
@@ -478,12 +558,20 @@ def main(argv=None) -> int:
                 log(f"  [{name}/test] {method:28s} {task.primary}="
                     f"{sum(rec['metrics'][task.primary]) / len(rec['metrics'][task.primary]):.3f} "
                     f"({rec.get('items', len(task.items))} items, {time.time() - t:.0f} s)", flush=True)
+    if a.no_report:
+        return 0
     summaries = [summarise(a.out / n, targets) for n in EXPERIMENTS if (a.out / n / "val.json").is_file()]
+    run = json.loads((a.out / "run.json").read_text()) if (a.out / "run.json").is_file() else None
     header = [f"# DOODL against one-step guidance and best-of-N in the shapes world ({mode_name} run)", "",
               f"Last command: `{command}`  ", f"Machine: {machine_description(ctx.device)}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}.  ",
               "Every method samples with DDIM at the plan's steps through the framework (`DOODL`, `BestOfN`, "
               "`baselines.guided_sampling`); each part's own command, machine, load and seconds are in its JSON.", ""]
+    if run is not None:
+        header[-1:-1] = ["", f"Whole run: `{run['command']}` on {run['machine']}, {run['date']}: "
+                         f"{run['wall_seconds'] / 60:.0f} min wall-clock as {len(run['parts'])} parts, {run['jobs']} at a "
+                         f"time with {run['threads_per_job']} torch thread(s) each (`run.json`: every part's command and "
+                         "seconds). Seconds per image below were measured with the parts sharing the cores."]
     write_report(a.out, summaries, header, DESCRIPTIONS, YMAX)
     if a.readme is not None:
         source = os.path.relpath(a.out / "results.md", a.readme.resolve().parent)
