@@ -96,14 +96,26 @@ def test_tiny_run_freezes_validation_choices_and_writes_every_output(tmp_path):
     out = tmp_path / "out"
     proc = run_script("--tiny", "--weights", weights, "--out", out, "--stage", "test", ok=False)
     assert proc.returncode != 0 and "run --stage val first" in proc.stderr + proc.stdout  # no test without choices
-    run_script("--tiny", "--weights", weights, "--out", out, "--threads", "1", timeout=400)
+    # the whole protocol as parallel parts (each experiment's validation, then its test methods), merged
+    run_script("--tiny", "--weights", weights, "--out", out, "--threads", "2", "--jobs", "2", timeout=400)
     res = check_outputs(out)
+    run = json.loads((out / "run.json").read_text())
+    assert run["jobs"] == 2 and run["threads_per_job"] == 1 and all(p["rc"] == 0 for p in run["parts"].values())
+    assert {f"{e}_val" for e in EXPERIMENTS} <= set(run["parts"]) and "Whole run:" in (out / "results.md").read_text()
     plan = json.loads((out / "vocab" / "test" / "doodl_ddim.json").read_text())["meta"]["plan"]
-    S, K, N = plan["steps"], plan["iters"], plan["n_max"]
+    S, N = plan["steps"], plan["n_max"]
     for e in res["experiments"]:
+        # the iteration count is read from the chosen configuration's curve run on to iters_max
+        ch = json.loads((out / e["name"] / "val.json").read_text())["choices"]["doodl_ddim"]
+        assert len(ch["iteration_curve"]) == plan["iters_max"] + 1 and ch["iterations_run"] == plan["iters_max"]
+        assert ch["iterations_bracketed"] == (ch["iters"] < plan["iters_max"])
+        assert (out / f"{e['name']}_validation.png").is_file()
         for m in ("one_step", "best_of_n", "doodl_ddim", "doodl_edict"):
             r = json.loads((out / e["name"] / "test" / f"{m}.json").read_text())["record"]
             c = r["compute"]
+            K = r["params"].get("iters")  # DOODL-DDIM runs max(chosen, the sweep's); a variant its chosen count
+            if m == "doodl_ddim":
+                assert K == max(ch["iters"], plan["iters"]) and r["chosen_iterations"] == ch["iters"]
             # analytic count (checkpoint backprop; a CFG pair = 1): one-step = each eps + one back-propagated
             # UNCONDITIONAL call (half a pair); best-of-N = N chains; DOODL = K chains without grad + K recomputed
             # with grad + the final evaluation (EDICT: 2 eps per step)
@@ -179,6 +191,10 @@ def test_committed_results_hold_the_protocol_and_the_readme_table_is_generated_f
         frozen = val["choices"]["doodl_ddim"]
         assert dd["chosen_iterations"] == frozen["iters"] and dd["params"]["cfg"] == frozen["cfg"]
         assert dd["params"]["update_rule"] == frozen.get("update_rule", "official")
+        # the iteration count was read from a curve run on to 32 iterations, best-of-N went to N = 64
+        assert frozen["iterations_run"] >= 32 and len(frozen["iteration_curve"]) == frozen["iterations_run"] + 1
+        bon = json.loads((COMMITTED / e["name"] / "test" / "best_of_n.json").read_text())["record"]
+        assert bon["params"]["n_max"] >= 64 and len(bon["curve"]) == bon["params"]["n_max"]
         assert not set(val["task"]["seeds"]) & set(e["task"]["seeds"])
     table = readme_table(res["experiments"], "experiments/benchmarks/results/shapes/heldout/results.md")
     assert table in (ROOT / "README.md").read_text()

@@ -2,7 +2,8 @@
 """Does DOODL beat the cheaper alternatives at equal compute? The shapes world's held-out comparison (issue 14).
 
     python experiments/benchmarks/shapes_eval.py --quick --out DIR        # <= 5 min on 2 CPU cores
-    python experiments/benchmarks/shapes_eval.py --out DIR                # the full protocol, all four experiments
+    python experiments/benchmarks/shapes_eval.py --out DIR --jobs 2       # the full protocol as parallel parts, merged
+    python experiments/benchmarks/shapes_eval.py --out DIR                # the same in one process
     python experiments/benchmarks/shapes_eval.py --out DIR --experiments vocab --stage val     # in parts ...
     python experiments/benchmarks/shapes_eval.py --out DIR --experiments vocab --stage test --methods one_step
     python experiments/benchmarks/shapes_eval.py --out DIR --stage report                      # ... merged
@@ -12,7 +13,8 @@ Four experiments, each on a VALIDATION split (its own seeds, and other prompts o
 split. Every knob of every method -- CFG, the one-step grad_scale, DOODL's update rule (official / Adam /
 SGD-Nesterov with per-item gradient-norm clipping), step size and iteration count, best-of-N's CFG -- is
 chosen on validation and written to ``<exp>/val.json`` before any test item is sampled; the test run reads
-it. Methods on test: unguided (best-of-1), the official one-step baseline, best-of-N (N = 1 .. n_max, read
+it. DOODL's configurations are compared at ``Plan.iters``; the chosen one's curve runs on to ``iters_max``
+and the iteration count is its best point. Methods on test: unguided (best-of-1), the official one-step baseline, best-of-N (N = 1 .. n_max, read
 from one search: N = 4, 16 and N at DOODL's UNet evaluations and at DOODL's seconds), DOODL-DDIM, and on a
 test subset DOODL-EDICT at the same steps, DOODL-DDIM with cutouts and DOODL-EDICT at the paper's 50 steps.
 
