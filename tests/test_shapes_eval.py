@@ -113,7 +113,7 @@ def test_tiny_run_freezes_validation_choices_and_writes_every_output(tmp_path):
         for m in ("one_step", "best_of_n", "doodl_ddim", "doodl_edict"):
             r = json.loads((out / e["name"] / "test" / f"{m}.json").read_text())["record"]
             c = r["compute"]
-            K = r["params"].get("iters")  # DOODL-DDIM runs max(chosen, the sweep's); a variant its chosen count
+            K = r["params"].get("iters", 0)  # DOODL-DDIM runs max(chosen, the sweep's); a variant its chosen count
             if m == "doodl_ddim":
                 assert K == max(ch["iters"], plan["iters"]) and r["chosen_iterations"] == ch["iters"]
             # analytic count (checkpoint backprop; a CFG pair = 1): one-step = each eps + one back-propagated

@@ -640,9 +640,9 @@ def _validation_curves(summary: dict, path: Path, k: float, unit: str, measure: 
         return ""
     dc = d["iteration_curve"]
     series = [{"label": f"DOODL-DDIM (0...{len(dc) - 1} it)", "points": [(x, y * k, y * k, y * k) for x, y in dc]}]
-    if b.get("n_curve"):
-        series.append({"label": f"best-of-N (N = 1...{len(b['n_curve'])})",
-                       "points": [(x, y * k, y * k, y * k) for x, y in b["n_curve"]]})
+    if b.get("n_curve"):  # first, so each method has the same colour as in the test figure
+        series.insert(0, {"label": f"best-of-N (N = 1...{len(b['n_curve'])})",
+                          "points": [(x, y * k, y * k, y * k) for x, y in b["n_curve"]]})
     draw_curves(series, path, f"{summary['name']} (validation): {measure}, mean; DOODL's iterations read here",
                 "UNet evaluations per image (log scale)", measure + unit, ymax)
     best = d["iters"]

@@ -73,7 +73,8 @@ SERIES_COLOURS = [(52, 101, 164), (237, 145, 33), (115, 115, 115), (78, 154, 6)]
 
 def draw_curves(series: list[dict], path: str | Path, title: str, xlabel: str, ylabel: str, ymax: float | None,
                 width: int = 900, height: int = 480) -> None:
-    """Lines with 95% interval whiskers on a log-x axis, y from 0 to ``ymax`` (None: the data's range).
+    """Lines with 95% interval whiskers on a log-x axis, y from 0 to ``ymax`` or the data's top if higher (None:
+    the data's range).
     ``series``: [{"label", "points": [(x, mean, lo, hi)], "marker": bool (a single point drawn as a big dot)}]."""
     from PIL import Image, ImageDraw
 
@@ -94,8 +95,8 @@ def draw_curves(series: list[dict], path: str | Path, title: str, xlabel: str, y
         ys = [v for s in series for p in s["points"] for v in p[1:]]
         ymin, ymax = min(ys), max(ys)
         ymin, ymax = (ymin - 1, ymax + 1) if ymax == ymin else (ymin - 0.05 * (ymax - ymin), ymax + 0.05 * (ymax - ymin))
-    else:
-        ymin = 0.0
+    else:  # a fixed scale still shows every point: never clip data silently
+        ymin, ymax = 0.0, max([ymax] + [v for s in series for p in s["points"] for v in p[1:]])
 
     def py(v):
         return y1 - (y1 - y0) * (max(ymin, min(v, ymax)) - ymin) / (ymax - ymin)
