@@ -567,7 +567,7 @@ def main(argv=None) -> int:
     summaries = [summarise(a.out / n, targets) for n in EXPERIMENTS if (a.out / n / "val.json").is_file()]
     run = json.loads((a.out / "run.json").read_text()) if (a.out / "run.json").is_file() else None
     header = [f"# DOODL against one-step guidance and best-of-N in the shapes world ({mode_name} run)", "",
-              f"Last command: `{command}`  ", f"Machine: {machine_description(ctx.device)}; "
+              f"Last command: `{command}`  ", f"Its machine: {machine_description(ctx.device)}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit}.  ",
               "Every method samples with DDIM at the plan's steps through the framework (`DOODL`, `BestOfN`, "
               "`baselines.guided_sampling`); each part's own command, machine, load and seconds are in its JSON.", ""]
