@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -158,7 +159,7 @@ def test_edict_inversion_for_editing_matches_official(world):
     w, h = im.size
     s = min(w, h)
     im = im.crop(((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)).resize((16, 16))
-    x = torch.tensor(list(im.getdata()), dtype=torch.float64).view(16, 16, 3).permute(2, 0, 1)[None] / 255.0 * 2.0 - 1.0
+    x = torch.tensor(np.asarray(im), dtype=torch.float64).permute(2, 0, 1)[None] / 255.0 * 2.0 - 1.0
     assert m.start.renormalize is False
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
