@@ -71,6 +71,16 @@ def _wrap(text: str, width: int) -> list[str]:
 SERIES_COLOURS = [(52, 101, 164), (237, 145, 33), (115, 115, 115), (78, 154, 6)]
 
 
+def y_range(series: list[dict], ymax: float | None) -> tuple[float, float]:
+    """The y axis of ``draw_curves``: 0 to ``ymax``, raised to the data's top if a value passes it (a fixed
+    scale never clips a point silently); None: the data's range with a 5% margin."""
+    ys = [v for s in series for p in s["points"] for v in p[1:]]
+    if ymax is not None:
+        return 0.0, max([ymax] + ys)
+    lo, hi = min(ys), max(ys)
+    return (lo - 1, hi + 1) if hi == lo else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+
+
 def draw_curves(series: list[dict], path: str | Path, title: str, xlabel: str, ylabel: str, ymax: float | None,
                 width: int = 900, height: int = 480) -> None:
     """Lines with 95% interval whiskers on a log-x axis, y from 0 to ``ymax`` or the data's top if higher (None:
@@ -91,12 +101,7 @@ def draw_curves(series: list[dict], path: str | Path, title: str, xlabel: str, y
     def px(x):
         return x0 + (x1 - x0) * (math.log10(x) - lo_x) / max(hi_x - lo_x, 1e-9)
 
-    if ymax is None:
-        ys = [v for s in series for p in s["points"] for v in p[1:]]
-        ymin, ymax = min(ys), max(ys)
-        ymin, ymax = (ymin - 1, ymax + 1) if ymax == ymin else (ymin - 0.05 * (ymax - ymin), ymax + 0.05 * (ymax - ymin))
-    else:  # a fixed scale still shows every point: never clip data silently
-        ymin, ymax = 0.0, max([ymax] + [v for s in series for p in s["points"] for v in p[1:]])
+    ymin, ymax = y_range(series, ymax)
 
     def py(v):
         return y1 - (y1 - y0) * (max(ymin, min(v, ymax)) - ymin) / (ymax - ymin)
