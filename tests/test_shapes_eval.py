@@ -154,7 +154,6 @@ def test_sign_test_and_paired_interval():
     assert not bracketed([0.1, 1, 10], 10) and not bracketed([0.1, 1, 10], 0.1) and bracketed([0.1, 1, 10], 1)
 
 
-
 def test_figure_axis_never_clips_a_point():
     sys.path.insert(0, str(SCRIPT.parent))
     from eval_lib import y_range
@@ -164,6 +163,7 @@ def test_figure_axis_never_clips_a_point():
     assert y_range(series, 10.0) == (0.0, 11.0)  # the aesthetic head passes its nominal 10: raised, not clipped
     lo, hi = y_range(series, None)  # the data's range with a margin
     assert lo < 9.5 and 11.0 < hi < 11.2
+
 
 @pytest.mark.slow
 def test_quick_run_on_the_shapes_weights(tmp_path):
