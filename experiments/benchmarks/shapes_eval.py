@@ -16,7 +16,8 @@ chosen on validation and written to ``<exp>/val.json`` before any test item is s
 it. DOODL's configurations are compared at ``Plan.iters``; the chosen one's curve runs on to ``iters_max``
 and the iteration count is its best point. Methods on test: unguided (best-of-1), the official one-step
 baseline, best-of-N (N = 1 .. n_max, read from one search: N = 4, 16 and N at DOODL's UNet evaluations and
-at DOODL's seconds), DOODL-DDIM, and on a test subset DOODL-EDICT at the same steps, DOODL-DDIM with cutouts and DOODL-EDICT at the paper's 50 steps.
+at DOODL's seconds), DOODL-DDIM, and on a test subset DOODL-EDICT at the same steps, DOODL-DDIM with
+cutouts and DOODL-EDICT at the paper's 50 steps.
 
 1. ``vocab``: vocabulary expansion. The diffusion model only read "polygon"; the shapes classifier (guide)
    asks for a triangle / square / pentagon / hexagon. Evaluator: fine class, colour and size kept.
