@@ -189,6 +189,37 @@ def test_per_item_early_stopping_freezes_items_and_ends_fit(fit):
             assert same != bool(stepped[j]), f"step {k}, item {j}: {'stopped' if not stepped[j] else 'active'}, moved={not same}"
 
 
+class StopLowerItem(Callback):
+    """Before ``ItemEarlyStopping`` sees the first losses, set its ``stop_at`` between the two items' losses, so
+    exactly the lower item stops after step 0 whatever the tiny model's random weights make them."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        (stopper,) = [c for c in trainer.callbacks if type(c).__name__ == "ItemEarlyStopping"]
+        # after step 0 only: later the other item must stop on patience alone
+        stopper.stop_at = float(pl_module.last.total.detach().float().mean()) if trainer.global_step == 1 else None
+
+
+def test_per_item_early_stopping_patience_and_masked_update_fast(fit):
+    """The default-suite twin of the slow early-stopping test (2 items, a 2-step chain, at most 4 steps): item 0
+    or 1 (the lower first loss) stops at ``stop_at`` after step 0 and is bit-identical from then on while the other
+    moves; the other never improves by ``min_delta`` and stops on ``patience`` 2 after step 2, ending the fit at
+    global step 3 (a patience counted one late runs to 4)."""
+    cb = [{"class_path": "test_framework.StepRecorder"}, {"class_path": "test_framework.StopLowerItem"},
+          {"class_path": "callbacks.ItemEarlyStopping", "init_args": {"patience": 2, "min_delta": 1e9}}]
+    cli, _ = fit("s", steps=4, callbacks=cb, prompts=["a red circle"], seeds=[0, 1], extra=["--model.steps", "2"])
+    rec = recorder(cli)
+    first = rec.losses[0] < rec.losses[0].mean()  # the item StopLowerItem's threshold stops
+    assert first.sum() == 1, rec.losses[0]
+    assert cli.trainer.global_step == 3 and len(rec.stepped) == 3
+    assert rec.stepped[0].all() and all(torch.equal(s, ~first) for s in rec.stepped[1:])
+    assert not cli.model.active.any()
+    snapshots = rec.latents + [cli.model.latents.detach().clone()]  # before each step, and after the last
+    for k, stepped in enumerate(rec.stepped):
+        for j in range(len(stepped)):
+            same = torch.equal(snapshots[k + 1][j], snapshots[k][j])
+            assert same != bool(stepped[j]), f"step {k}, item {j}: {'stopped' if not stepped[j] else 'active'}, moved={not same}"
+
+
 def test_lightning_early_stopping_on_mean_loss_works(fit):
     cb = [{"class_path": "lightning.pytorch.callbacks.EarlyStopping",
            "init_args": {"monitor": "train/loss", "patience": 1, "min_delta": 1e9, "check_on_train_epoch_end": True}}]
