@@ -83,6 +83,9 @@ PARITY = {
                       dict(sampler="ddim", timestep_grid="model")),
     "controlnet-sdxl": ("controlnet-sdxl", "StableDiffusionXLControlNetPipeline", 4, 5.0, (16, 32),
                         dict(sampler="ddim", timestep_grid="model")),
+    # controlnet_scale is the pipeline's controlnet_conditioning_scale (the residuals' weight)
+    "controlnet-sd-scale": ("controlnet-sd", "StableDiffusionControlNetPipeline", 4, 5.0, (16, 32),
+                            dict(sampler="ddim", timestep_grid="model", controlnet_scale=0.4)),
 }
 
 
@@ -101,6 +104,8 @@ def test_unguided_chain_equals_the_diffusers_pipeline(models, case):
     pipe = getattr(diffusers, cls).from_pretrained(models[family])
     pipe.set_progress_bar_config(disable=True)
     extra = {"image": Image.open(models["control_image"])} if control else {}
+    if "controlnet_scale" in keys:
+        extra["controlnet_conditioning_scale"] = keys["controlnet_scale"]
     ref = pipe(PROMPT, latents=x.clone(), num_inference_steps=steps, guidance_scale=g, height=h, width=w,
                output_type="latent", **extra).images
     assert ours.shape == ref.shape == (1, 4, h // 2, w // 2)
@@ -109,6 +114,9 @@ def test_unguided_chain_equals_the_diffusers_pipeline(models, case):
     if control:  # the image matters: the ControlNet is really in the chain
         blank = m.backbone.denoiser(m._cond, m._uncond, g, control_image=torch.zeros(1, 3, h, w))
         assert (sample_ddim(blank, x, m.schedule) - ours).abs().max() > 1e-3
+        if "controlnet_scale" in keys:  # and its scale: at scale 1 the chain is another one (parity could not pass)
+            one = m.backbone.denoiser(m._cond, m._uncond, g, control_image=m._control([0]), control_scale=1.0)
+            assert (sample_ddim(one, x, m.schedule) - ours).abs().max() > 100 * 1e-5 * ref.abs().max()
 
 
 def test_lcm_chain_equals_the_diffusers_pipeline_given_its_noise(models):
