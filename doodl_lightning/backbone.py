@@ -1,7 +1,9 @@
 """The frozen text-to-image model: UNet, VAE, text encoder, tokenizer and noise schedule."""
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import math
 import os
 from contextlib import contextmanager
@@ -39,6 +41,110 @@ def _naming_bad_weights(files: list[Path]):
                 raise ValueError(f"model weights file {f} is {problem}: re-download or re-save the model "
                                  "(a pickle from a trusted source: convert it to .safetensors)") from None
         raise
+
+
+# the loggers through which diffusers and transformers report weights a file lacks or has in excess
+_LOADING_LOGGERS = ("diffusers.models.modeling_utils", "transformers.modeling_utils")
+
+
+class _HeldRecords(logging.Filter):
+    """Holds every record of a logger back (``records``), to be printed or dropped once the load is judged."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    """The weight files a library reads in ``folder`` (its .safetensors; the others only when it has none)."""
+    files = sorted(f for f in folder.glob("*") if f.suffix in _WEIGHT_SUFFIXES) if folder.is_dir() else []
+    safe = [f for f in files if f.suffix == ".safetensors"]
+    return safe or files
+
+
+def _common_prefix(keys: list[str]) -> str:
+    """The leading dotted components every key shares ('' for none), e.g. ``model.diffusion_model.``."""
+    parts = [k.split(".") for k in keys]
+    prefix = []
+    for level in zip(*(p[:-1] for p in parts)):
+        if len(set(level)) != 1:
+            break
+        prefix.append(level[0])
+    return ".".join(prefix) + "." if prefix else ""
+
+
+def _missing_weights_problem(cls, path: str, info: dict) -> str | None:
+    """One line when a component was built with weights its file lacks (the library initialises them at random:
+    a run would optimise against noise, loss NaN, and exit 0), naming the file, the keys and the fix."""
+    missing = sorted(info.get("missing_keys") or [])
+    if not missing:
+        return None
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    files = _weights_files(Path(path))
+    where = ", ".join(map(str, files)) if files else path
+    line = (f"model weights file {where} does not fit {cls.__name__}: {len(missing)} of the model's weights are not "
+            f"in the file (e.g. {missing[0]})")
+    if unexpected:
+        prefix, wanted = _common_prefix(unexpected), set(missing)
+        line += f"; the file has {len(unexpected)} keys the model does not use (e.g. {unexpected[0]})"
+        if prefix and any(k[len(prefix):] in wanted for k in unexpected):
+            line += (f", all under the prefix {prefix!r} (an original-layout checkpoint, not diffusers'): convert it "
+                     "to the diffusers layout, or give the original file itself as model: FILE with model_config: DIR")
+            return line
+    return line + ": re-save the model with save_pretrained or re-download it (a weights file of another model or " \
+                  "version does not fit this config)"
+
+
+@contextmanager
+def _complete_weights():
+    """Refuse (one ``ValueError``) a model any of whose components got weights its file lacks.
+
+    diffusers and transformers initialise such weights at random and only log a warning, so a file whose keys
+    carry another prefix (``model.diffusion_model.``, as original-layout checkpoints have) ran to exit 0 with a
+    NaN loss. Their ``from_pretrained`` reports the keys with ``output_loading_info=True``; the pipeline loaders
+    call it without, so for the load it is asked for here (the two base classes' method, restored after), and
+    the libraries' own warnings are held back: printed when the load is accepted, replaced by the one line when
+    it is refused. Keys in the file that the model does not use, with none missing, are accepted (every weight
+    came from the file), with the libraries' warning."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    problems: list[str] = []
+    originals = {owner: owner.__dict__["from_pretrained"] for owner in (ModelMixin, PreTrainedModel)}
+
+    def reporting(func):
+        @functools.wraps(func)
+        def from_pretrained(cls, path, *args, **kwargs):
+            if kwargs.get("output_loading_info"):
+                return func(cls, path, *args, **kwargs)
+            model, info = func(cls, path, *args, output_loading_info=True, **kwargs)
+            problem = _missing_weights_problem(cls, str(path), info)
+            if problem:
+                problems.append(problem)
+            return model
+        return classmethod(from_pretrained)
+
+    held = _HeldRecords()
+    loggers = [logging.getLogger(name) for name in _LOADING_LOGGERS]
+    for owner, original in originals.items():
+        owner.from_pretrained = reporting(original.__func__)
+    for logger in loggers:
+        logger.addFilter(held)
+    try:
+        yield
+    finally:
+        for owner, original in originals.items():
+            owner.from_pretrained = original
+        for logger in loggers:
+            logger.removeFilter(held)
+    if problems:
+        raise ValueError(problems[0])
+    for record in held.records:
+        logging.getLogger(record.name).handle(record)
 
 
 # model_index.json's pipeline class -> the family it is (SD3 / FLUX, rectified-flow transformers, are served by
@@ -118,8 +224,17 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
             raise ValueError(f"{model} is a single file: also give model_config, a local diffusers directory "
                              "with the model's configs (model_index.json, unet/config.json, ...)")
         cls = _pipeline_class(_pipeline_class_name(Path(os.path.expanduser(config))))
-        with _naming_bad_weights([path]):
-            return cls.from_single_file(str(path), config=config, local_files_only=True, **_pipeline_kwargs(cls), **extra)
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+        try:
+            with _naming_bad_weights([path]):
+                return cls.from_single_file(str(path), config=config, local_files_only=True, **_pipeline_kwargs(cls),
+                                            **extra)
+        except SingleFileComponentError as e:  # a multi-line advice about the Python API, without the file
+            first = str(e.message).strip().splitlines()[0].rstrip(".")
+            raise ValueError(f"model weights file {path} does not fit {cls.__name__}: {first} (its keys are not those "
+                             f"of an original-layout {cls.__name__} checkpoint): give the model's own single file, or "
+                             "its diffusers directory as model: DIR") from None
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelNotFoundError(f"{model} is a directory without model_index.json: "
@@ -128,19 +243,20 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
         # diffusers reads a component's other weight files only when it has no .safetensors: blame only those
         weights = sorted(f for f in path.rglob("*") if f.suffix in _WEIGHT_SUFFIXES)
         used = [f for f in weights if f.suffix == ".safetensors" or not list(f.parent.glob("*.safetensors"))]
-        with _naming_bad_weights(used):
+        with _naming_bad_weights(used), _complete_weights():
             return cls.from_pretrained(str(path), local_files_only=True, **_pipeline_kwargs(cls), **extra)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"model {model!r} not found: no such file or directory (and not a hub id 'org/name')")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only
-    try:
-        return DiffusionPipeline.from_pretrained(model, local_files_only=offline, safety_checker=None,
-                                                 requires_safety_checker=False, **extra)
-    except (OSError, ValueError) as e:  # hub unreachable or not in the local cache
-        raise ModelNotFoundError(
-            f"could not load hub model {model!r} ({type(e).__name__}); on a machine with internet run "
-            f"`huggingface-cli download {model} --local-dir DIR` and pass model: DIR"
-        ) from None
+    with _complete_weights():  # outside the try: its own refusal is not a missing hub model
+        try:
+            return DiffusionPipeline.from_pretrained(model, local_files_only=offline, safety_checker=None,
+                                                     requires_safety_checker=False, **extra)
+        except (OSError, ValueError) as e:  # hub unreachable or not in the local cache
+            raise ModelNotFoundError(
+                f"could not load hub model {model!r} ({type(e).__name__}); on a machine with internet run "
+                f"`huggingface-cli download {model} --local-dir DIR` and pass model: DIR"
+            ) from None
 
 
 def load_controlnet(path: str):
@@ -153,15 +269,16 @@ def load_controlnet(path: str):
             raise ModelNotFoundError(f"controlnet {path} is a directory without config.json: give a diffusers "
                                      "ControlNetModel directory (save_pretrained output)")
         weights = sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
-        with _naming_bad_weights(weights):
+        with _naming_bad_weights(weights), _complete_weights():
             return ControlNetModel.from_pretrained(str(p), local_files_only=True)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise ModelNotFoundError(f"controlnet {path!r} not found: no such directory (and not a hub id 'org/name')")
-    try:
-        return ControlNetModel.from_pretrained(path, local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"))
-    except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"could not load hub controlnet {path!r} ({type(e).__name__}); on a machine with "
-                                 f"internet run `huggingface-cli download {path} --local-dir DIR` and pass DIR") from None
+    with _complete_weights():  # outside the try: its own refusal is not a missing hub model
+        try:
+            return ControlNetModel.from_pretrained(path, local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"))
+        except (OSError, ValueError) as e:
+            raise ModelNotFoundError(f"could not load hub controlnet {path!r} ({type(e).__name__}); on a machine with "
+                                     f"internet run `huggingface-cli download {path} --local-dir DIR` and pass DIR") from None
 
 
 def check_controlnet(controlnet, unet, vae_scale_factor: int) -> None:
@@ -438,7 +555,8 @@ class PretrainedBackbone(Backbone):
             if not Path(os.path.expanduser(vae)).is_dir():
                 raise ModelNotFoundError(f"vae {vae} is not a directory: give an AutoencoderKL directory "
                                          "(config.json + diffusion_pytorch_model.safetensors)")
-            autoencoder = AutoencoderKL.from_pretrained(os.path.expanduser(vae), local_files_only=True)
+            with _complete_weights():
+                autoencoder = AutoencoderKL.from_pretrained(os.path.expanduser(vae), local_files_only=True)
         super().__init__(pipe.unet, autoencoder, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
                          text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
                          controlnet=net,
