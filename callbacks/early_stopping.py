@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import Callback
 
+from doodl_lightning.checks import check_finite
+
 
 class ItemEarlyStopping(Callback):
     """Stop optimising an item after ``patience`` steps without a ``min_delta`` improvement of its
@@ -13,6 +15,7 @@ class ItemEarlyStopping(Callback):
     """
 
     def __init__(self, patience: int = 10, min_delta: float = 0.0, stop_at: float | None = None):
+        check_finite(min_delta=min_delta, stop_at=stop_at)
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
         self.patience, self.min_delta, self.stop_at = patience, min_delta, stop_at

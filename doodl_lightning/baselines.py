@@ -6,6 +6,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from .checks import check_finite
 from .objective import Evaluation, concat_evaluations, evaluate
 from .sampling import GuidedEps, OneStepGradient, sample_ddim, sample_edict
 
@@ -28,6 +29,7 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"unknown estimate {estimate!r}; choose one of {', '.join(ESTIMATES)}")
+    check_finite(grad_scale=grad_scale)
     if grad_scale < 0:
         raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
     if doodl.hparams.sampler not in ("ddim", "edict"):

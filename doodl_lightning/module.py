@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from .backbone import Backbone, resolve_backbone
+from .checks import check_finite
 from .conditioning import Conditioning
 from .data import Item, make_items, shard, step_generator, unshard
 from .guidance.base import Guidance
@@ -108,6 +109,7 @@ class DOODL(LightningModule):
             raise ValueError("give resolution (a square) or height and width, not both")
         check_mix_weight(mix_weight)
         check_guidance_scale(guidance_scale)
+        check_finite(controlnet_scale=controlnet_scale, drift_tolerance=drift_tolerance)
         check_update(grad_scale, clip_grad_val, momentum, perturb_grad_scale)
         check_alternative_update(update_rule, lr, max_grad_norm)
         if micro_batch is not None and micro_batch < 1:

@@ -4,6 +4,7 @@ Plain torch (no Lightning), so the LightningModule and the benchmarks run exactl
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -128,6 +129,22 @@ def check_guidance(guidance, metrics=None, renormalize: bool = False) -> None:
         if getattr(m, "needs_latents", False):
             raise ValueError(f"metric {m.name} scores latents; metrics are measured on the images: "
                              f"move it to model.guidance")
+    check_weights(guidance)
+
+
+def check_weights(guidance) -> None:
+    """The guidance weights (each already a finite number, ``Guidance.__init__``): a loss of weight 0 alone (or with
+    only regularisers beside it) optimises nothing and ran to exit 0 with best loss 0.0, so it is refused; a
+    negative weight steers AWAY from that term's target (the optimiser maximises its loss), which is allowed, as
+    negative prompts are, but said once as a warning, since a minus sign is an easy slip."""
+    rewards = [g for g in guidance if not getattr(g, "regularizer", False)]
+    if rewards and all(g.weight == 0 for g in rewards):
+        raise ValueError(f"every guidance term has weight 0 ({', '.join(g.name for g in rewards)}): nothing to "
+                         f"optimise; give the term a non-zero weight (e.g. weight: 1.0)")
+    for g in guidance:
+        if g.weight < 0:
+            warnings.warn(f"guidance {g.name} has weight {g.weight:g} < 0: it steers AWAY from its target (the "
+                          f"optimisation maximises its loss); give a positive weight to steer toward it", stacklevel=2)
 
 
 def weighted_guidance(guidance, prompts: list[str], generators: list[torch.Generator]) -> LossFn:

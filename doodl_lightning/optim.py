@@ -6,9 +6,13 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_finite
+
 
 def check_update(grad_scale: float, clip_grad_val: float | None, momentum: float, perturb_grad_scale: float) -> None:
     """One-line errors for the update's settings, raised before any model is loaded."""
+    check_finite(grad_scale=grad_scale, clip_grad_val=clip_grad_val, momentum=momentum,
+                 perturb_grad_scale=perturb_grad_scale)
     if grad_scale <= 0:
         raise ValueError(f"grad_scale must be > 0 (it multiplies the loss), got {grad_scale}")
     if clip_grad_val is not None and clip_grad_val <= 0:
@@ -135,6 +139,7 @@ def check_alternative_update(update_rule: str, lr: float, max_grad_norm: float |
     """One-line errors for ``update_rule`` and the settings of the non-official updates."""
     if update_rule not in UPDATES:
         raise ValueError(f"unknown update_rule {update_rule!r}; choose one of {', '.join(UPDATES)}")
+    check_finite(lr=lr, max_grad_norm=max_grad_norm)
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     if max_grad_norm is not None and max_grad_norm <= 0:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .clip import CLIPGuidance
 from .loading import load_into, load_state_dict_file
+from ..checks import check_finite
 from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["AestheticGuidance", "load_aesthetic_head"]
@@ -73,6 +74,7 @@ class AestheticGuidance(CLIPGuidance):
                  weight: float = 1.0, name: str | None = None):
         if not head:
             raise ValueError("AestheticGuidance needs head: a local LAION aesthetic predictor file (.pth/.safetensors)")
+        check_finite(target=target)
         head_module = load_aesthetic_head(head)  # checked before the (larger) CLIP model is loaded
         super().__init__(model_name, pretrained, model_config, num_cuts, cut_power, weight, name)  # image tower only
         self.head = head_module

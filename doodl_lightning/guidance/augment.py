@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import default_generators
+from ..checks import check_finite
 from ..precision import at_least_float32
 
 __all__ = ["Cutouts", "resize", "normalize"]
@@ -46,6 +47,7 @@ class Cutouts(nn.Module):
 
     def __init__(self, cut_size: int, num_cuts: int = 16, cut_power: float = 0.3):
         super().__init__()
+        check_finite(cut_power=cut_power)
         if cut_size < 1 or num_cuts < 0:
             raise ValueError(f"Cutouts needs cut_size >= 1 and num_cuts >= 0, got {cut_size=} {num_cuts=}")
         self.cut_size = int(cut_size)

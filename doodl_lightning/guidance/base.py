@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import precision
+from ..checks import check_finite
 from ..frozen import leave_out_of_checkpoints
 
 __all__ = ["Guidance", "default_generators", "per_prompt", "DEFAULT_SEED"]
@@ -58,8 +59,9 @@ class Guidance(nn.Module, metaclass=ABCMeta):
 
     def __init__(self, weight: float = 1.0, name: str | None = None):
         super().__init__()
-        self.weight = float(weight)
         self.name = name or self.default_name
+        check_finite(**{f"{self.name}: weight": weight})  # before any model loads
+        self.weight = float(weight)
         leave_out_of_checkpoints(self)
 
     def freeze(self) -> "Guidance":

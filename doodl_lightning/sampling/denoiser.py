@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..checks import check_finite
 from ..conditioning import Conditioning
 from ..precision import module_dtype
 
@@ -14,6 +15,7 @@ Eps = Callable[[Tensor, int], Tensor]  # eps(x_t, t): what every sampler calls; 
 
 
 def check_guidance_scale(guidance_scale: float) -> None:
+    check_finite(guidance_scale=guidance_scale)
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must be >= 0 (1 = conditional only, 0 = unconditional only), got {guidance_scale}")
 

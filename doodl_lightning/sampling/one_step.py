@@ -46,6 +46,7 @@ class OneStepGradient:
     """
 
     def __init__(self, eps_uncond: Eps, loss_fn: Callable[[Tensor], Tensor], schedule: Schedule, grad_scale: float):
+        check_finite(grad_scale=grad_scale)
         if grad_scale < 0:
             raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
         self.eps_uncond, self.loss_fn, self.grad_scale = eps_uncond, loss_fn, float(grad_scale)
