@@ -22,10 +22,14 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     - ``one_step`` (``one_step_baseline=True``): the loss of the one-step x0 estimate from the
       UNCONDITIONAL eps (``OneStepGradient``);
     - ``chain``: 0.5 x the gradient through the rest of the chain from (x_t, x_t), both EDICT images
-      scored (official ``cond_fn``).
+      scored (official ``cond_fn``). Its chain is EDICT whatever the sampler: with ``sampler: ddim`` (the
+      official ``single_variable=True``) only the sampling is DDIM; ``get_generic_cond_fn`` builds its own
+      stepping layer without ``single_variable``, so the gradient still goes through EDICT.
 
     The module's sampler, steps, grid, CFG scale and guidance are used; ``Evaluation.images`` are the
     first latent's images. Cutouts are fresh at every guidance call (one generator stream per call).
+    The sampling starts at x_T and guides every step: ``opt_t`` and ``source_image`` are refused (see the
+    fidelity narrative, "Baselines").
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"unknown estimate {estimate!r}; choose one of {', '.join(ESTIMATES)}")
@@ -35,6 +39,14 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     if doodl.hparams.sampler not in ("ddim", "edict"):
         raise ValueError(f"guided sampling (the official baselines) guides eps on the DDIM / EDICT chains; sampler "
                          f"{doodl.hparams.sampler!r} has no such baseline here: use sampler ddim or edict")
+    if doodl.start.opt_t is not None:
+        # the official baseline reads opt_t only when editing; ours would guide a tail the user did not ask for
+        raise ValueError("guided sampling guides every step from x_T (the official baseline ignores opt_t without a "
+                         "source image): drop opt_t for the baselines")
+    if doodl.start.source_image is not None:
+        raise ValueError("guided sampling does not edit a source_image (the official baseline's inversion skips "
+                         "EDICT's mixing inverse, so even unguided it does not give the source back): drop "
+                         "source_image for the baselines, or optimise the edit with fit")
     if not doodl.local_items or not hasattr(doodl, "_cond"):
         raise RuntimeError("guided_sampling needs a prepared module: call doodl.prepare(device) first")
     latent = next((g for g in doodl.guidance if getattr(g, "needs_latents", False)), None)
@@ -63,16 +75,18 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
 
 
 def _chain_gradient(doodl, idx: list[int], loss_fn, grad_scale: float):
-    """(x_t, t) -> 0.5 d(grad_scale * S)/dx_t through the rest of the chain from (x_t, x_t) (official cond_fn)."""
+    """(x_t, t) -> 0.5 d(grad_scale * S)/dx_t, S = the loss of both images of the EDICT chain from (x_t, x_t)
+    over the rest of the grid (official ``cond_fn`` of ``get_generic_cond_fn``): EDICT for either sampler."""
     hp = doodl.hparams
     index = {t: i for i, t in enumerate(doodl.schedule.timesteps)}
 
     def grad(x: Tensor, t: int) -> Tensor:
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
+            # y = x: the pair (x_t, x_t) shares one leaf, so leaf.grad is the sum of both latents' gradients
             evaluate(doodl.denoiser(idx), leaf, doodl.schedule.tail(index[int(t)]), doodl.backbone.decode, loss_fn(),
-                     sampler=hp.sampler, backprop=hp.backprop, mix_weight=hp.mix_weight,
-                     y=leaf if hp.sampler == "edict" else None, drift_tolerance=hp.drift_tolerance, backward=True)
+                     sampler="edict", backprop=hp.backprop, mix_weight=hp.mix_weight, y=leaf,
+                     drift_tolerance=hp.drift_tolerance, backward=True)
         return 0.5 * grad_scale * leaf.grad
 
     return grad

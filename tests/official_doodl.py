@@ -229,6 +229,61 @@ class Official:
             return self.decode(pair[:1])
 
 
+# == issue 25 §1: the baselines' other branches (latent_traversal=False) ===================================
+# ``single_variable=True`` (DDIM sampling) and the editing branch (``source_im``, with its ``opt_t``).
+
+def stepping_single_variable(off: Official, t: int, latent_pair, clip_cond_fn=None):
+    """SteppingLayer.forward with ``single_variable=True`` (doodl.py l. 76-79, 119-121): both latent
+    indices are forced to 0, so the first pass is one DDIM step of latent 0 with eps (and guidance) from
+    itself; its output is that latent twice, and the loop is left before the second pass."""
+    latent_model_input = latent_pair[0:1]
+    latent_base = latent_pair[0:1]
+    tt = torch.tensor(t, dtype=torch.float64)
+    noise_pred_uncond = off.unet(latent_model_input, tt, encoder_hidden_states=off.e_uc).sample
+    noise_pred_cond = off.unet(latent_model_input, tt, encoder_hidden_states=off.e_c).sample
+    noise_pred = noise_pred_uncond + off.guidance_scale * (noise_pred_cond - noise_pred_uncond)
+    if clip_cond_fn is not None:  # l. 100-105, as in the coupled step
+        clip_grad = clip_cond_fn(latent_model_input, t)
+        _, beta_prod_t = get_alpha_and_beta(t, off.scheduler)
+        noise_pred = noise_pred - beta_prod_t**0.5 * clip_grad
+    new_latent = forward_step(off.scheduler, noise_pred, t, latent_base)
+    return torch.cat([new_latent, new_latent])
+
+
+def guided_sample_single_variable(off: Official, loss_fn: Callable, latent, one_step_baseline: bool):
+    """gen(latent_traversal=False, single_variable=True) without editing (l. 986-1054): the mixing layer
+    is ``torch.nn.Identity`` (l. 809-810) and the steps are ``stepping_single_variable``. The
+    conditioning function is the SAME ``get_generic_cond_fn`` (l. 791-799), whose internal stepping
+    layer is built without ``single_variable`` (l. 433-438): the chain estimate still differentiates
+    through EDICT from [l, l], both images scored, x (-0.5) (``Official.cond_fn``)."""
+    with torch.no_grad():
+        pair = torch.cat([latent.clone(), latent.clone()])
+        cond = off.cond_fn(loss_fn, one_step_baseline)
+        for t in off.scheduler.timesteps:
+            pair = stepping_single_variable(off, t, pair, clip_cond_fn=cond)  # then mix = Identity
+        return off.decode(pair[:1])
+
+
+def baseline_edit(off: Official, init_latent, opt_t=None):
+    """gen(latent_traversal=False, source_im=..., single_variable=False) without guidance (l. 1008-1051):
+    ``opt_t`` DROPS the first opt_t steps (``timesteps[opt_t:]``, l. 1009-1010; the traversal branch keeps
+    the last opt_t instead), and the inversion calls the stepping layer's inverse only: the mixing
+    layer's inverse is commented out (l. 1029), while the forward loop after it mixes (l. 1049-1050).
+    The stepping layer keeps ``num_timesteps=steps`` for its reverse order (l. 996-1001). Returns the
+    decoded first image."""
+    timesteps = off.scheduler.timesteps
+    if opt_t is not None:
+        timesteps = timesteps[opt_t:]
+    with torch.no_grad():
+        latent_pair = init_latent.repeat(2, 1, 1, 1)
+        for i, t in enumerate(timesteps[::-1]):
+            latent_pair = off.stepping(i, t, latent_pair, reverse=True)
+        return off.decode(off.run(latent_pair, timesteps)[:1])
+
+
+# == end of issue 25 §1 ======================================================================================
+
+
 def mirror_loss_fn(grad_scale: float):
     """doodl.py l. 322-337 (horizontal)."""
     return lambda im_pix: grad_scale * F.mse_loss(im_pix, im_pix.flip(-1))

@@ -20,6 +20,7 @@ from doodl_lightning.baselines import guided_sampling
 from doodl_lightning.data import step_generator
 from doodl_lightning.sampling import Schedule, sample_ddim, sample_edict
 from official_doodl import Official, OfficialScheduler, relative, mirror_loss_fn
+from official_doodl import baseline_edit, guided_sample_single_variable
 from doodl_lightning.testing.tiny import save_tiny_pipeline, sd_scheduler
 
 TOL = 1e-8
@@ -247,3 +248,40 @@ def test_guided_sampling_baselines_match_official(world, one_step_baseline):
         plain = off.guided_sample(mirror_loss_fn(0.0), x_T(item, m), one_step_baseline)
         assert relative(ev.images[j:j + 1], ref) < TOL
         assert relative(ref, plain) > 1e-6  # the guidance did something
+
+
+# -- issue 25 §1: the baselines on DDIM (single_variable), and the combinations they refuse -----------------
+
+@pytest.mark.parametrize("one_step_baseline", [True, False])
+def test_guided_sampling_on_ddim_matches_official_single_variable(world, one_step_baseline):
+    """``sampler: ddim`` is the official ``single_variable=True``: DDIM sampling, but the chain estimate still
+    differentiates through EDICT from (x_t, x_t), both images scored (not through the DDIM chain)."""
+    tmp, pipe = world
+    m = prepared(tmp, f"guided_ddim{one_step_baseline}", pipe, sampler="ddim", steps=4 if one_step_baseline else 2)
+    ev = guided_sampling(m, grad_scale=30.0, estimate="one_step" if one_step_baseline else "chain")
+    for j, item in enumerate(m.local_items):
+        off = official_for(m, item)
+        ref = guided_sample_single_variable(off, mirror_loss_fn(30.0), x_T(item, m), one_step_baseline)
+        plain = guided_sample_single_variable(off, mirror_loss_fn(0.0), x_T(item, m), one_step_baseline)
+        assert relative(ev.images[j:j + 1], ref) < TOL
+        assert relative(ref, plain) > 1e-6  # the guidance did something
+
+
+def test_guided_sampling_refuses_opt_t_and_source_image(world):
+    """The official baseline ignores opt_t without a source image, and its editing branch does not invert
+    its own sampler (no mixing inverse): both are refused, and the latter is shown here on the transcription."""
+    tmp, pipe = world
+    m = prepared(tmp, "guided_opt_t", pipe, opt_t=2)
+    with pytest.raises(ValueError, match="opt_t"):
+        guided_sampling(m, grad_scale=1.0)
+    m = prepared(tmp, "guided_edit", pipe, source_image=str(tmp / "source.png"))
+    with pytest.raises(ValueError, match="source_image"):
+        guided_sampling(m, grad_scale=1.0)
+    off = official_for(m, m.local_items[0])
+    z0 = m.backbone.encode_images(torch.zeros(1, 3, *m.image_size, dtype=torch.float64))  # a grey image's latent
+    source = off.decode(z0)
+    with torch.no_grad():  # EDICT's own inverse (mixing inverse included) gives the source back, unguided
+        exact = off.decode(off.run(off.invert(z0), off.scheduler.timesteps)[:1])
+    assert relative(exact, source) < TOL
+    for opt_t in (None, 1):  # the official baseline's branch does not, with or without its opt_t
+        assert relative(baseline_edit(off, z0, opt_t), source) > 1e-2, opt_t
