@@ -141,46 +141,72 @@ class StopOnSignal(Callback):
     ``results.jsonl`` and ``last.ckpt`` (with a ModelCheckpoint that has ``save_last``) are written, then
     ``cli.py`` exits 128 + the signal (143, 130). A second Ctrl-C abandons the step at once (exit 130; the
     previous step's outputs and checkpoint stay). Several processes keep Lightning's SIGTERM handling: each
-    stops at the end of its step without the final evaluation (the README says so)."""
+    stops at the end of its step without the final evaluation (the README says so).
+
+    The handlers only set ``trainer.should_stop``, which Lightning reads before each step: a signal at any
+    moment of a step, or between two steps, ends the run with the outputs of the last finished step. (Lightning's
+    own handler set a flag that it turns into an exit without outputs at the end of every step; a flag read
+    in ``on_train_batch_end`` missed the signals that arrived after that hook.) Must be the FIRST callback:
+    its ``on_train_end`` saves the stopped step's ``last.ckpt`` before the final evaluation changes the other
+    callbacks' state."""
 
     def __init__(self):
         self.signal: int | None = None
-        self.steps = 0  # steps finished by this process
-        self._previous_sigint = None
+        self.steps = 0  # steps finished by this process (every callback of the step done)
+        self._trainer = None
+        self._first_step = 0
+        self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Lightning's SIGTERM handler only raises a flag; Ctrl-C raises KeyboardInterrupt wherever it lands
-        # (once it hung a minute in Lightning's shutdown), so a first Ctrl-C becomes a flag too
+        self._first_step = trainer.global_step
+        # Lightning's SIGTERM handler raises a flag that becomes an exit without outputs; Ctrl-C raises
+        # KeyboardInterrupt wherever it lands (once it hung a minute in Lightning's shutdown): both become ours
         if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            self._trainer = trainer
+            for signum, handler in ((signal.SIGINT, self._on_sigint), (signal.SIGTERM, self._on_sigterm)):
+                self._previous[signum] = signal.signal(signum, handler)
+            if trainer.received_sigterm:  # arrived after Lightning's handler was set, before ours
+                trainer._signal_connector.received_sigterm = False
+                self._stop(signal.SIGTERM)
+
+    def _stop(self, signum: int) -> None:
+        self.signal = signum
+        self._trainer.should_stop = True  # read by Lightning's loops before the next step
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.signal is None:
+            os.write(2, b"\nSIGTERM: stopping after this step, then writing the final outputs\n")
+            self._stop(signal.SIGTERM)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.signal == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: abandon the step
-        self.signal = signal.SIGINT
+        self._stop(signal.SIGINT)
         os.write(2, b"\nCtrl-C: stopping after this step, then writing the final outputs (Ctrl-C again to abandon the step)\n")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps += 1
-        if trainer.world_size > 1:
-            return
-        if self.signal is None and trainer.received_sigterm:
-            self.signal = signal.SIGTERM
-            print(f"\nSIGTERM: stopped after step {trainer.global_step}, writing the final outputs", file=sys.stderr,
-                  flush=True)
+    def _finished_steps(self, trainer) -> None:
+        self.steps = trainer.global_step - self._first_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._finished_steps(trainer)  # the steps before this one
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._finished_steps(trainer)  # an epoch is one step: every callback of it has run
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._finished_steps(trainer)
         if self.signal is None:
             return
-        # Lightning would now raise SystemExit without a code: exit 0, no final evaluation, no contact sheet
-        trainer._signal_connector.received_sigterm = False
-        trainer.should_stop = True
-        for cb in trainer.checkpoint_callbacks:  # this step's last.ckpt, when its schedule skipped this step
+        print(f"\n{signal.Signals(self.signal).name}: stopped after step {trainer.global_step}, writing the final "
+              "outputs", file=sys.stderr, flush=True)
+        for cb in trainer.checkpoint_callbacks:  # the stopped step's last.ckpt, when its schedule skipped that step
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_global_step_saved != trainer.global_step:
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 class DOODLCLI(LightningCLI):
@@ -229,7 +255,7 @@ class DOODLCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         self.stop_on_signal = StopOnSignal()
-        trainer.callbacks.append(self.stop_on_signal)  # after ModelCheckpoint: it saves this step's last.ckpt first
+        trainer.callbacks.insert(0, self.stop_on_signal)  # first: see StopOnSignal
         return trainer
 
     def before_fit(self) -> None:

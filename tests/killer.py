@@ -27,3 +27,32 @@ class KillAfter(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.mid_step:
             self._send(trainer)
+
+
+class KillAt(Callback):
+    """Send ``signal`` to this process from the Lightning hook ``hook`` once ``step`` steps have finished, to land
+    at a chosen moment between two steps: ``on_train_epoch_end`` (each epoch is one step here) comes after every
+    callback of step ``step`` has written its outputs, ``on_train_epoch_start`` before step ``step + 1`` begins."""
+
+    HOOKS = ("on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end")
+
+    def __init__(self, step: int, hook: str, signal: str = "SIGTERM"):
+        if hook not in self.HOOKS:
+            raise ValueError(f"hook must be one of {self.HOOKS}, got {hook}")
+        self.step, self.hook, self.signum = step, hook, getattr(signals, signal)
+
+    def _send(self, trainer, hook: str) -> None:
+        if hook == self.hook and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._send(trainer, "on_train_epoch_start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._send(trainer, "on_train_batch_start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._send(trainer, "on_train_batch_end")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._send(trainer, "on_train_epoch_end")
