@@ -22,6 +22,11 @@ from .sampling import Schedule, check_guidance_scale, check_mix_weight, check_sa
 from .start import ChainStart
 
 
+class NonFiniteLoss(ValueError):
+    """A loss or gradient turned NaN / infinite: the run stops (``DOODL._refuse_non_finite``); ``cli.py`` prints the
+    one line and exits 2, as for bad input (a ValueError, since the cause is almost always a setting or a model)."""
+
+
 def default_model() -> str:
     """The shipped shapes-world model directory (the README's CPU default)."""
     from .shapes import ShapesWeights  # the one thing the core takes from the shapes world
@@ -323,6 +328,7 @@ class DOODL(LightningModule):
         opt.zero_grad(set_to_none=True)
         ev = self.evaluate_items(backward=True)
         grad = self.latents.grad
+        self._refuse_non_finite(ev, grad)  # before the update: the latents stay the last ones with a finite loss
         self.stepped = self.active.clone()
         with amp_unscale_cancelled(grad, getattr(self.trainer.precision_plugin, "scaler", None)):
             masked_step(opt, self.latents, self.stepped)
@@ -336,8 +342,42 @@ class DOODL(LightningModule):
         """Evaluate the final latents once (no gradient); cached until the next step."""
         if self._final is None or self._final[0] != self.global_step:
             with torch.no_grad():
-                self._final = (self.global_step, self.evaluate_items(backward=False))
+                ev = self.evaluate_items(backward=False)
+            self._refuse_non_finite(ev, final=True)
+            self._final = (self.global_step, ev)
         return self._final[1]
+
+    def _refuse_non_finite(self, ev: Evaluation, grad: Tensor | None = None, final: bool = False) -> None:
+        """A NaN or infinite loss (or gradient) ends the run with ``NonFiniteLoss``, one line naming the step and the
+        item, before the update it would poison. Without it such a run went on to exit 0 with an ``initial_loss``
+        NaN, a ``best_loss`` inf and images of nothing. The outputs of the steps before stay as they were written
+        (results.jsonl and the best images: the best finite iteration). A collective under several processes, so
+        every rank stops at once (one rank stopping alone would leave the others waiting in a gather)."""
+        bad = ~torch.isfinite(ev.total.detach())
+        if grad is not None:
+            bad |= ~torch.isfinite(grad.detach().flatten(1)).all(dim=1)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        anywhere = bool(bad.any()) if world == 1 else self.trainer.strategy.reduce_boolean_decision(bool(bad.any()),
+                                                                                                     all=False)
+        if not anywhere:
+            return
+        if bad.any():
+            j = int(bad.nonzero()[0, 0])
+            item = self.local_items[j]
+            what = "loss" if not torch.isfinite(ev.total[j]) else "gradient"
+            value = float(ev.total[j]) if what == "loss" else "not finite"
+            who = f"item {item.index} ({self.item_names[item.index]}): its {what} is {value}"
+        else:
+            who = "an item of another process has a loss or gradient that is not finite"
+        if final:
+            raise NonFiniteLoss(f"after the last step ({self.global_step}) {who}; results.jsonl and the best images "
+                                f"hold the last finite iteration: lower grad_scale or clip_grad_val, or stop earlier")
+        if self.global_step == 0 and not self._restored:
+            raise NonFiniteLoss(f"before any update, {who}: the model or a guidance term computes NaN/inf on these "
+                                f"images (check the model's weights and the guidance settings); nothing was optimised")
+        raise NonFiniteLoss(f"step {self.global_step}: {who}; stopped before updating (results.jsonl and the best "
+                            f"images hold the iterations before it): lower grad_scale or clip_grad_val, or check the "
+                            f"guidance terms")
 
     # -- logging -----------------------------------------------------------------------------------
     def gather_items(self, values: Tensor) -> Tensor:

@@ -285,3 +285,23 @@ def test_guided_sampling_refuses_opt_t_and_source_image(world):
     assert relative(exact, source) < TOL
     for opt_t in (None, 1):  # the official baseline's branch does not, with or without its opt_t
         assert relative(baseline_edit(off, z0, opt_t), source) > 1e-2, opt_t
+
+
+def test_official_result_image_is_one_update_behind_our_final(world):
+    """The official loop decodes and saves x's image BEFORE each update (doodl.py l. 913-926), so its last
+    saved image is the latents after max_steps - 1 updates: our last step's evaluation (``module.last``, the
+    ImageLogger's step max_steps - 1). Our final evaluation is the latents after all max_steps updates."""
+    tmp, pipe = world
+    kw = dict(grad_scale=4.0, clip_grad_val=2e-3, perturb_grad_scale=1e-3)
+    m = main(["fit", "--config", config(tmp, "result_image", pipe, max_steps=2, **kw)]).model
+    last, final = m.last.images, m.final_evaluation().images
+    official_kw = {k: v for k, v in kw.items() if k != "grad_scale"}
+    for j, item in enumerate(m.local_items):
+        off = official_for(m, item)
+        pairs = [off.doodl(mirror_loss_fn(4.0), x_T(item, m), n, perturbation_draws(item, m), **official_kw)
+                 for n in (1, 2)]  # the pair (x_T, y_T) after 1 and after 2 updates
+        with torch.no_grad():
+            saved, after = (off.decode(off.run(p, off.scheduler.timesteps)[:1]) for p in pairs)
+        assert relative(last[j:j + 1], saved) < TOL
+        assert relative(final[j:j + 1], after) < TOL
+        assert relative(saved, after) > 1e-6  # one update apart: the two are different images
