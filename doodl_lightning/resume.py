@@ -94,7 +94,16 @@ def trajectory(module, trainer=None) -> dict:
             value = os.path.realpath(value)  # the same image from another working directory
         out[f"model.{key}"] = _plain(value)
     backbone = module.backbone
-    out["model.model (weights)"] = _fingerprint(nn.ModuleList([backbone.unet, backbone.vae, backbone.text_encoder]), dtype)
+    main = [backbone.unet, backbone.vae, backbone.text_encoder]
+    out["model.model (weights)"] = _fingerprint(nn.ModuleList(main), dtype)
+    # the frozen parts beyond those three (SDXL's second text encoder, SD3's and FLUX's text encoders 2-3 (held
+    # outside the module tree), a ControlNet): a key of their own, so a checkpoint made before they were recorded
+    # still resumes (a key only one side has is not compared); absent for SD-1.x without a ControlNet
+    seen = {id(m) for m in main}
+    others = [m for m in [*(m for _, m in backbone.named_children()), *getattr(backbone, "text_encoders", [])]
+              if isinstance(m, nn.Module) and id(m) not in seen and not seen.add(id(m))]
+    if others:
+        out["model.model (other weights: text encoders, ControlNet)"] = _fingerprint(nn.ModuleList(others), dtype)
     out["model.model (noise schedule)"] = {k: _plain(v) for k, v in sorted(backbone.scheduler.config.items())
                                            if not k.startswith("_")}
     for i, g in enumerate(module.guidance):

@@ -76,6 +76,26 @@ def test_another_negative_prompt_is_refused(module, tiny_pipeline_dir):
     assert problem is not None and "model.negative_prompt 'blurry' -> ''" in problem, problem
 
 
+def test_a_controlnet_retrained_at_the_same_path_is_refused(tmp_path, tiny_pipeline_dir):
+    """The ControlNet's weights are compared, not its path (as the base model's): its residuals are in every step."""
+    import numpy as np
+    from PIL import Image
+
+    from doodl_lightning.backbone import PretrainedBackbone
+    from doodl_lightning.testing.families import save_tiny_controlnet
+
+    Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8")).save(tmp_path / "control.png")
+    base = PretrainedBackbone(tiny_pipeline_dir).unet
+    kw = dict(model=tiny_pipeline_dir, prompts=["a red circle"], controlnet=str(tmp_path / "cn"), height=16, width=16,
+              control_images=[str(tmp_path / "control.png")], guidance=[SymmetryGuidance()], steps=2)
+    save_tiny_controlnet(tmp_path / "cn", base, seed=1)
+    before = trajectory(DOODL(**kw))
+    save_tiny_controlnet(tmp_path / "cn", base, seed=2)
+    problem = mismatch(before, trajectory(DOODL(**kw)))
+    assert problem is not None and "model.model (other weights: text encoders, ControlNet)" in problem, problem
+    assert "model.model (weights)" not in problem  # the base model is the same
+
+
 def _guidance(kind, tiny_clip) -> tuple[type, dict]:
     """The class and its arguments, every setting away from its default where the tiny models allow."""
     if kind == "clip_text":
