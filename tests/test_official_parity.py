@@ -288,7 +288,7 @@ def test_guided_sampling_refuses_opt_t_and_source_image(world):
 
 
 def test_official_result_image_is_one_update_behind_our_final(world):
-    """The official loop decodes and saves x's image BEFORE each update (doodl.py l. 913-926), so its last
+    """The official loop decodes and saves x's image BEFORE each update (doodl.py l. 911-926), so its last
     saved image is the latents after max_steps - 1 updates: our last step's evaluation (``module.last``, the
     ImageLogger's step max_steps - 1). Our final evaluation is the latents after all max_steps updates."""
     tmp, pipe = world
