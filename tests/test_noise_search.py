@@ -95,6 +95,30 @@ def test_best_of_n_resumes_to_the_uninterrupted_result(fit):
     assert torch.equal(full.model.best_loss, resumed.model.best_loss)
 
 
+def test_best_of_n_checkpoints_its_best_so_far(tiny_pipeline_dir):
+    """The default-suite twin of the slow resume test: the kept candidate's loss is saved with the latents (the
+    kept noise), so a resumed search compares later candidates with the best found before the interruption; a
+    best reset to inf would let the next, worse candidate replace it."""
+    from doodl_lightning.best_of_n import BestOfN
+    from doodl_lightning.guidance import SymmetryGuidance
+
+    m = BestOfN(model=tiny_pipeline_dir, prompts=["a red circle"], seeds=[0, 1], steps=2, candidates=2,
+                guidance=[SymmetryGuidance()]).prepare()
+    m.best_loss.fill_(0.5)
+    state = m.state_dict()
+    assert {"latents", "best_loss"} <= set(state) and torch.equal(state["best_loss"], m.best_loss)
+
+
+def test_best_of_one_is_the_seed_noise_doodl_starts_from():
+    """The default-suite twin of the slow best-of-one test: candidate 0 is the item's own initial noise."""
+    from doodl_lightning.best_of_n import candidate_noise
+    from doodl_lightning.data import Item, initial_noise
+
+    for it in (Item(0, "a", 0), Item(3, "b", 7)):
+        assert torch.equal(candidate_noise(it, 0, (4, 8, 8)), initial_noise(it, (4, 8, 8)))
+        assert not torch.equal(candidate_noise(it, 1, (4, 8, 8)), initial_noise(it, (4, 8, 8)))
+
+
 def test_best_of_n_refuses_too_few_steps_and_bad_counts(fit):
     with pytest.raises(ValueError, match="max_steps .*below model.candidates"):
         fit("few", steps=2, extra=[*BEST_OF_N, "--model.candidates", "4"])
