@@ -12,6 +12,9 @@ class ItemEarlyStopping(Callback):
     loss, or once its loss is <= ``stop_at``. Stopped items keep their latents bit-identical (their
     updates are masked); the fit ends when every item on every rank has stopped. Local per rank:
     one rank's items never stop another's (unlike Lightning's EarlyStopping, which stops all ranks).
+
+    The loss watched is the one the best iteration is chosen by (``Evaluation.reward``): the total loss, or with a
+    regulariser the reward terms alone, so an item stops when the result it would keep stops improving.
     """
 
     def __init__(self, patience: int = 10, min_delta: float = 0.0, stop_at: float | None = None):
@@ -23,7 +26,8 @@ class ItemEarlyStopping(Callback):
         self.wait: torch.Tensor | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = pl_module.last.total.detach().cpu()
+        last = pl_module.last
+        loss = getattr(last, "reward", last.total).detach().cpu()
         if self.best is None:
             self.best, self.wait = loss.clone(), torch.zeros(len(loss), dtype=torch.long)
         else:

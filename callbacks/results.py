@@ -30,7 +30,11 @@ def environment(device, trainer=None) -> dict:
 
 class ResultsWriter(Callback):
     """Per item: prompt, seed, rank, steps run, initial / final / best total loss and per-guidance
-    terms, and the paths of its final and best images. The best iteration is kept (as ReNO does).
+    terms, and the paths of its final and best images. The best iteration is the one of the lowest reward loss
+    (``Evaluation.reward``: the weighted guidance terms that are rewards, regularisers such as the noise-norm prior
+    left out), the first of equals, as ReNO keeps its lowest ``total_reward_loss`` (``training/trainer.py``); without a
+    regulariser it is the lowest total loss. With a regulariser the records also hold ``initial_reward_loss`` /
+    ``best_reward_loss`` / ``final_reward_loss`` (``best_loss`` is then the total loss at that iteration).
     With held-out ``model.metrics``: ``initial_metrics`` / ``best_metrics`` / ``final_metrics``, their values on the
     same images (the best iteration is chosen by the loss, never by a metric).
     ``environment``: what the numbers depend on beyond the config (``environment()``): CPU trajectories
@@ -57,25 +61,34 @@ class ResultsWriter(Callback):
         metrics = getattr(ev, "metrics", None)
         return {f"{kind}_metrics": {k: float(v[j]) for k, v in metrics.items()}} if metrics else {}
 
+    @staticmethod
+    def _reward(ev, kind: str, j: int) -> dict:
+        """``{<kind>_reward_loss: value}`` of item ``j`` when the run has a regulariser (the reward loss differs from
+        the total), else nothing."""
+        reward = getattr(ev, "reward", ev.total)
+        return {} if reward is ev.total else {f"{kind}_reward_loss": float(reward[j])}
+
     def _image_path(self, item, kind: str) -> str:
         return str(self.dir / "images" / f"item{item.index:03d}_{kind}.png")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ev, step = pl_module.last, trainer.global_step - 1  # the evaluation happened before this step's update
         for j, item in enumerate(pl_module.local_items):
-            total = float(ev.total[j])
+            total, reward = float(ev.total[j]), float(getattr(ev, "reward", ev.total)[j])
             rec = self.records.get(item.index)
             if rec is None:
                 rec = self.records[item.index] = {
                     **item.to_dict(), "rank": trainer.global_rank, "initial_loss": total,
                     "initial_terms": self._terms(ev, j), "best_loss": float("inf"), **self._metrics(ev, "initial", j),
+                    **self._reward(ev, "initial", j),
                 }
             rec["environment"] = self.env  # this process's (a resumed run: the one that ran last)
             if bool(pl_module.stepped[j]) or rec.get("steps") is None:
                 rec["steps"] = step + 1
-            if total < rec["best_loss"]:
+            if reward < self._best_reward(rec):
                 rec.update(best_loss=total, best_terms=self._terms(ev, j), best_step=step,
-                           best_image=self._image_path(item, "best"), **self._metrics(ev, "best", j))
+                           best_image=self._image_path(item, "best"), **self._metrics(ev, "best", j),
+                           **self._reward(ev, "best", j))
                 save_png(rec["best_image"], ev.images[j])
         if step % self.every_n_steps == 0:
             self._write(trainer)
@@ -86,15 +99,22 @@ class ResultsWriter(Callback):
         ev = pl_module.final_evaluation()
         for j, item in enumerate(pl_module.local_items):
             rec = self.records[item.index]
-            total = float(ev.total[j])
+            total, reward = float(ev.total[j]), float(getattr(ev, "reward", ev.total)[j])
             rec.update(final_loss=total, final_terms=self._terms(ev, j), final_image=self._image_path(item, "final"),
-                       **self._metrics(ev, "final", j))
+                       **self._metrics(ev, "final", j), **self._reward(ev, "final", j))
             save_png(rec["final_image"], ev.images[j])
-            if total < rec["best_loss"]:  # the final latents are an iteration too
+            if reward < self._best_reward(rec):  # the final latents are an iteration too
                 rec.update(best_loss=total, best_terms=self._terms(ev, j), best_step=rec["steps"],
-                           best_image=self._image_path(item, "best"), **self._metrics(ev, "best", j))
+                           best_image=self._image_path(item, "best"), **self._metrics(ev, "best", j),
+                           **self._reward(ev, "best", j))
                 save_png(rec["best_image"], ev.images[j])
         self._write(trainer)
+
+    @staticmethod
+    def _best_reward(rec: dict) -> float:
+        """The reward loss of the record's best iteration so far (inf before the first; without a regulariser the
+        reward loss is the total, kept as ``best_loss``)."""
+        return rec.get("best_reward_loss", rec["best_loss"])
 
     def _write(self, trainer) -> None:
         records = [r for part in gather_objects(list(self.records.values())) for r in part]

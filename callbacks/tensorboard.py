@@ -19,7 +19,8 @@ class TensorBoardSummary(Callback):
       the run ended (a last step can make an item worse);
     - HPARAMS: the model's hyper-parameters, each guidance term's class, weight and target
       (``guidance/<name>/...``), and the results ``result/mean_best_loss`` (the mean over items of each
-      item's lowest loss, the final evaluation included), ``result/mean_final_loss`` and, with held-out
+      item's loss at its best iteration, the final evaluation included: its lowest loss, or with a regulariser the
+      loss where its reward loss was lowest), ``result/mean_final_loss`` and, with held-out
       metrics, ``result/final_metrics/<name>``. Written at the end
       of the fit, so a run killed before it is not listed there.
 
@@ -30,7 +31,8 @@ class TensorBoardSummary(Callback):
         # a config that also lists this callback: the first one does the work
         self.active = next(cb for cb in trainer.callbacks if isinstance(cb, TensorBoardSummary)) is self
         self.module = pl_module
-        self.restored_best = None  # cli.py reuses this instance for every fit of a process: nothing carries over
+        # cli.py reuses this instance for every fit of a process: nothing carries over
+        self.restored_best = self.restored_reward = None
         if self.active:
             for logger in self.tensorboard_loggers(trainer):
                 # Lightning has no public switch once the logger exists; it reads this flag when it logs the
@@ -56,16 +58,25 @@ class TensorBoardSummary(Callback):
 
     # each item's lowest loss so far (``DOODL.item_best_loss``) is checkpointed here, so a resumed fit's
     # ``train/best_loss`` and ``result/mean_best_loss`` cover the steps before the resume too
+    # (with its reward loss ``item_best_reward``, which chose that iteration: a regularised run's best is not
+    # the lowest loss, so the resumed fit must go on comparing rewards)
     def state_dict(self) -> dict:
-        best = getattr(getattr(self, "module", None), "item_best_loss", None)
-        return {} if best is None else {"item_best_loss": best.clone()}
+        module = getattr(self, "module", None)
+        best = getattr(module, "item_best_loss", None)
+        if best is None:
+            return {}
+        reward = getattr(module, "item_best_reward", None)
+        return {"item_best_loss": best.clone(), **({} if reward is None else {"item_best_reward": reward.clone()})}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.restored_best = state_dict.get("item_best_loss")
+        self.restored_reward = state_dict.get("item_best_reward")  # None in checkpoints made before it was kept
 
     def on_train_start(self, trainer, pl_module) -> None:
         if getattr(self, "restored_best", None) is not None and len(self.restored_best) == len(pl_module.items):
             pl_module.item_best_loss = self.restored_best.clone()
+            reward = getattr(self, "restored_reward", None)
+            pl_module.item_best_reward = (reward if reward is not None else self.restored_best).clone()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self.module = None  # cli.py keeps this instance for the process: it must not keep the model alive

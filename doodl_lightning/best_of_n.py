@@ -18,8 +18,9 @@ def candidate_noise(item: Item, k: int, shape: tuple[int, ...]) -> Tensor:
 
 class BestOfN(DOODL):
     """Sample ``candidates`` initial noises per item, run the chain on each without gradient, keep the one with
-    the lowest guidance loss. One training step = one candidate for every item, so ``results.jsonl`` (best
-    loss, best step = the winning candidate), the images, TensorBoard and early stopping work as for DOODL.
+    the lowest guidance loss (of the reward terms: a regulariser is left out, ``Evaluation.reward``). One training
+    step = one candidate for every item, so ``results.jsonl`` (best loss, best step = the winning candidate), the
+    images, TensorBoard and early stopping work as for DOODL.
 
     YAML: ``model: {class_path: doodl_lightning.best_of_n.BestOfN, init_args: {candidates: 16, ...}}`` with
     the DOODL keys for items, model, sampler, steps and guidance; the update keys are unused. The run ends
@@ -40,7 +41,7 @@ class BestOfN(DOODL):
     def setup(self, stage: str) -> None:
         fresh = not self.local_items
         super().setup(stage)
-        if fresh:  # the guidance loss of the kept candidate (checkpointed: a resumed search keeps its best)
+        if fresh:  # the reward loss of the kept candidate (checkpointed: a resumed search keeps its best)
             self.register_buffer("best_loss", torch.full((len(self.local_items),), float("inf"), dtype=torch.float64))
 
     def on_fit_start(self) -> None:
@@ -68,7 +69,8 @@ class BestOfN(DOODL):
         z = self.candidate(k)
         with torch.no_grad():
             ev = self.evaluate_items(backward=False, latents=z)
-        loss = ev.total.detach().to(self.best_loss)
+        # the reward loss (regularisers excluded), as ReNO's ``imageselect`` keeps its lowest ``total_reward_loss``
+        loss = ev.reward.detach().to(self.best_loss)
         better = self.active & (loss < self.best_loss)
         with torch.no_grad():
             self.latents[better] = z[better]

@@ -13,7 +13,8 @@ from .checks import check_finite
 from .conditioning import Conditioning
 from .data import Item, make_items, shard, step_generator, unshard
 from .guidance.base import Guidance
-from .objective import Evaluation, check_guidance, concat_evaluations, evaluate, held_out_metrics, weighted_guidance
+from .objective import (Evaluation, check_guidance, concat_evaluations, evaluate, held_out_metrics, reward_loss,
+                        weighted_guidance)
 from .optim import (DOODLOptimizer, PerItemAdam, PerItemSGD, check_alternative_update, check_update, masked_step,
                     renormalize_latents)
 from .precision import amp_unscale_cancelled, frozen_dtype, keep_optimised_dtypes
@@ -321,7 +322,9 @@ class DOODL(LightningModule):
                 y=pair[:, 1] if self.start.pair_size == 2 else None, drift_tolerance=hp.drift_tolerance,
                 backward=backward, first_image_only=hp.optimize_first_edict_image_only, noises=self.lcm_noises(idx)))
             outs[-1].metrics = self.metric_values(idx, outs[-1].images)
-        return concat_evaluations(outs)
+        ev = concat_evaluations(outs)
+        ev.reward = reward_loss(self.guidance, ev.total, ev.terms)  # the best iteration's measure (no regulariser: total)
+        return ev
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
@@ -402,6 +405,8 @@ class DOODL(LightningModule):
         ``loss_<guidance>``, ``latent_norm``, ``metric_<name>`` (the held-out metrics) and, given the gradient,
         ``grad_norm``."""
         per_item = {"loss": ev.total, "latent_norm": self.latents.detach()[:, 0].flatten(1).norm(dim=1),
+                    # with a regulariser: the reward terms' weighted sum, which chooses the best iteration (ReNO's)
+                    **({"reward_loss": ev.reward} if ev.reward is not ev.total else {}),
                     **{f"loss_{k}": v for k, v in ev.terms.items()},
                     **{f"metric_{k}": v for k, v in ev.metrics.items()}}
         if grad is not None:  # a search without gradients (best-of-N) has none
@@ -411,11 +416,21 @@ class DOODL(LightningModule):
     def metric_logs(self, gathered: dict[str, Tensor]) -> dict[str, float]:
         """What a step logs of ``gathered_metrics``: ``train/<metric>`` (mean over items), ``items/<metric>/<name>``
         (each item under its ``item_names`` entry, so a tag means the same item in every run) and
-        ``train/best_loss``, the mean over items of each item's lowest loss so far (``item_best_loss``, all
-        items, updated here; it restarts with a resumed process). A held-out metric's mean is ``metrics/<name>``."""
+        ``train/best_loss``, the mean over items of each item's loss at its best iteration so far (``item_best_loss``,
+        all items, updated here; it restarts with a resumed process). The best iteration is the one of the lowest
+        reward loss (``item_best_reward``; ``Evaluation.reward``, regularisers excluded, as ReNO), so without a
+        regulariser ``train/best_loss`` is each item's lowest loss. A held-out metric's mean is ``metrics/<name>``."""
         loss = gathered["loss"]
-        best = getattr(self, "item_best_loss", None)
-        self.item_best_loss = loss.clone() if best is None or best.shape != loss.shape else torch.minimum(best, loss)
+        reward = gathered.get("reward_loss", loss)
+        best, best_reward = getattr(self, "item_best_loss", None), getattr(self, "item_best_reward", None)
+        if best is None or best.shape != loss.shape:
+            self.item_best_loss, self.item_best_reward = loss.clone(), reward.clone()
+        else:
+            if best_reward is None or best_reward.shape != loss.shape:
+                best_reward = best  # restored from a checkpoint that kept the loss only
+            better = reward < best_reward  # strict: the first of equal iterations is kept, as results.jsonl and ReNO
+            self.item_best_loss = torch.where(better, loss, best)
+            self.item_best_reward = torch.where(better, reward, best_reward)
         logs = {self.mean_tag(k): float(v.mean()) for k, v in gathered.items()}
         logs["train/best_loss"] = float(self.item_best_loss.mean())
         names = self.item_names

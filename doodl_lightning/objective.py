@@ -38,6 +38,13 @@ class Evaluation:
     images: Tensor                     # (N, 3, H, W) in [-1, 1], detached: the image the item shows
     info: dict = field(default_factory=dict)
     metrics: dict[str, Tensor] = field(default_factory=dict)  # name -> (N,) held-out metrics of ``images``, never optimised
+    # (N,) the weighted loss of the reward terms alone, regularisers excluded (``reward_loss``): what the best
+    # iteration, best-of-N and early stopping go by. None: no regulariser, so it is ``total`` itself
+    reward: Tensor | None = None
+
+    def __post_init__(self):
+        if self.reward is None:
+            self.reward = self.total
 
 
 def evaluate(
@@ -101,14 +108,18 @@ def evaluate(
 
 
 def check_guidance(guidance, metrics=None, renormalize: bool = False) -> None:
-    """At least one guidance module, with unique names (they are log keys); held-out ``metrics`` named apart from
-    them and from each other; measurement-only modules only as metrics; the noise-norm regulariser only with
-    ``renormalize`` off (the hard renormalisation would cancel it)."""
+    """At least one guidance module that is a reward (not regularisers only), with unique names (they are log keys);
+    held-out ``metrics`` named apart from them and from each other; measurement-only modules only as metrics; the
+    noise-norm regulariser only with ``renormalize`` off (the hard renormalisation would cancel it)."""
     from .guidance.noise_norm import NoiseNormRegularizer
 
     if not guidance:
         raise ValueError("no guidance modules: give model.guidance: [{class_path: ...}] (nothing to optimise)")
     names = [g.name for g in guidance]
+    if all(getattr(g, "regularizer", False) for g in guidance):
+        # the best iteration is the lowest reward loss (``reward_loss``): with regularisers alone it is always 0
+        raise ValueError(f"model.guidance has only regularisers ({', '.join(names)}), no reward to choose the best "
+                         f"iteration by: add a reward term (e.g. doodl_lightning.guidance.SymmetryGuidance)")
     if len(set(names)) != len(names):
         raise ValueError(f"guidance names must be unique (they are log keys), got {names}; set name: ...")
     for g in guidance:
@@ -161,6 +172,18 @@ def weighted_guidance(guidance, prompts: list[str], generators: list[torch.Gener
     return loss_fn
 
 
+def reward_loss(guidance, total: Tensor, terms: dict[str, Tensor]) -> Tensor:
+    """(N,) the weighted sum of the guidance terms that are rewards, the regularisers (``Guidance.regularizer``, e.g.
+    the noise-norm prior) left out: ReNO (ExplainableML/ReNO, ``training/trainer.py``, ``LatentNoiseTrainer.train``)
+    keeps the iteration of the lowest ``total_reward_loss``, the reward losses summed before its regulariser is added.
+    Without a regulariser it is ``total`` itself (the same tensor), so a DOODL run's best iteration is unchanged.
+    The terms are summed in guidance order from zero, as ``weighted_guidance`` (and ReNO) sum them."""
+    rewards = [g for g in guidance if not getattr(g, "regularizer", False)]
+    if len(rewards) == len(guidance):
+        return total
+    return sum((g.weight * terms[g.name] for g in rewards), torch.zeros_like(total))
+
+
 def concat_evaluations(outs: list[Evaluation]) -> Evaluation:
     """Micro-batch evaluations -> one over all their items (info: the worst value of each entry)."""
     info: dict = {}
@@ -170,7 +193,8 @@ def concat_evaluations(outs: list[Evaluation]) -> Evaluation:
     return Evaluation(total=torch.cat([o.total for o in outs]),
                       terms={k: torch.cat([o.terms[k] for o in outs]) for k in outs[0].terms},
                       images=torch.cat([o.images for o in outs]), info=info,
-                      metrics={k: torch.cat([o.metrics[k] for o in outs]) for k in outs[0].metrics})
+                      metrics={k: torch.cat([o.metrics[k] for o in outs]) for k in outs[0].metrics},
+                      reward=None if all(o.reward is o.total for o in outs) else torch.cat([o.reward for o in outs]))
 
 
 @torch.no_grad()

@@ -149,7 +149,9 @@ def check_alternative_update(update_rule: str, lr: float, max_grad_norm: float |
 class _PerItem:
     """Mixin for a torch optimiser over latent pairs (N, P, ...): before its step, the pair's gradient is
     tied (its mean, when ``tied_latents``) and the gradient norm of each item's latent clipped to
-    ``max_grad_norm`` (per item: one item's large gradient must not shrink the others' steps); after it, the pair is tied."""
+    ``max_grad_norm`` (per item: one item's large gradient must not shrink the others' steps); after it, the pair is tied.
+    The clip is ``torch.nn.utils.clip_grad_norm_``'s on each latent alone, g * min(1, max_grad_norm / (|g| + 1e-6)):
+    for one item it is ReNO's clip exactly (``tests/test_recipe.py`` runs ReNO's loop beside it)."""
 
     def _prepare(self, max_grad_norm: float | None, tied_latents: bool) -> None:
         self.max_grad_norm, self.tied_latents = max_grad_norm, tied_latents
@@ -164,8 +166,11 @@ class _PerItem:
                 if self.tied_latents:
                     g = g.mean(dim=1, keepdim=True).expand_as(p)
                 if self.max_grad_norm is not None:
-                    norm = g.flatten(2).norm(dim=2).clamp_min(1e-12)  # (N, P): each latent of each pair
-                    g = g * (self.max_grad_norm / norm).clamp(max=1.0).view(*norm.shape, *[1] * (g.dim() - 2))
+                    # torch.nn.utils.clip_grad_norm_'s factor, max_norm / (norm + 1e-6) capped at 1, as ReNO clips
+                    # (training/trainer.py), per latent of each pair (N, P) instead of over the whole tensor; the
+                    # 1e-6 also keeps a zero gradient finite
+                    norm = g.flatten(2).norm(dim=2)
+                    g = g * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).view(*norm.shape, *[1] * (g.dim() - 2))
                 p.grad = g.contiguous()
         loss = super().step(closure)
         if self.tied_latents:

@@ -56,6 +56,10 @@ class Guidance(nn.Module, metaclass=ABCMeta):
     needs_latents = False
     # True for a measurement only (e.g. an independent evaluator): allowed under ``model.metrics``, refused as guidance
     metric_only = False
+    # True for a prior on the latents rather than a reward of the image (the noise-norm regulariser): it is
+    # optimised like any term but never chooses the best iteration, which is the lowest weighted sum of the reward
+    # terms alone (``Evaluation.reward``), as ReNO keeps the lowest reward loss recorded before its regulariser
+    regularizer = False
 
     def __init__(self, weight: float = 1.0, name: str | None = None):
         super().__init__()

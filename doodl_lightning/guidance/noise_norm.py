@@ -46,6 +46,7 @@ class NoiseNormRegularizer(Guidance):
 
     default_name = "noise_norm"
     needs_latents = True
+    regularizer = True  # a prior, not a reward: left out of the best-iteration choice (``Evaluation.reward``)
 
     def __init__(self, weight: float = 0.01, name: str | None = None):
         super().__init__(weight, name)
