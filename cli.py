@@ -7,6 +7,7 @@ the final outputs written, and bad input ending in one line naming the problem a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -25,7 +26,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import doodl_lightning.strategy  # noqa: F401  registers --trainer.strategy seed_parallel
 from callbacks import ComputeMeter, DefaultProgressBar, TensorBoardSummary
-from doodl_lightning.console import silence_irrelevant
+from doodl_lightning.console import condense_parser_error, silence_irrelevant
 from doodl_lightning.io import DirectoryBusyError, atomic_write_text, claim_version, lock_directory, read_checkpoint
 from doodl_lightning.module import DOODL
 from doodl_lightning.resume import mismatch, trajectory
@@ -89,14 +90,43 @@ def _config_files(args: list[str]) -> list[str]:
     return files
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key, first: int, again: int):
+        super().__init__(f"key {key!r} at line {first} and again at line {again}")
+        self.key, self.first, self.again = key, first, again
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing a mapping that gives one key twice (``DuplicateKeyError``): PyYAML, and so
+    jsonargparse, keeps the last value silently (``guidance_scale: 2.5`` then ``guidance_scale: 25.0`` ran with 25)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *defaults``: the keys beside it override the merged ones, as YAML means
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the constructor below says so
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def check_yaml(path: str) -> None:
-    """A config file that is not valid YAML: one line with the file, the place and the problem (jsonargparse's
-    own message names neither the file nor, for a file, where)."""
+    """A config file that is not valid YAML, or gives a key twice in one mapping: one line with the file, the place
+    and the problem (jsonargparse's own message names neither the file nor, for a file, where; a duplicate key it
+    does not mention at all, keeping the last value)."""
     p = Path(path)
     if not p.is_file():
         return  # jsonargparse says it is missing (or reads the value as inline YAML)
     try:
-        yaml.safe_load(p.read_bytes())
+        yaml.load(p.read_bytes(), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise ValueError(f"config file {p} gives the key {e.key!r} twice, at line {e.first} and at line {e.again} "
+                         f"(YAML would keep the last silently): delete one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -333,6 +363,10 @@ class DOODLCLI(LightningCLI):
             if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):  # Lightning exits 1
                 self.stopped_by = signal.SIGINT
                 raise SystemExit(128 + signal.SIGINT) from None
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
+                # a full disk met by a writer that names no file (a checkpoint, a TensorBoard event): name the run's
+                root = getattr(self.trainer.logger, "log_dir", None) or self.trainer.default_root_dir
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root)) from e
             raise
         self._release_locks()
         if self.stop_on_signal.signal is not None:
@@ -361,12 +395,15 @@ class DOODLCLI(LightningCLI):
                 d.rmdir()
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:
+    """``exit_on_error=False``: a parse error raises jsonargparse's ``ArgumentError`` instead of printing the usage
+    and exiting (``run_cli`` condenses it to one line)."""
     silence_irrelevant()
     # subclass mode: ``model:`` without a class_path is a DOODL; ``class_path: doodl_lightning.best_of_n.BestOfN``
     # picks another search over the same items, guidance and outputs
     cli = DOODLCLI(DOODL, subclass_mode_model=True, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
-                   seed_everything_default=0, save_config_callback=AtomicSaveConfig)
+                   seed_everything_default=0, save_config_callback=AtomicSaveConfig,
+                   parser_kwargs={"exit_on_error": exit_on_error})
     if run and cli.subcommand == "fit":
         report(cli.trainer, cli.stopped_by)
     return cli
@@ -403,13 +440,33 @@ def report(trainer, stopped_by: int | None = None) -> None:
 
 def run_cli(args: list[str] | None = None) -> int:
     """``python cli.py ...``: the exit status. Bad input ends in one line ``error: ...`` naming the problem and
-    the fix, not a traceback (2); a run stopped by SIGTERM / SIGINT exits 143 / 130 after writing its outputs."""
+    the fix, not a traceback (2); a run stopped by SIGTERM / SIGINT exits 143 / 130 after writing its outputs.
+    A parser error (jsonargparse: the usage, then up to 17 lines of Union alternatives) is condensed to its key,
+    problem and fix (``console.condense_parser_error``); ``--verbose`` adds the parser's whole message."""
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+        verbose = "--verbose" in sys.argv[1:]
+        sys.argv = [a for a in sys.argv if a != "--verbose"]
+    else:
+        verbose = "--verbose" in args
+        args = [a for a in args if a != "--verbose"]
     try:
-        cli = main(args)
+        cli = main(args, exit_on_error=False)
     except KeyboardInterrupt:  # before the trainer started: nothing was written
         print("error: interrupted before the first step; nothing was written", file=sys.stderr)
         return 128 + signal.SIGINT
+    except ArgumentError as e:
+        print(f"error: {condense_parser_error(str(e))}", file=sys.stderr)
+        if verbose:
+            print(str(e), file=sys.stderr)
+        return 2
     except (ValueError, OSError, DirectoryBusyError) as e:
+        sys.stdout.flush()  # the progress bar's line (stdout) ends before the error (stderr) on a terminal
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            where = Path(e.filename) if e.filename else None
+            where = f" of {where if where.is_dir() else where.parent}" if where else ""
+            print(f"error: no space left on the device{where}: free space there, or write the run elsewhere with "
+                  "--trainer.default_root_dir", file=sys.stderr)
+            return 2
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 128 + cli.stopped_by if cli.stopped_by is not None else 0

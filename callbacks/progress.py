@@ -65,6 +65,11 @@ class StepProgressBar(TQDMProgressBar):
         if trainer.should_stop and self.train_progress_bar is not None:
             self.train_progress_bar.close()  # early stopping: as above
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # the run failed (a full disk, a NaN loss): end the bar's line, so cli.py's error is a line of its own
+        if self.train_progress_bar is not None and not self.train_progress_bar.disable:
+            self.train_progress_bar.close()
+
     @staticmethod
     def summary(trainer, pl_module) -> str:
         """``loss 0.8540 · best 0.7901 · active 4/4`` from the metrics logged at this step."""

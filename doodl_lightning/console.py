@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 # notices about set-ups a DOODL run has on purpose: one tick per step (no data loader), frozen models in
@@ -51,6 +52,66 @@ def silence_irrelevant() -> None:
         transformers_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover - both are dependencies
         pass
+
+
+# what jsonargparse's nested Union messages wrap around the one line that says what is wrong
+_PARSER_BOILERPLATE = re.compile(
+    r"^(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value type:|Given value:|"
+    r"Expected a <class 'NoneType'>|Expected a path but|Not a valid subclass of|Subclass types expect one of:|"
+    r"a class path \(str\)|a dict with|a dict without)")
+_KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
+_CLASS = re.compile(r"^Problem with given class_path '([^']+)':$")
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's error (9-17 lines of nested Union alternatives for a wrong value under ``model:``) as one line:
+    the key's path, the problem and the fix, e.g. ``model.guidance (SymmetryGuidance) weight: expected a float, got
+    'x': ...``. The first line that is neither a key, a class nor the Union boilerplate is the problem (the first
+    alternative tried: the class the config names); the keys and classes above it make the path."""
+    stack: list[tuple[int, str]] = []  # (indent, name) of the keys and classes the current line is under
+    for raw in message.splitlines():
+        if not raw.strip():
+            continue
+        indent = len(raw) - len(raw.lstrip(" -"))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        text = raw.strip().lstrip("- ")
+        key, cls = _KEY.match(text), _CLASS.match(text)
+        if key:
+            stack.append((indent, key.group(1)))
+            if not key.group(2):
+                continue
+            problem = key.group(2)
+        elif cls:
+            stack.append((indent, f"({cls.group(1).rsplit('.', 1)[-1]})"))
+            continue
+        elif _PARSER_BOILERPLATE.match(text):
+            continue
+        else:
+            problem = text
+        path = [name for _, name in stack if name != "(DOODL)"]  # model: is a DOODL unless it says otherwise
+        where = ""
+        for name in path:  # model.guidance (SymmetryGuidance) weight
+            where += f" {name}" if name.startswith("(") or where.endswith(")") else f".{name}" if where else name
+        return _parser_problem(where.strip(), problem)
+    return " ".join(message.split())
+
+
+def _parser_problem(where: str, problem: str) -> str:
+    expected = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)$", problem)
+    unknown = re.match(r"Option '([^']+)' is not accepted", problem)
+    if expected:
+        kind = expected.group(1)
+        line = f"expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {expected.group(2)!r}: give one"
+    elif unknown:
+        line = f"unknown key {unknown.group(1)!r}: check its spelling"
+    elif "has no attribute" in problem or "No module named" in problem:
+        line = f"{problem}: check the class_path"
+    else:
+        line = problem
+    prefix = f"{where}: " if where else ""
+    return (f"{prefix}{line} (cli.py fit --help lists every key and its type; --verbose shows the parser's whole "
+            f"message)")
 
 
 def quiet_lightning() -> None:

@@ -27,9 +27,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         # rename is atomic: a reader or a killed run sees the old file or the new one, never half of
         # one. No fsync: it guards only against an OS crash and costs seconds per file on a busy disk.
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            # a failed write() names no file ("[Errno 28] No space left on device"): say which one
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
