@@ -95,18 +95,23 @@ def test_best_of_n_resumes_to_the_uninterrupted_result(fit):
     assert torch.equal(full.model.best_loss, resumed.model.best_loss)
 
 
-def test_best_of_n_checkpoints_its_best_so_far(tiny_pipeline_dir):
-    """The default-suite twin of the slow resume test: the kept candidate's loss is saved with the latents (the
-    kept noise), so a resumed search compares later candidates with the best found before the interruption; a
-    best reset to inf would let the next, worse candidate replace it."""
-    from doodl_lightning.best_of_n import BestOfN
+def test_best_of_n_edict_pairs_and_checkpointed_best(tiny_pipeline_dir):
+    """Default-suite twins of two slow tests. The resume test: the kept candidate's loss is saved with the latents
+    (the kept noise), so a resumed search compares later candidates with the best found before the interruption (a
+    best reset to inf would let the next, worse candidate replace it). The EDICT search: each candidate is a pair
+    (x, y) both equal to its noise, as DOODL's own start."""
+    from doodl_lightning.best_of_n import BestOfN, candidate_noise
     from doodl_lightning.guidance import SymmetryGuidance
 
     m = BestOfN(model=tiny_pipeline_dir, prompts=["a red circle"], seeds=[0, 1], steps=2, candidates=2,
-                guidance=[SymmetryGuidance()]).prepare()
+                sampler="edict", guidance=[SymmetryGuidance()]).prepare()
     m.best_loss.fill_(0.5)
     state = m.state_dict()
     assert {"latents", "best_loss"} <= set(state) and torch.equal(state["best_loss"], m.best_loss)
+    z = m.candidate(1)
+    assert z.shape == m.latents.shape and z.shape[1] == 2
+    for j, it in enumerate(m.local_items):
+        assert torch.equal(z[j, 0], candidate_noise(it, 1, m.latent_shape)) and torch.equal(z[j, 1], z[j, 0])
 
 
 def test_best_of_one_is_the_seed_noise_doodl_starts_from():
