@@ -307,3 +307,69 @@ def test_sgd_recipe_is_renos_loop_with_clipping_and_best_by_reward(tmp_path, tin
     m.metric_logs(m.gathered_metrics(m.final_evaluation()))
     assert m.item_best_loss.tolist() == pytest.approx([r["best_loss"] for r in records], rel=1e-6)
     assert m.item_best_reward.tolist() == pytest.approx([r["best_reward_loss"] for r in records], rel=1e-6)
+
+
+def test_reward_loss_leaves_out_the_regulariser_and_is_the_total_without_one():
+    """``Evaluation.reward`` (what the best iteration, best-of-N and early stopping go by) is the weighted sum of the
+    reward terms; with no regulariser it is the total itself, so a DOODL run chooses exactly as before."""
+    from doodl_lightning.objective import Evaluation, check_guidance, reward_loss
+
+    sym, reg = SymmetryGuidance(weight=2.0), NoiseNormRegularizer(weight=0.5)
+    terms = {"symmetry": torch.tensor([0.25, 1.0], dtype=torch.float64),
+             "noise_norm": torch.tensor([3.0, 0.0], dtype=torch.float64)}
+    total = 2.0 * terms["symmetry"] + 0.5 * terms["noise_norm"]
+    assert torch.equal(reward_loss([sym, reg], total, terms), 2.0 * terms["symmetry"])
+    assert reward_loss([sym], total, terms) is total
+    assert Evaluation(total, terms, torch.zeros(2, 3, 4, 4)).reward is total
+    with pytest.raises(ValueError, match="only regularisers \\(noise_norm\\).*add a reward term"):
+        check_guidance([reg])
+
+
+def test_early_stopping_watches_the_reward_loss():
+    """An item whose reward loss keeps falling while its total (regulariser included) rises is still improving the
+    result it keeps: it must not stop; one whose reward loss stalls stops after ``patience`` steps."""
+    from types import SimpleNamespace
+
+    from callbacks.early_stopping import ItemEarlyStopping
+    from doodl_lightning.objective import Evaluation
+
+    stopper = ItemEarlyStopping(patience=2)
+    module = SimpleNamespace(active=torch.ones(2, dtype=torch.bool))
+    trainer = SimpleNamespace(should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision))
+    for k in range(4):
+        total = torch.tensor([1.0 + k, 1.0 + k])  # both totals rise
+        reward = torch.tensor([1.0 - 0.1 * k, 1.0])  # item 0's reward falls, item 1's stalls
+        module.last = Evaluation(total, {}, torch.zeros(2, 3, 4, 4), reward=reward)
+        stopper.on_train_batch_end(trainer, module, None, None, 0)
+    assert module.active.tolist() == [True, False]
+
+
+def test_best_of_n_keeps_the_candidate_of_the_lowest_reward_loss(tmp_path, tiny_pipeline_dir, write_config):
+    """With a regulariser, best-of-N keeps the candidate whose REWARD loss is lowest (ReNO's ``imageselect`` keeps
+    its lowest ``total_reward_loss`` too), not the one whose total with the noise prior is lowest."""
+    from doodl_lightning.best_of_n import candidate_noise
+    from doodl_lightning.module import DOODL
+
+    n = 4
+    guidance = [{"class_path": "doodl_lightning.guidance.SymmetryGuidance"},
+                {"class_path": "doodl_lightning.guidance.NoiseNormRegularizer", "init_args": {"weight": 0.05}}]
+    cfg = write_config(tmp_path / "bon.yaml", tiny_pipeline_dir, tmp_path / "bon", steps=n, callbacks=[],
+                       sampler="ddim", guidance=guidance, renormalize_latents=False)
+    cli = main(["fit", "--config", cfg, "--model", "doodl_lightning.best_of_n.BestOfN", "--model.candidates", str(n),
+                "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"])
+    m = cli.model
+    hp = {k: v for k, v in m.hparams.items() if k not in ("model", "candidates") and not k.startswith("_")}
+    ref = DOODL(model=m.backbone, guidance=list(m.guidance), **hp).prepare("cpu")
+    rewards, totals = [], []
+    for k in range(n):
+        z = torch.stack([candidate_noise(it, k, ref.latent_shape) for it in ref.local_items])
+        ref.latents.data = z.unsqueeze(1).expand_as(ref.latents).clone()
+        ref._final = None
+        ev = ref.final_evaluation()
+        rewards.append(ev.terms["symmetry"] * m.guidance[0].weight)
+        totals.append(ev.total)
+    winner, by_total = torch.stack(rewards).argmin(0), torch.stack(totals).argmin(0)
+    assert (winner != by_total).any(), "the lowest total is the lowest reward loss: the rule is untested"
+    for j, it in enumerate(m.local_items):
+        assert torch.equal(m.latents.detach()[j, 0], candidate_noise(it, int(winner[j]), m.latent_shape)), j
