@@ -294,3 +294,197 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 __all__ = ["Official", "OfficialScheduler", "mirror_loss_fn", "relative", "VAE_SCALE"]
+
+
+# =====================================================================================================
+# Official guidance losses (issue 25 §1.3): doodl.py l. 166-200 (MakeCutouts, spherical_dist_loss),
+# l. 207-319 (clip_loss_fn, text and visual targets), l. 341-400 (fgvc_loss_fn) and l. 553-650
+# (aesthetic_score, aesthetic_loss_fn), as gen() calls them (l. 756-790: use_cutouts=True, num_cuts=16,
+# cut_power=0.3). The models become arguments: ``encode_image`` / ``encode_text`` stand for
+# ``get_image_features`` / ``get_text_features`` (or open_clip's ``encode_image``), ``amodel`` for the
+# LAION linear head, ``net`` for WS-DAN (three outputs, the logits last). The fixed 224 / 512 px input sizes
+# and the normalisation constants are parameters (defaults: the official values), so a tiny test model fits.
+# MakeCutouts' global-RNG draws (torch.rand, torch.randint) come from ``rng``, handed over by the caller.
+# torchvision 0.12 (the official environment's pin) is transcribed where its transforms run on tensors.
+# =====================================================================================================
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # doodl.py l. 255, 577
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # l. 374
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GlobalRNG:
+    """The draws MakeCutouts makes from torch's global RNG (``torch.rand([])``, ``torch.randint(lo, hi, ())``)."""
+
+    def rand(self) -> float:
+        return float(torch.rand([]))
+
+    def randint(self, lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi, ()))
+
+
+class MakeCutouts:
+    """doodl.py l. 166-188 (after diffusers' clip_guided_stable_diffusion)."""
+
+    def __init__(self, cut_size: int, cut_power: float = 1.0, rng=None):
+        self.cut_size, self.cut_power = cut_size, cut_power
+        self.rng = rng or GlobalRNG()
+
+    def __call__(self, pixel_values, num_cutouts: int):
+        sideY, sideX = pixel_values.shape[2:4]
+        max_size = min(sideX, sideY)
+        min_size = min(sideX, sideY, self.cut_size)
+        cutouts = []
+        for _ in range(num_cutouts):
+            size = int(self.rng.rand() ** self.cut_power * (max_size - min_size) + min_size)
+            offsetx = self.rng.randint(0, sideX - size + 1)
+            offsety = self.rng.randint(0, sideY - size + 1)
+            cutout = pixel_values[:, :, offsety:offsety + size, offsetx:offsetx + size]
+            cutouts.append(F.adaptive_avg_pool2d(cutout, self.cut_size))
+        return torch.cat(cutouts)
+
+
+def spherical_dist_loss(x, y):
+    """l. 190-200: the MINIMUM distance as soon as there is more than one."""
+    x = F.normalize(x, dim=-1)
+    y = F.normalize(y, dim=-1)
+    dist = (x - y).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+    if dist.numel() > 1:
+        return dist.min()
+    return dist
+
+
+def tv_normalize(x, mean, std):
+    """torchvision.transforms.Normalize on a (B, C, H, W) or (C, H, W) tensor: (x - mean) / std per channel."""
+    mean = torch.as_tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean) / std
+
+
+def tv_resize(img, size: int):
+    """torchvision 0.12 ``Resize(size)`` on a tensor: the shorter side to ``size`` (the longer one truncated),
+    bilinear, align_corners=False, no antialiasing (tensor default of that version); unchanged when it fits."""
+    h, w = img.shape[-2:]
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (w <= h and w == size) or (h <= w and h == size):
+        return img
+    squeeze = img.ndim == 3
+    out = F.interpolate(img[None] if squeeze else img, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return out[0] if squeeze else out
+
+
+def tv_center_crop(img, size: int):
+    """torchvision ``CenterCrop(size)`` of an image at least ``size`` on each side."""
+    h, w = img.shape[-2:]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img[..., top:top + size, left:left + size]
+
+
+def tv_to_tensor(im, dtype=torch.float64):
+    """torchvision ``ToTensor`` of an 8-bit PIL image: (C, H, W) in [0, 1] (official: float32; here any dtype)."""
+    import numpy as np
+
+    arr = torch.from_numpy(np.array(im, np.uint8, copy=True))
+    arr = arr.view(im.size[1], im.size[0], len(im.getbands())).permute(2, 0, 1).contiguous()
+    return arr.to(dtype).div(255)
+
+
+def clip_text_target(encode_text, text_ids):
+    """l. 259-272: ``get_text_features(ids)[0]``, normalised."""
+    z_t = encode_text(text_ids)[0]
+    return z_t / z_t.norm(p=2, dim=-1, keepdim=True)
+
+
+def clip_image_target(encode_image, paths, target_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, dtype=torch.float64):
+    """l. 273-295: load_transform (ToTensor, Resize, CenterCrop, Normalize) per image, grayscale (one-band) images
+    skipped, features normalised, averaged, normalised again."""
+    from PIL import Image
+
+    ims = []
+    for p in paths:
+        im = Image.open(p)
+        if len(im.getbands()) == 1:
+            continue  # "Skipping grayscale"
+        ims.append(tv_normalize(tv_center_crop(tv_resize(tv_to_tensor(im, dtype), target_size), target_size),
+                                mean, std))
+    z_t = encode_image(torch.stack(ims))
+    z_t = z_t / z_t.norm(p=2, dim=-1, keepdim=True)
+    z_t = z_t.mean(dim=0, keepdim=True)
+    return z_t / z_t.norm(p=2, dim=-1, keepdim=True)
+
+
+def clip_loss_fn(encode_image, z_t, use_cutouts: bool = True, num_cuts: int = 16, cut_power: float = 0.3,
+                 grad_scale: float = 1.0, target_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD, rng=None,
+                 weights=(1,)):
+    """l. 207-319's ``loss_fn`` for one model (``clip_model_str`` selects one; ``weights`` default [1])."""
+    if use_cutouts:
+        cut = MakeCutouts(cut_size=target_size, cut_power=cut_power, rng=rng)
+
+    def loss_fn(im_pix):
+        im_pix = ((im_pix / 2) + 0.5).clamp(0, 1)
+        x_var = cut(im_pix, num_cuts) if use_cutouts else tv_resize(im_pix, target_size)
+        x_var = tv_normalize(x_var, mean, std)
+        z_is = [encode_image(x_var)]
+        z_is = [z_i / z_i.norm(p=2, dim=-1, keepdim=True) for z_i in z_is]
+        dists_arr = [spherical_dist_loss(z_i, z_t) for z_i in z_is]
+        losses = [dists.mean() for dists in dists_arr]
+        loss = sum([l * w for l, w in zip(losses, weights)]) / sum(weights)
+        return loss * grad_scale
+
+    return loss_fn
+
+
+def aesthetic_score(image, encode_image, amodel):
+    """l. 553-568 (its autocast only changes precision)."""
+    image_features = encode_image(image)
+    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+    return amodel(image_features).clip(1, 10).mean()
+
+
+def aesthetic_loss_fn(encode_image, amodel, aesthetic_target=None, use_cutouts: bool = True, num_cuts: int = 16,
+                      cut_power: float = 0.3, grad_scale: float = 1.0, target_size: int = 224, mean=CLIP_MEAN,
+                      std=CLIP_STD, rng=None, weights=(1, 1)):
+    """l. 570-650 with one model (``clip_model_str`` 'vit_l_14'; gen()'s ``weights`` default [1, 1])."""
+    if use_cutouts:
+        cut = MakeCutouts(cut_size=target_size, cut_power=cut_power, rng=rng)
+
+    def loss_fn(im_pix):
+        im_pix = ((im_pix / 2) + 0.5).clamp(0, 1)
+        x_var = cut(im_pix, num_cuts) if use_cutouts else tv_resize(im_pix, target_size)
+        x_var = tv_normalize(x_var, mean, std)
+        predictions = [aesthetic_score(x_var, encode_image, amodel)]
+        prediction = sum([w * p for w, p in zip(weights, predictions)]) / len(predictions)
+        if aesthetic_target is None:
+            loss = -1 * prediction
+        else:
+            loss = abs(prediction - aesthetic_target)
+        return loss * grad_scale
+
+    return loss_fn
+
+
+def fgvc_loss_fn(net, class_idx: int = 0, use_cutouts: bool = True, num_cuts: int = 16, cut_power: float = 0.3,
+                 grad_scale: float = 1.0, target_size: int = 512, mean=IMAGENET_MEAN, std=IMAGENET_STD, rng=None):
+    """l. 341-400: WS-DAN's third output is the classification; mean cross-entropy over the cutouts."""
+    if use_cutouts:
+        cut = MakeCutouts(cut_size=target_size, cut_power=cut_power, rng=rng)
+
+    def loss_fn(im_pix):
+        im_pix = ((im_pix / 2) + 0.5).clamp(0, 1)
+        x_var = cut(im_pix, num_cuts) if use_cutouts else tv_resize(im_pix, target_size)
+        x_var = tv_normalize(x_var, mean, std)
+        _, _, output = net(x_var)
+        target = (class_idx * torch.ones(output.size(0))).to(output.device).long()
+        loss = torch.nn.functional.cross_entropy(output, target)
+        return grad_scale * loss
+
+    return loss_fn
+
+
+__all__ += ["GlobalRNG", "MakeCutouts", "spherical_dist_loss", "clip_text_target", "clip_image_target", "clip_loss_fn",
+            "aesthetic_score", "aesthetic_loss_fn", "fgvc_loss_fn", "tv_resize", "tv_center_crop", "tv_to_tensor",
+            "tv_normalize"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,10 +290,12 @@ def test_clip_loading_errors(clip_files, tmp_path):
 def test_clip_image_target_invariant_to_reference_order(clip_files, reference_folder):
     kw = dict(pretrained=clip_files["safetensors"], model_config=clip_files["config"], num_cuts=2)
     files = sorted(str(p) for p in reference_folder.iterdir() if p.suffix != ".txt")
-    a = CLIPImageGuidance(references=files, **kw)
+    with pytest.warns(UserWarning, match=r"skipping grayscale reference image .*a_gray\.png"):
+        a = CLIPImageGuidance(references=files, **kw)
     b = CLIPImageGuidance(references=files[::-1], **kw)
     c = CLIPImageGuidance(references=str(reference_folder), **kw)
-    assert len(c.references) == 4  # the .txt file is skipped
+    # the .txt file is not an image; the grayscale one is skipped as the official DOODL skips it (RGBA, palette kept)
+    assert [Path(r).name for r in c.references] == ["b_rgba.png", "c_palette.png", "d_rgb.jpg"]
     assert torch.allclose(a.target, b.target, atol=1e-6) and torch.allclose(a.target, c.target, atol=1e-6)
     assert torch.allclose(a.target.norm(), torch.tensor(1.0))
     first, last = optimise_pixels(a)
@@ -307,6 +310,11 @@ def test_clip_image_errors(clip_files, tmp_path):
         CLIPImageGuidance(references=str(tmp_path), **kw)
     with pytest.raises(ValueError, match="needs references"):
         CLIPImageGuidance(**kw)
+    Image.new("L", (8, 8)).save(tmp_path / "gray.png")
+    with pytest.raises(ValueError, match="every reference image for prompt 'a' is grayscale.*RGB"):
+        CLIPImageGuidance(references={"a": [str(tmp_path / "gray.png")]}, **kw)
+    with pytest.raises(ValueError, match="unknown cutout_reduction 'median'"):
+        CLIPImageGuidance(references=str(tmp_path), cutout_reduction="median", **kw)
 
 
 def test_clip_image_per_prompt_references_match_single_sets(clip_files, reference_folder):
@@ -315,7 +323,7 @@ def test_clip_image_per_prompt_references_match_single_sets(clip_files, referenc
     sets = {"a red circle": files[:2], "a blue square": str(reference_folder), "a star": files[3]}
     per = CLIPImageGuidance(references=sets, **kw)
     assert per.index == {"a red circle": 0, "a blue square": 1, "a star": 2} and per.target is None
-    assert per.targets.shape == (3, EMBED_DIM) and len(per.references["a blue square"]) == 4
+    assert per.targets.shape == (3, EMBED_DIM) and len(per.references["a blue square"]) == 3  # grayscale skipped
     singles = {p: CLIPImageGuidance(references=r, **kw) for p, r in sets.items()}
     for p, single in singles.items():  # each set's target is exactly the single-set guidance's
         assert torch.allclose(per.targets[per.index[p]], single.target, atol=1e-6)
@@ -382,10 +390,39 @@ def test_aesthetic_mlp_head_safetensors(clip_files, tmp_path):
         for lin in linears:  # no activations in the improved predictor
             expected = lin(expected)
     assert torch.allclose(g.score(x), expected[:, 0], atol=1e-5)
+    # this random head scores outside the official [1, 10], where the clipped loss is flat: optimise unclipped
     first, last = optimise_pixels(AestheticGuidance(pretrained=clip_files["safetensors"],
-                                                    model_config=clip_files["config"],
+                                                    model_config=clip_files["config"], score_clip=None,
                                                     head=str(tmp_path / "mlp.safetensors"), num_cuts=2))
     assert last < first
+
+
+def test_aesthetic_clips_each_cutouts_score_to_the_official_range(clip_files, tmp_path):
+    """doodl.py's ``amodel(features).clip(1, 10).mean()``: a cutout scored outside [1, 10] adds a constant, no gradient."""
+    w = torch.linspace(-1, 1, EMBED_DIM)[None]
+    x = images(1, 40).requires_grad_(True)
+    kw = dict(pretrained=clip_files["safetensors"], model_config=clip_files["config"], num_cuts=6)
+    torch.save({"weight": w, "bias": torch.tensor([0.0])}, tmp_path / "probe.pth")
+    with torch.no_grad():
+        raw = AestheticGuidance(head=str(tmp_path / "probe.pth"), **kw).cutout_scores(x, gens(3))[0]
+    # a bias that puts 10 between the middle two cutout scores: the three above it are clipped, the others not
+    bias = 10.0 - float(raw.sort().values[2:4].mean())
+    torch.save({"weight": w, "bias": torch.tensor([bias])}, tmp_path / "head.pth")
+    g = AestheticGuidance(head=str(tmp_path / "head.pth"), **kw)
+    assert g.score_clip == (1.0, 10.0)
+    scores = g.cutout_scores(x, gens(3))[0]
+    over = scores > 10.0
+    assert int(over.sum()) == 3
+    loss = g(x, generators=gens(3))
+    assert torch.allclose(loss, -scores.clamp(1, 10).mean(), atol=1e-6)
+    assert torch.allclose(g.score(x, gens(3)), scores.mean(), atol=1e-6)  # the measurement is not clipped
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    unclipped = AestheticGuidance(head=str(tmp_path / "head.pth"), score_clip=None, **kw)
+    grad_kept = torch.autograd.grad(-(scores * ~over).sum() / 6, x)[0]  # only the in-range cutouts' gradient
+    assert torch.allclose(grad, grad_kept, atol=1e-7)
+    assert not torch.allclose(grad, torch.autograd.grad(unclipped(x, generators=gens(3)).sum(), x)[0], atol=1e-6)
+    with pytest.raises(ValueError, match=r"score_clip must be \[low, high\]"):
+        AestheticGuidance(head=str(tmp_path / "head.pth"), score_clip=(10.0, 1.0), **kw)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -588,7 +625,7 @@ guidance:
                                        "per_prompt_classifier", "per_prompt_clip_image"]
     assert built[3].target == 3 and built[2].target == 6.5 and built[4].weight == 0.5
     assert built[5].target == {"p": 3, "q": 1} and built[6].index == {"p": 0, "q": 1}
-    assert len(built[6].references["p"]) == 4 and built[6].references["q"][0].endswith("d_rgb.jpg")
+    assert len(built[6].references["p"]) == 3 and built[6].references["q"][0].endswith("d_rgb.jpg")
     x = images(2).requires_grad_(True)
     total = sum(g.weight * g(x, ["p", "q"], gens(0, 1)) for g in built)
     total.sum().backward()

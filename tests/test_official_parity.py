@@ -22,6 +22,7 @@ from doodl_lightning.sampling import Schedule, sample_ddim, sample_edict
 from official_doodl import Official, OfficialScheduler, relative, mirror_loss_fn
 from official_doodl import baseline_edit, guided_sample_single_variable
 from doodl_lightning.testing.tiny import save_tiny_pipeline, sd_scheduler
+import official_doodl as od  # the official guidance losses (section at the end)
 
 TOL = 1e-8
 CFG = 3.0
@@ -305,3 +306,177 @@ def test_official_result_image_is_one_update_behind_our_final(world):
         assert relative(last[j:j + 1], saved) < TOL
         assert relative(final[j:j + 1], after) < TOL
         assert relative(saved, after) > 1e-6  # one update apart: the two are different images
+
+
+# -- guidance losses (doodl.py's clip / aesthetic / fgvc loss functions), float64 --------------------------------
+
+GUIDE_SEEDS = [5, 6]  # the two items' cutout generators
+
+
+class ReplayRNG:
+    """MakeCutouts' global-RNG calls answered from our per-item cutout stream (3 uniforms per cut: size, x, y),
+    as the perturbation draws are handed over above: the same crops, so only the loss code is compared."""
+
+    def __init__(self, seed: int, num_cuts: int):
+        u = torch.rand(num_cuts, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        self.draws = iter(u.flatten().tolist())
+
+    def rand(self) -> float:
+        return next(self.draws)
+
+    def randint(self, lo: int, hi: int) -> int:
+        return lo + int(next(self.draws) * (hi - lo))
+
+
+def guide_images() -> torch.Tensor:
+    """Two non-square images, partly outside [-1, 1] (as VAE decodes are), so the official clamp matters."""
+    g = torch.Generator().manual_seed(11)
+    return (torch.rand(2, 3, 48, 40, generator=g, dtype=torch.float64) * 2.8 - 1.4).requires_grad_(True)
+
+
+def ours_vs_official(guide, official_fn, num_cuts: int, prompts=None):
+    """(our per-item losses, their gradient, the official losses, their gradient): item i's official loss is
+    ``official_fn(i, rng)(image i)``, the official batch of one."""
+    x = guide_images()
+    gens = [torch.Generator().manual_seed(s) for s in GUIDE_SEEDS]
+    ours = guide(x, prompts=prompts, generators=gens)
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = torch.stack([official_fn(i, ReplayRNG(s, num_cuts))(x_ref[i:i + 1]) for i, s in enumerate(GUIDE_SEEDS)])
+    (g_ref,) = torch.autograd.grad(ref.sum(), x_ref)
+    assert ours.dtype == torch.float64
+    return ours.detach(), g_ours, ref.detach(), g_ref
+
+
+@pytest.fixture(scope="module")
+def clip_kw(tiny_clip):
+    return dict(pretrained=str(tiny_clip.weights), model_config=str(tiny_clip.config))
+
+
+def _encoder_args(guide):
+    enc = guide.encoder
+    return dict(target_size=enc.input_size, mean=enc.mean, std=enc.std)
+
+
+@pytest.mark.parametrize("num_cuts", [16, 3])
+def test_clip_text_loss_matches_official(clip_kw, num_cuts):
+    from doodl_lightning.guidance import CLIPTextGuidance
+
+    prompts = ["a red circle", "a blue square"]
+    guide = CLIPTextGuidance(num_cuts=num_cuts, **clip_kw)
+    guide(guide_images().float(), prompts)  # a float32 call first (as a sanity check before a 64-true run would)
+    guide.double()  # the text embeddings are then re-embedded in float64, not the float32 ones reused
+    assert guide.cutout_reduction == "min" and guide.encoder.cutouts.resample == "pool"  # the defaults are official
+    with torch.no_grad():
+        targets = [od.clip_text_target(guide.model.encode_text, guide.tokenizer([p])) for p in prompts]
+
+    def official(i, rng):
+        return od.clip_loss_fn(guide.model.encode_image, targets[i], num_cuts=num_cuts, cut_power=0.3, rng=rng,
+                               **_encoder_args(guide))
+
+    ours, g_ours, ref, g_ref = ours_vs_official(guide, official, num_cuts, prompts)
+    assert relative(ours, ref) < TOL and relative(g_ours, g_ref) < TOL
+    # the test can tell: our earlier mean over cutouts, and bilinear cutouts, are other losses
+    for kw in (dict(cutout_reduction="mean"), dict(resample="bilinear")):
+        other = CLIPTextGuidance(num_cuts=num_cuts, **kw, **clip_kw).double()
+        assert relative(ours_vs_official(other, official, num_cuts, prompts)[0], ref) > 1e-4, kw
+
+
+def test_clip_image_loss_and_target_match_official(clip_kw, tmp_path):
+    """Visual personalisation: the official reference transform (a 71x61 and a 20x50 image; a grayscale one
+    skipped) and the official loss."""
+    from doodl_lightning.guidance import CLIPImageGuidance
+
+    g = torch.Generator().manual_seed(2)
+    for name, (h, w) in {"a.png": (71, 61), "b.png": (20, 50)}.items():
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(tmp_path / name)
+    Image.fromarray((torch.rand(30, 30, generator=g) * 255).to(torch.uint8).numpy(), "L").save(tmp_path / "gray.png")
+    paths = [str(tmp_path / n) for n in ("a.png", "b.png", "gray.png")]
+    with pytest.warns(UserWarning, match="skipping grayscale"):
+        guide = CLIPImageGuidance(references=paths, num_cuts=16, **clip_kw).double()
+    with torch.no_grad():
+        target = od.clip_image_target(guide.encoder.visual, paths, **_encoder_args(guide))
+
+    def official(i, rng):
+        return od.clip_loss_fn(guide.encoder.visual, target, num_cuts=16, cut_power=0.3, rng=rng,
+                               **_encoder_args(guide))
+
+    ours, g_ours, ref, g_ref = ours_vs_official(guide, official, 16)
+    assert guide.targets.dtype == torch.float64 and relative(guide.target, target[0]) < TOL  # re-embedded in float64
+    assert relative(ours, ref) < TOL and relative(g_ours, g_ref) < TOL
+    # the test can tell: open_clip's PIL preprocessing (our earlier reference transform) gives another target
+    with torch.no_grad():
+        pil = torch.stack([guide.preprocess(Image.open(p).convert("RGB")) for p in paths[:2]]).double()
+        earlier = torch.nn.functional.normalize(
+            torch.nn.functional.normalize(guide.encoder.visual(pil), dim=-1).mean(0), dim=-1)
+    assert relative(earlier, target[0]) > 1e-4
+
+
+@pytest.mark.parametrize("aesthetic_target", [None, 6.5])
+def test_aesthetic_loss_matches_official(clip_kw, tmp_path, aesthetic_target):
+    """The [1, 10] clip of each cutout's score is active: the head puts 10 amid the cutouts' scores."""
+    from doodl_lightning.guidance import AestheticGuidance
+
+    dim = json_embed_dim(clip_kw)
+    w = torch.linspace(-3, 3, dim)[None]
+    torch.save({"weight": w, "bias": torch.tensor([0.0])}, tmp_path / "probe.pth")
+    probe = AestheticGuidance(head=str(tmp_path / "probe.pth"), num_cuts=16, **clip_kw).double()
+    with torch.no_grad():
+        raw = probe.cutout_scores(guide_images(), [torch.Generator().manual_seed(s) for s in GUIDE_SEEDS])
+    torch.save({"weight": w, "bias": torch.tensor([10.0 - float(raw.median())])}, tmp_path / "head.pth")
+    guide = AestheticGuidance(head=str(tmp_path / "head.pth"), target=aesthetic_target, num_cuts=16,
+                              **clip_kw).double()
+    scores = guide.cutout_scores(guide_images(), [torch.Generator().manual_seed(s) for s in GUIDE_SEEDS])
+    assert bool((scores > 10).any()) and bool((scores < 10).any())
+
+    def official(i, rng):
+        return od.aesthetic_loss_fn(guide.encoder.visual, guide.head, aesthetic_target=aesthetic_target,
+                                    num_cuts=16, cut_power=0.3, rng=rng, **_encoder_args(guide))
+
+    ours, g_ours, ref, g_ref = ours_vs_official(guide, official, 16)
+    assert relative(ours, ref) < TOL and relative(g_ours, g_ref) < TOL
+    unclipped = AestheticGuidance(head=str(tmp_path / "head.pth"), target=aesthetic_target, num_cuts=16,
+                                  score_clip=None, **clip_kw).double()
+    assert relative(ours_vs_official(unclipped, official, 16)[1], g_ref) > 1e-3  # the test can tell
+
+
+def json_embed_dim(clip_kw) -> int:
+    import json
+
+    return json.loads(Path(clip_kw["model_config"]).read_text())["embed_dim"]
+
+
+class _WSDANLike(torch.nn.Module):
+    """A tiny classifier with WS-DAN's output convention: (attention maps, feature matrix, logits)."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = torch.nn.Linear(6, classes)
+
+    def forward(self, x):
+        maps = torch.tanh(self.conv(x))
+        features = maps.mean((-2, -1))
+        return maps, features, self.fc(features)
+
+
+def test_classifier_loss_matches_official_wsdan_output(tmp_path):
+    import warnings
+    from doodl_lightning.guidance import ClassifierGuidance
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(_WSDANLike().eval(), torch.rand(1, 3, 24, 24)).save(str(tmp_path / "wsdan.ts"))
+    kw = dict(arch="torchscript", checkpoint=str(tmp_path / "wsdan.ts"), input_size=24)
+    guide = ClassifierGuidance(target={"a": 3, "b": 1}, output=2, **kw).double()
+    assert guide.cutouts.num_cuts == 16 and guide.cutouts.cut_power == 0.3  # gen()'s defaults
+    classes = {0: 3, 1: 1}
+
+    def official(i, rng):
+        return od.fgvc_loss_fn(guide.model, class_idx=classes[i], num_cuts=16, cut_power=0.3, target_size=24, rng=rng)
+
+    ours, g_ours, ref, g_ref = ours_vs_official(guide, official, 16, prompts=["a", "b"])
+    assert relative(ours, ref) < TOL and relative(g_ours, g_ref) < TOL
+    with pytest.raises(ValueError, match="returns 3 outputs.*set output.*output: 2"):
+        ClassifierGuidance(target=3, **kw)(guide_images().float().detach())

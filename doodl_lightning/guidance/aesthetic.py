@@ -65,18 +65,29 @@ def _head_in_features(head: nn.Module) -> int:
 
 
 class AestheticGuidance(CLIPGuidance):
-    """Loss = -score (maximise), or |score - target| when ``target`` is set; score averaged over cutouts."""
+    """Loss = -score (maximise), or |score - target| when ``target`` is set; score averaged over cutouts.
+
+    As doodl.py's ``aesthetic_loss_fn`` / ``aesthetic_score`` (l. 553-650): the image clamped to [-1, 1], cutouts
+    pooled to the input size, and each cutout's score clipped to ``score_clip`` = [1, 10] (``.clip(1, 10)``)
+    BEFORE the mean, so a cutout scored outside that range carries no gradient; ``score_clip=None`` turns the
+    clipping off. ``score`` (a measurement) stays unclipped.
+    """
 
     default_name = "aesthetic"
 
     def __init__(self, model_name: str = "ViT-L-14", pretrained: str | None = "openai", model_config: str | None = None,
                  head: str | None = None, target: float | None = None, num_cuts: int = 16, cut_power: float = 0.3,
-                 weight: float = 1.0, name: str | None = None):
+                 weight: float = 1.0, name: str | None = None, score_clip: tuple[float, float] | None = (1.0, 10.0),
+                 resample: str = "pool"):
         if not head:
             raise ValueError("AestheticGuidance needs head: a local LAION aesthetic predictor file (.pth/.safetensors)")
         check_finite(target=target)
+        if score_clip is not None and (len(score_clip) != 2 or not float(score_clip[0]) < float(score_clip[1])):
+            raise ValueError(f"AestheticGuidance score_clip must be [low, high] with low < high (the official is "
+                             f"[1, 10]) or null for no clipping, got {score_clip!r}")
         head_module = load_aesthetic_head(head)  # checked before the (larger) CLIP model is loaded
-        super().__init__(model_name, pretrained, model_config, num_cuts, cut_power, weight, name)  # image tower only
+        super().__init__(model_name, pretrained, model_config, num_cuts, cut_power, weight, name,
+                         resample=resample)  # image tower only
         self.head = head_module
         embed_dim = self.encoder.visual.output_dim
         if _head_in_features(self.head) != embed_dim:
@@ -85,15 +96,23 @@ class AestheticGuidance(CLIPGuidance):
                 f"{self.model_name} embeds to {embed_dim} (v1/improved heads expect ViT-L-14, 768)"
             )
         self.target = None if target is None else float(target)
+        self.score_clip = None if score_clip is None else (float(score_clip[0]), float(score_clip[1]))
         self.freeze()
 
-    def score(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
-        """Predicted aesthetic score per item (N,), averaged over cutouts, at least float32."""
+    def cutout_scores(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+        """Predicted aesthetic score of each cutout (N, cuts_per_item), unclipped, at least float32."""
         features = self.encoder(images, generators)  # unit-norm (as the LAION predictors were trained), >= float32
-        return at_least_float32(self.head(to_module_dtype(features, self.head))).squeeze(-1).mean(1)
+        return at_least_float32(self.head(to_module_dtype(features, self.head))).squeeze(-1)
+
+    def score(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+        """Predicted aesthetic score per item (N,), averaged over cutouts, unclipped, at least float32."""
+        return self.cutout_scores(images, generators).mean(1)
 
     def loss(self, images: Tensor, prompts: Sequence[str] | None,
              generators: Sequence[torch.Generator] | None) -> Tensor:
-        """Per-item loss (N,): -score, or |score - target|."""
-        score = self.score(images, generators)
+        """Per-item loss (N,): -score, or |score - target|, of the mean of the cutouts' clipped scores."""
+        scores = self.cutout_scores(images, generators)
+        if self.score_clip is not None:
+            scores = scores.clamp(*self.score_clip)
+        score = scores.mean(1)
         return -score if self.target is None else (score - self.target).abs()

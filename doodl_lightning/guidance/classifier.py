@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .augment import Cutouts, normalize
+from .augment import Cutouts, clamp_images, normalize
 from .base import Guidance, per_prompt
 from .loading import one_line, require_file, load_into, load_state_dict_file
 from ..precision import at_least_float32, to_module_dtype
@@ -95,15 +95,22 @@ class ClassifierGuidance(Guidance):
     ``target``: a class index or name (names need ``labels``), or a dict mapping each prompt to one, so
     items with different targets share one batch. Attribute ``target``: the resolved index, or the dict
     prompt -> index.
+
+    As doodl.py's ``fgvc_loss_fn`` (l. 341-400) with ``gen()``'s defaults: the image clamped to [-1, 1], 16
+    cutouts (cut_power 0.3) pooled to ``input_size``, ImageNet statistics, the mean cross-entropy over cutouts.
+    The official WS-DAN classifiers take 512 px (``input_size: 512``) and return three outputs, the logits last:
+    a model returning a tuple needs ``output``, the index of its logits (``output: 2`` for WS-DAN).
     """
 
     default_name = "classifier"
 
     def __init__(self, arch: str, checkpoint: str | None, target: int | str | dict[str, int | str],
                  labels: str | None = None, num_classes: int | None = None, input_size: int = 224,
-                 mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD, num_cuts: int = 0,
-                 cut_power: float = 0.3, weight: float = 1.0, name: str | None = None):
+                 mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD, num_cuts: int = 16,
+                 cut_power: float = 0.3, weight: float = 1.0, name: str | None = None, output: int | None = None,
+                 resample: str = "pool"):
         super().__init__(weight, name)
+        self.output = None if output is None else int(output)
         self.labels = read_labels(labels) if labels is not None else None
         if self.labels is not None and num_classes is not None and len(self.labels) != num_classes:
             raise ValueError(f"labels file {labels} has {len(self.labels)} classes but num_classes={num_classes}")
@@ -120,18 +127,25 @@ class ClassifierGuidance(Guidance):
             if index < 0 or (num_classes is not None and index >= num_classes):
                 raise ValueError(f"classifier target index {index} out of range for {num_classes} classes")
         self.model = build_classifier(arch, checkpoint, num_classes)
-        self.cutouts = Cutouts(input_size, num_cuts, cut_power)
+        self.cutouts = Cutouts(input_size, num_cuts, cut_power, resample)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"classifier mean/std need 3 values each, got {mean} / {std}")
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
         self.freeze()
 
     def logits(self, images: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
-        """Logits per cutout, at least float32: (N, cuts_per_item, num_classes)."""
-        x = normalize(self.cutouts(images, generators), self.mean, self.std)
+        """Logits per cutout, at least float32: (N, cuts_per_item, num_classes). Images clamped to [-1, 1] first."""
+        x = normalize(self.cutouts(clamp_images(images), generators), self.mean, self.std)
         out = self.model(to_module_dtype(x, self.model))  # a no-op from forward; logits() is public too
-        if isinstance(out, (tuple, list)):  # e.g. Inception's aux logits in some TorchScript exports
-            out = out[0]
+        if isinstance(out, (tuple, list)):
+            # which element holds the logits is the model's convention (WS-DAN: the third; an Inception export:
+            # the first): never guessed
+            if self.output is None:
+                raise ValueError(f"{self.name}: the classifier returns {len(out)} outputs, not one tensor; set "
+                                 f"output to the index of its logits (WS-DAN, as in the official DOODL: output: 2)")
+            if not -len(out) <= self.output < len(out):
+                raise ValueError(f"{self.name}: output={self.output} but the classifier returns {len(out)} outputs")
+            out = out[self.output]
         return at_least_float32(out).view(images.shape[0], self.cutouts.cuts_per_item, -1)
 
     def target_indices(self, prompts: Sequence[str] | None, n: int) -> list[int]:
