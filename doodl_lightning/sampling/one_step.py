@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..checks import check_finite
 from .denoiser import Eps
 from .schedule import Schedule
 
