@@ -188,6 +188,27 @@ def test_runs_started_at_once_from_another_directory_find_their_inputs_and_get_a
     assert sorted(seeds) == [0, 1]
 
 
+def test_a_config_run_from_another_directory_finds_its_inputs(tmp_path, tiny_pipeline_dir, write_config, monkeypatch):
+    """The default-suite twin of the slow test above (one run, in process, 1 step): from an unrelated working
+    directory the prompt file is found beside its config and the shipped weights in the repository."""
+    configs, elsewhere = tmp_path / "configs", tmp_path / "elsewhere"
+    configs.mkdir()
+    elsewhere.mkdir()
+    (configs / "prompts.txt").write_text("a green circle\n")
+    weights = "doodl_lightning/shapes/weights/shapes-clip"
+    guidance = [{"class_path": "doodl_lightning.guidance.CLIPTextGuidance",
+                 "init_args": {"model_config": f"{weights}/shapes-clip.json",
+                               "pretrained": f"{weights}/open_clip_model.safetensors", "num_cuts": 1}}]
+    cfg = write_config(configs / "run.yaml", tiny_pipeline_dir, Path("out"), steps=1, prompts=None,
+                       prompt_file="prompts.txt", seeds=[0], guidance=guidance, callbacks=[])
+    monkeypatch.chdir(elsewhere)
+    cli = main(["fit", "--config", cfg])
+    assert [it.prompt for it in cli.model.items] == ["a green circle"]
+    saved = yaml.safe_load((elsewhere / "out/lightning_logs/version_0/config.yaml").read_text())["model"]["init_args"]
+    assert saved["prompt_file"] == str(configs / "prompts.txt")  # config.yaml records what was read
+    assert saved["guidance"][0]["init_args"]["pretrained"] == str(ROOT / weights / "open_clip_model.safetensors")
+
+
 def test_claimed_run_directories_are_unique_under_a_race(tmp_path):
     """32 threads claim at once, after listing the same folder: each gets its own version_N."""
     import threading
