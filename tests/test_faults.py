@@ -109,6 +109,45 @@ def test_a_second_ctrl_c_abandons_the_step_and_keeps_the_previous_one(tmp_path, 
     assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
 
 
+class InterruptAt(Callback):
+    """Raise KeyboardInterrupt at the start of step ``step + 1``, where the second Ctrl-C's handler raises it
+    (``class_path: test_faults.InterruptAt``): in process, without a real signal reaching pytest."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_second_ctrl_c_abandons_the_step_fast(tmp_path, tiny_pipeline_dir, write_config):
+    """The default-suite twin of the slow test above: the handler stops after the step at the first Ctrl-C and
+    raises at the second; that KeyboardInterrupt mid-step exits 130 and keeps the previous step's outputs."""
+    import signal
+    from types import SimpleNamespace
+
+    from cli import StopOnSignal
+
+    stopper = StopOnSignal()
+    stopper._trainer = SimpleNamespace(should_stop=False)
+    stopper._on_sigint(signal.SIGINT, None)
+    assert stopper._trainer.should_stop and stopper.signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        stopper._on_sigint(signal.SIGINT, None)
+    out = tmp_path / "twice"
+    cfg = write_config(tmp_path / "twice.yaml", tiny_pipeline_dir, out, steps=4, prompts=["a red circle"],
+                       callbacks=OUTPUTS + [CHECKPOINT, {"class_path": "test_faults.InterruptAt", "init_args": {"step": 2}}])
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", cfg, "--model.steps", "2"])
+    assert e.value.code == 130 and signal.getsignal(signal.SIGINT) is handler  # the handlers given back
+    run = out / "lightning_logs/version_0"
+    recs = records(run)  # step 2's, complete; no final evaluation
+    assert [r["steps"] for r in recs] == [2, 2] and not any("final_loss" in r for r in recs)
+    assert torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
 # -- 2. resume safety --------------------------------------------------------------------------------------
 def test_resume_with_different_settings_is_one_line_listing_the_keys_and_writes_nothing(done, tmp_path):
     cfg, run = done
