@@ -68,6 +68,33 @@ def test_shard_deals_items_round_robin():
     assert [it.index for it in shard(items, 0, 1)] == list(range(7))
 
 
+def test_a_second_node_uses_its_global_rank(tiny_pipeline_dir, monkeypatch):
+    """The default-suite twin of the slow torchrun test's difference from the one-node test below: on node 1 of 2
+    (one process each) the local rank is 0 and the global rank 1, so the items and the checkpoint's file name must
+    come from the global rank (the local one would make both nodes optimise and save rank 0's items)."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from doodl_lightning.data import shard
+    from doodl_lightning.guidance import SymmetryGuidance
+    from doodl_lightning.module import DOODL
+    from doodl_lightning.strategy import SeedParallelStrategy
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    env = LightningEnvironment()
+    env.set_world_size(2)
+    env.set_global_rank(1)
+    strategy = SeedParallelStrategy(cluster_environment=env)
+    assert (strategy.local_rank, strategy.global_rank) == (0, 1)
+    assert strategy._rank_path("last.ckpt") == "last.ckpt.rank1"
+    m = DOODL(model=tiny_pipeline_dir, prompts=["a red circle"], seeds=[0, 1, 2], steps=2,
+              guidance=[SymmetryGuidance()])
+    m._trainer = SimpleNamespace(world_size=2, global_rank=1, local_rank=0, node_rank=1, precision="32-true")
+    m.setup("fit")
+    assert m.local_items == shard(m.items, 1, 2) and [it.index for it in m.local_items] == [1]
+
+
 def test_two_processes_equal_one_process(setup, write_config):
     tmp, pipe, ref = setup
     cfg = write_config(tmp / "two.yaml", pipe, tmp / "two", steps=2, micro_batch=1, seeds=[0, 1, 2])
