@@ -230,6 +230,25 @@ def test_doodl_fit_through_the_cli_lowers_the_loss(models, write_config, case):
         assert im.size == (w, h)
 
 
+@pytest.mark.parametrize("case", [c for c in FITS if c not in ("sdxl-nonsquare", "turbo-sd-1step", "controlnet-sd")])
+def test_a_training_steps_evaluation_for_the_slow_fits(models, case):
+    """The default-suite twin of the fits above marked slow (SDXL with EDICT, SDXL-Turbo at 1 step, LCM): the
+    module's own evaluation with backward, what each training step runs, shows the image of its chain (sampler,
+    schedule, the LCM's fixed noises) from the item's latents and sends a finite, nonzero gradient to them."""
+    family, keys = FITS[case]
+    keys = dict(keys)
+    m = doodl(models[family], keys.pop("steps"), keys.pop("guidance_scale", 5.0), **keys)
+    ev = m.evaluate_items(backward=True)
+    grad = m.latents.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    pair = m.latents.detach()
+    with torch.no_grad():
+        finals = sample(m.denoiser([0]), pair[:, 0], m.schedule, sampler=m.hparams.sampler,
+                        y=pair[:, 1] if pair.shape[1] == 2 else None, noises=m.lcm_noises([0]))
+        ref = m.backbone.decode(finals[0])
+    assert ev.images.shape == (1, 3, 16, 16) and torch.allclose(ev.images, ref, atol=1e-5)
+
+
 def test_sdxl_turbo_two_processes_equal_one_process(models, write_config):
     """DDP over seeds for a new family: every item ends exactly where a one-process run leaves it."""
     tmp = models["tmp"]
