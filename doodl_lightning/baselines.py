@@ -29,7 +29,7 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     The module's sampler, steps, grid, CFG scale and guidance are used; ``Evaluation.images`` are the
     first latent's images. Cutouts are fresh at every guidance call (one generator stream per call).
     The sampling starts at x_T and guides every step: ``opt_t`` and ``source_image`` are refused (see the
-    fidelity narrative, "Baselines").
+    fidelity narrative, "Baselines and the result image").
     """
     if estimate not in ESTIMATES:
         raise ValueError(f"unknown estimate {estimate!r}; choose one of {', '.join(ESTIMATES)}")
