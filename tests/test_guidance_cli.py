@@ -131,11 +131,12 @@ def test_editing_refuses_what_the_official_code_refuses(world, write_config, bad
         main(["--config", cfg], run=False)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "edict"])
-def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, write_config, sampler):
+# untied: the default-suite twin of the slow official-parity variant opt_t_untied
+@pytest.mark.parametrize("sampler,tied", [("ddim", True), ("edict", True), ("edict", False)])
+def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, write_config, sampler, tied):
     tmp, pipe, kinds = world
     cfg = write_config(tmp / "optt.yaml", pipe, tmp / "optt", steps=1, opt_t=2, sampler=sampler,
-                       guidance=[kinds["symmetry"]])
+                       guidance=[kinds["symmetry"]], tied_latents=tied)
     cli = main(["--config", cfg], run=False)
     m = cli.model
     m.setup("fit")
@@ -149,8 +150,11 @@ def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, write_config, 
         assert torch.allclose(m.latents[:, 0], expect, atol=1e-6)
     else:
         x, y = sample_edict(eps, z_T, z_T, full.head(2))
-        tied = (x + y) / 2  # tied_latents: the pair is tied after the prefix
-        assert torch.allclose(m.latents[:, 0], tied, atol=1e-6) and torch.equal(m.latents[:, 0], m.latents[:, 1])
+        if tied:  # tied_latents: the pair is tied after the prefix
+            assert torch.allclose(m.latents[:, 0], (x + y) / 2, atol=1e-6) and torch.equal(m.latents[:, 0], m.latents[:, 1])
+        else:  # untied: the prefix's own pair, (x, y) apart
+            assert torch.allclose(m.latents[:, 0], x, atol=1e-6) and torch.allclose(m.latents[:, 1], y, atol=1e-6)
+            assert not torch.allclose(x, y, atol=1e-6)
     # the renormalisation target stays the norm of x_T
     assert torch.allclose(m.initial_norm.float(), z_T.flatten(1).norm(dim=1))
 
