@@ -50,9 +50,10 @@ def test_doodl_update_against_the_rule_written_out():
     assert torch.allclose(a[1, 0], 1e-4 * torch.randn(3, generator=torch.Generator().manual_seed(100)))
 
 
-def test_nesterov_update_against_the_rule_written_out():
-    """use_nesterov: b as heavy-ball momentum, the step g + momentum b (official ``use_nesterov``). The default-suite
-    check of the rule; its parity with the official loop (tied_nesterov, untied_nesterov) runs with -m slow."""
+def test_nesterov_and_no_momentum_updates_against_the_rule_written_out():
+    """use_nesterov: b as heavy-ball momentum, the step g + momentum b (official ``use_nesterov``); use_momentum
+    false: each step is its own clipped gradient. The default-suite check of the rules; their parity with the
+    official loop (tied_nesterov, untied_nesterov, no_momentum) runs with -m slow."""
     torch.manual_seed(1)
     z = torch.nn.Parameter(torch.randn(2, 2, 4))
     ref = z.detach().clone()
@@ -66,6 +67,16 @@ def test_nesterov_update_against_the_rule_written_out():
         g = (-0.5 * 2.0 * grad).clamp(-0.5, 0.5)
         b = g if b is None else 0.8 * b + g
         ref = ref + g + 0.8 * b
+    assert torch.allclose(z, ref, atol=1e-6)
+    z = torch.nn.Parameter(torch.randn(2, 2, 4))
+    ref = z.detach().clone()
+    opt = DOODLOptimizer([z], grad_scale=2.0, clip_grad_val=0.5, use_momentum=False, perturb_grad_scale=0.0,
+                         tied_latents=False)
+    for _ in range(3):  # from the second step on, momentum would add the previous steps
+        grad = torch.randn_like(z)
+        z.grad = grad.clone()
+        opt.step()
+        ref = ref + (-0.5 * 2.0 * grad).clamp(-0.5, 0.5)
     assert torch.allclose(z, ref, atol=1e-6)
 
 
