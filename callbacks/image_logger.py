@@ -9,7 +9,7 @@ from lightning.pytorch import Callback
 from PIL import Image, ImageDraw, ImageFont
 
 from doodl_lightning.console import guidance_title, item_labels
-from doodl_lightning.io import check_writable, save_png, to_pil
+from doodl_lightning.io import check_writable, link_or_copy, save_png, to_pil
 
 from ._dist import gather_objects, output_dir
 
@@ -111,12 +111,26 @@ class ImageLogger(Callback):
         self.losses: dict[int, dict[int, float]] = {}   # step -> item index -> loss (rank 0; the sheet's cells)
         self.metrics: dict[int, dict[int, dict[str, float]]] = {}  # step -> item index -> held-out metrics (rank 0)
         self.final_step: int | None = None
+        self.resumed_from: str | None = None  # the run directory of the checkpoint this run resumed
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.dir = check_writable(output_dir(trainer, self.dirpath))
 
-    def _path(self, index: int, step: int, view: str = "") -> str:
-        return os.path.join(self.dir, "images", f"item{index:03d}", view, f"step{step:04d}.png")
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run writes a new folder: rank 0, which alone keeps the logged steps (the output directory is
+        # shared), brings the images of the steps logged before the resume here (hard links), so the folder is
+        # self-contained and its contact sheet shows the whole run
+        if self.resumed_from is None or os.path.realpath(self.resumed_from) == os.path.realpath(self.dir):
+            return
+        for it in pl_module.items:
+            for step in self.logged_steps:
+                for view in ("", "upscaled"):
+                    src, dst = self._path(it.index, step, view, self.resumed_from), self._path(it.index, step, view)
+                    if os.path.isfile(src) and not os.path.exists(dst):
+                        link_or_copy(src, dst)
+
+    def _path(self, index: int, step: int, view: str = "", root: str | None = None) -> str:
+        return os.path.join(root or self.dir, "images", f"item{index:03d}", view, f"step{step:04d}.png")
 
     @staticmethod
     def metric_lines(metrics: dict[str, float] | None) -> list[str]:
@@ -233,10 +247,12 @@ class ImageLogger(Callback):
         return out
 
     def state_dict(self) -> dict:
-        return {"logged_steps": self.logged_steps, "losses": self.losses, "metrics": self.metrics}
+        return {"logged_steps": self.logged_steps, "losses": self.losses, "metrics": self.metrics,
+                "dir": os.path.abspath(self.dir)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.logged_steps = list(state_dict["logged_steps"])
+        self.resumed_from = state_dict.get("dir")  # checkpoints made before it was kept: the images stay there
         # checkpoints made before losses were kept have none: those cells go without a number
         self.losses = {int(s): {int(i): float(v) for i, v in row.items()} for s, row in state_dict.get("losses", {}).items()}
         self.metrics = {int(s): {int(i): {str(k): float(x) for k, x in v.items()} for i, v in row.items()}

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
 
-from doodl_lightning.io import atomic_write_text, check_writable, save_png
+from doodl_lightning.io import atomic_write_text, check_writable, link_or_copy, save_png
 
 from ._dist import gather_objects, output_dir
 
@@ -52,6 +54,23 @@ class ResultsWriter(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.dir = check_writable(output_dir(trainer, self.dirpath))
         self.env = environment(pl_module.device, trainer)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a resumed run writes a new folder, and its records (from the checkpoint) name images of the older one, e.g.
+        # a best step before the resume: each rank brings its items' images here, so the folder is self-contained
+        items = {it.index: it for it in pl_module.local_items}
+        for index, rec in self.records.items():
+            for key in [k for k in rec if k.endswith("_image") and rec[k]]:
+                here, old = self._image_path(items[index], key[: -len("_image")]), Path(rec[key])
+                if old.resolve() == Path(here).resolve():
+                    continue
+                if old.is_file():
+                    link_or_copy(old, here)
+                    rec[key] = here
+                else:  # never a path that leads nowhere
+                    warnings.warn(f"item {index}: its {key} {old}, named by the resumed checkpoint, is gone; "
+                                  "results.jsonl names none until this run writes one", stacklevel=1)
+                    rec[key] = None
 
     def _terms(self, ev, j: int) -> dict:
         return {k: float(v[j]) for k, v in ev.terms.items()}

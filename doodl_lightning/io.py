@@ -55,6 +55,21 @@ def save_png(path: str | os.PathLike, image: torch.Tensor | Image.Image) -> None
     atomic_write_bytes(path, buf.getvalue())
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``dst`` holding what ``src`` holds: a hard link (no space; ``src`` being rewritten later, by rename, leaves
+    ``dst`` as it was) or, where the file system refuses one (another device, no hard links), a copy; either
+    appears at once, whole (a temporary name, then a rename)."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        atomic_write_bytes(dst, src.read_bytes())
+        return
+    os.replace(tmp, dst)
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Create ``path`` if needed and prove it is writable, before any work starts."""
     p = Path(path)

@@ -51,3 +51,42 @@ def test_sigterm_between_two_steps_writes_the_final_outputs_and_resumes_bit_iden
         assert torch.equal(resumed.model.latents, full.model.latents), hook
         assert strip_paths(records(tmp_path / hook / "lightning_logs/version_1")) == strip_paths(
             records(tmp_path / "full/lightning_logs/version_0")), hook
+
+
+# -- a resumed run's directory is self-contained --------------------------------------------------------
+def test_a_resumed_run_directory_holds_the_images_its_results_name(tmp_path, tiny_pipeline_dir, write_config):
+    """The best step came before the resume: the new version_N holds the best PNG (results.jsonl named the older
+    folder's) and the step images logged before the resume (its contact sheet showed only the later columns), as
+    hard links where the file system allows. A best image that is gone is named null, never a dead path.
+    Each update is clipped to 1e-30, without perturbation, so no latent changes (float32): every step's loss equals
+    step 0's, and the best step is step 0 whatever the model does."""
+    import warnings
+
+    cfg = write_config(tmp_path / "run.yaml", tiny_pipeline_dir, tmp_path / "out", steps=2,
+                       clip_grad_val=1e-30, perturb_grad_scale=0.0, callbacks=OUTPUTS + [CHECKPOINT])
+    main(["fit", "--config", cfg])
+    old, new = (tmp_path / f"out/lightning_logs/version_{v}" for v in (0, 1))
+    main(["fit", "--config", cfg, "--trainer.max_steps", "3", "--ckpt_path", "last"])
+    recs = records(new)
+    assert [r["best_step"] for r in recs] == [0] * len(recs)  # the situation this test is about
+    for rec in recs:
+        for key in ("best_image", "final_image"):
+            path = Path(rec[key])
+            assert path.parent.parent == new and path.is_file(), (key, path)
+        assert (new / "images" / Path(rec["best_image"]).name).read_bytes() == (
+            old / "images" / Path(rec["best_image"]).name).read_bytes()
+    for item in range(len(recs)):
+        for step in (0, 1):  # logged before the resume
+            for view in ("", "upscaled"):
+                before = old / f"images/item{item:03d}" / view / f"step{step:04d}.png"
+                assert before.is_file() and (new / f"images/item{item:03d}" / view / f"step{step:04d}.png").read_bytes() \
+                    == before.read_bytes(), (item, step, view)
+    assert (new / "contact_sheet.png").is_file()
+
+    (old / "images/item000_best.png").unlink()  # gone: resumed from the older folder's checkpoint again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", cfg, "--trainer.max_steps", "3", "--ckpt_path", str(old / "checkpoints/last.ckpt")])
+    recs = records(tmp_path / "out/lightning_logs/version_2")
+    assert recs[0]["best_image"] is None and Path(recs[1]["best_image"]).is_file()
+    assert any("item 0: its best_image" in str(w.message) and "is gone" in str(w.message) for w in caught)
