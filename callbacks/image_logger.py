@@ -93,7 +93,9 @@ class ImageLogger(Callback):
       one item's trajectory; small images upscaled to at least ``min_side`` pixels;
     - at the end, ``contact_sheet.png``: the guidance target in the title, one row per item (prompt | seed at
       the left), one column per logged step (labelled; the last is the final evaluation), each cell with its
-      loss, the row's lowest loss in green (and under it one line per held-out metric, ``value name``, when the run has any).
+      loss, the row's best in green: its lowest loss or, with a regulariser, its lowest reward loss, the rule
+      ``results.jsonl``'s best follows (and under it one line per held-out metric, ``value name``, when the run has
+      any).
 
     ``thumbnail``: the contact sheet's cell side (default: the native size, upscaled to ``min_side``).
     ``per_item``: log the per-item TensorBoard series (off for very many items: one series each).
@@ -109,6 +111,9 @@ class ImageLogger(Callback):
         self.min_side, self.per_item = min_side, per_item
         self.logged_steps: list[int] = []
         self.losses: dict[int, dict[int, float]] = {}   # step -> item index -> loss (rank 0; the sheet's cells)
+        # step -> item index -> reward loss, only when a regulariser makes it differ from the loss (rank 0): the
+        # green cell goes by it, as the best iteration does (``Evaluation.reward``)
+        self.rewards: dict[int, dict[int, float]] = {}
         self.metrics: dict[int, dict[int, dict[str, float]]] = {}  # step -> item index -> held-out metrics (rank 0)
         self.final_step: int | None = None
         self.resumed_from: str | None = None  # the run directory of the checkpoint this run resumed
@@ -138,23 +143,26 @@ class ImageLogger(Callback):
         return [f"{v:.4f} {k}" for k, v in (metrics or {}).items()]
 
     def _log(self, trainer, pl_module, images: torch.Tensor, losses: torch.Tensor, step: int,
-             metrics: dict[str, torch.Tensor] | None = None) -> None:
+             metrics: dict[str, torch.Tensor] | None = None, rewards: torch.Tensor | None = None) -> None:
         for j, item in enumerate(pl_module.local_items):
             native = to_pil(images[j])
             save_png(self._path(item.index, step), native)
             if upscale_factor(native.size, self.min_side) > 1:  # 32 px is unreadable in an image viewer
                 save_png(self._path(item.index, step, "upscaled"), upscaled(native, self.min_side))
         metrics = metrics or {}
-        parts = gather_objects([(it.index, images[j].cpu(), float(losses[j]), {k: float(v[j]) for k, v in metrics.items()})
+        parts = gather_objects([(it.index, images[j].cpu(), float(losses[j]), {k: float(v[j]) for k, v in metrics.items()},
+                                 None if rewards is None else float(rewards[j]))
                                 for j, it in enumerate(pl_module.local_items)])
         if trainer.global_rank != 0:
             return
         if step not in self.logged_steps:
             self.logged_steps.append(step)
         ordered = sorted((p for part in parts for p in part), key=lambda p: p[0])
-        self.losses[step] = {index: loss for index, _, loss, _ in ordered}
+        self.losses[step] = {index: loss for index, _, loss, _, _ in ordered}
         if metrics:
-            self.metrics[step] = {index: values for index, _, _, values in ordered}
+            self.metrics[step] = {index: values for index, _, _, values, _ in ordered}
+        if rewards is not None:
+            self.rewards[step] = {index: reward for index, _, _, _, reward in ordered}
         experiments = [exp for exp in (getattr(lg, "experiment", None) for lg in trainer.loggers)
                        if hasattr(exp, "add_image")]
         if not experiments:
@@ -164,12 +172,12 @@ class ImageLogger(Callback):
         cells = [captioned(upscaled(to_pil(img), self.min_side),
                            [labels[index], f"loss {loss:.4f} · step {step}"] + self.metric_lines(values),
                            fnt, 14)
-                 for index, img, loss, values in ordered]
+                 for index, img, loss, values, _ in ordered]
         all_items = grid(cells, ncol=min(8, len(cells)))
         for exp in experiments:
             exp.add_image("images/all_items", pil_to_chw(all_items), global_step=step)
             if self.per_item:
-                for (index, _, _, _), cell in zip(ordered, cells):
+                for (index, _, _, _, _), cell in zip(ordered, cells):
                     exp.add_image(f"images/{labels[index]}", pil_to_chw(cell), global_step=step)
             if step == 0 or not getattr(self, "_captioned", False):
                 # the full prompts (the images' captions are cut to the image width)
@@ -177,18 +185,25 @@ class ImageLogger(Callback):
                 exp.add_text("images/captions", captions, global_step=step)
                 self._captioned = True
 
+    @staticmethod
+    def _rewards(ev) -> torch.Tensor | None:
+        """The evaluation's reward loss when a regulariser makes it differ from its total, else None."""
+        reward = getattr(ev, "reward", None)
+        return None if reward is None or reward is ev.total else reward
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the images were made before this step's update
         if step % self.every_n_steps == 0:
             self._log(trainer, pl_module, pl_module.last.images, pl_module.last.total, step,
-                      getattr(pl_module.last, "metrics", None))
+                      getattr(pl_module.last, "metrics", None), self._rewards(pl_module.last))
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self.logged_steps and trainer.global_rank == 0 and trainer.global_step == 0:
             return
         final = pl_module.final_evaluation()
         self.final_step = trainer.global_step
-        self._log(trainer, pl_module, final.images, final.total, trainer.global_step, getattr(final, "metrics", None))
+        self._log(trainer, pl_module, final.images, final.total, trainer.global_step, getattr(final, "metrics", None),
+                  self._rewards(final))
         if trainer.global_rank == 0:
             self.contact_sheet(pl_module.items, title=guidance_title(getattr(pl_module, "guidance", None)))
 
@@ -227,7 +242,9 @@ class ImageLogger(Callback):
             for k, line in enumerate(lines + [f"seed {item.seed}"]):
                 draw.text((g, y + 2 + k * 15), line, fill=INK if k < len(lines) else FAINT, font=fnt)
             losses = {s: self.losses.get(s, {}).get(item.index) for s in steps}
-            known = [v for v in losses.values() if v is not None]
+            # the best cell: the lowest reward loss where a regulariser made it differ from the loss, else the loss
+            ranked = {s: self.rewards.get(s, {}).get(item.index, losses[s]) for s in steps}
+            known = [v for s, v in ranked.items() if v is not None and losses[s] is not None]
             best = min(known) if known else None
             for c, step in enumerate(steps):
                 x = label_w + g + c * (w + g)
@@ -239,7 +256,7 @@ class ImageLogger(Callback):
                     draw.rectangle((x, y, x + w - 1, y + h - 1), outline=(200, 200, 200))
                 loss = losses[step]
                 if loss is not None:
-                    draw.text((x, y + h + 1), f"{loss:.4f}", fill=BEST if loss == best else FAINT, font=small)
+                    draw.text((x, y + h + 1), f"{loss:.4f}", fill=BEST if ranked[step] == best else FAINT, font=small)
                     for k, line in enumerate(self.metric_lines(self.metrics.get(step, {}).get(item.index))):
                         draw.text((x, y + h + 14 + 13 * k), fit_text(draw, line, w, small), fill=FAINT, font=small)
         out = os.path.join(self.dir, "contact_sheet.png")
@@ -248,7 +265,7 @@ class ImageLogger(Callback):
 
     def state_dict(self) -> dict:
         return {"logged_steps": self.logged_steps, "losses": self.losses, "metrics": self.metrics,
-                "dir": os.path.abspath(self.dir)}
+                "rewards": self.rewards, "dir": os.path.abspath(self.dir)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.logged_steps = list(state_dict["logged_steps"])
@@ -257,4 +274,6 @@ class ImageLogger(Callback):
         self.losses = {int(s): {int(i): float(v) for i, v in row.items()} for s, row in state_dict.get("losses", {}).items()}
         self.metrics = {int(s): {int(i): {str(k): float(x) for k, x in v.items()} for i, v in row.items()}
                         for s, row in state_dict.get("metrics", {}).items()}
+        self.rewards = {int(s): {int(i): float(v) for i, v in row.items()}
+                        for s, row in state_dict.get("rewards", {}).items()}
 

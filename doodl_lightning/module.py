@@ -323,7 +323,7 @@ class DOODL(LightningModule):
                 backward=backward, first_image_only=hp.optimize_first_edict_image_only, noises=self.lcm_noises(idx)))
             outs[-1].metrics = self.metric_values(idx, outs[-1].images)
         ev = concat_evaluations(outs)
-        ev.reward = reward_loss(self.guidance, ev.total, ev.terms)  # the best iteration's measure (no regulariser: total)
+        ev.reward = reward_loss(self.guidance, ev.total, ev.terms)  # what the best iteration goes by
         return ev
 
     def training_step(self, batch, batch_idx):

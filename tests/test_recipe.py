@@ -373,3 +373,31 @@ def test_best_of_n_keeps_the_candidate_of_the_lowest_reward_loss(tmp_path, tiny_
     assert (winner != by_total).any(), "the lowest total is the lowest reward loss: the rule is untested"
     for j, it in enumerate(m.local_items):
         assert torch.equal(m.latents.detach()[j, 0], candidate_noise(it, int(winner[j]), m.latent_shape)), j
+
+
+def test_contact_sheet_greens_the_lowest_reward_loss_with_a_regulariser(tmp_path):
+    """The contact sheet's green number marks the iteration ``results.jsonl`` calls best: with a regulariser, the
+    lowest reward loss (step 2 here), not the lowest loss shown (step 1)."""
+    import numpy as np
+    from PIL import Image
+
+    from callbacks.image_logger import ImageLogger
+    from doodl_lightning.data import Item
+    from doodl_lightning.io import save_png
+
+    logger = ImageLogger(every_n_steps=1)
+    logger.dir = tmp_path
+    colours = {0: -0.8, 1: 0.0, 2: 0.8}  # a flat grey per step: its columns are found by colour
+    for step, loss, reward in ((0, 0.9, 0.5), (1, 0.4, 0.6), (2, 0.7, 0.3)):
+        save_png(logger._path(0, step), torch.full((3, 16, 16), colours[step]))
+        logger.logged_steps.append(step)
+        logger.losses[step], logger.rewards[step] = {0: loss}, {0: reward}
+    logger.final_step = 2
+    restored = ImageLogger()
+    restored.load_state_dict(logger.state_dict())  # a resumed run keeps the rewards the green goes by
+    restored.dir = tmp_path
+    sheet = np.asarray(Image.open(restored.contact_sheet([Item(0, "a red circle", 0)])).convert("RGB")).astype(int)
+    # step 2's column: the x where its grey fills a whole image height (text and gutters hold a few such pixels)
+    column = np.nonzero(np.all(sheet == round((colours[2] + 1) * 127.5), axis=-1).sum(0) >= 64)[0]
+    green = np.nonzero((sheet[..., 1] - sheet[..., 0] > 40) & (sheet[..., 1] - sheet[..., 2] > 40))[1]
+    assert len(green) and column.min() <= green.min() and green.max() <= column.max()
