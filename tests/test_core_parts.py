@@ -129,3 +129,29 @@ def test_the_precision_helper():
     m = M().to(torch.float16)
     assert m.lin.weight.dtype == torch.float16 and m.latents.dtype == torch.float32
     assert M().double().latents.dtype == torch.float64  # 64-true widens
+
+
+@pytest.mark.parametrize("sampler,backprop", [("ddim", "checkpoint"), ("edict", "reversible")])
+def test_the_chains_gradient_in_each_precision_against_float64(tiny_pipeline_dir, sampler, backprop):
+    """The default-suite twin of the slow precision benchmark's claims (one module cast in turn, as the ``-true``
+    precisions cast it; its latents stay float32): the float32 gradient is the float64 one up to float32 rounding,
+    and float16 / bfloat16 ones are finite, nonzero, less exact than float32 (the cast really happened) and
+    within 10% (room for the low-precision kernels, not for a broken chain)."""
+    m = DOODL(model=tiny_pipeline_dir, prompts=["a red circle"], seeds=[0, 1], steps=2, sampler=sampler,
+              backprop=backprop, guidance_scale=3.0, guidance=[SymmetryGuidance()]).prepare()
+
+    def grad(dtype):
+        m.to(dtype)
+        m.latents.grad = None
+        m.evaluate_items(backward=True)
+        assert m.backbone.dtype == dtype
+        return m.latents.grad.double()
+
+    ref = grad(torch.float64)
+    err = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        g = grad(dtype)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, dtype
+        err[dtype] = float((g - ref).norm() / ref.norm())
+    assert err[torch.float32] < 1e-4, err
+    assert all(10 * err[torch.float32] < err[d] < 0.1 for d in (torch.float16, torch.bfloat16)), err
