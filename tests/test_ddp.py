@@ -105,7 +105,7 @@ def test_two_processes_equal_one_process(setup, write_config):
     check_run(tmp / "two/lightning_logs/version_0", ref)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin: test_a_second_node_uses_its_global_rank
 def test_two_nodes_through_torchrun_environment(setup, write_config):
     """Two single-process 'nodes' on 127.0.0.1, launched by torchrun as on a cluster."""
     tmp, pipe, ref = setup

@@ -98,7 +98,7 @@ def test_sigterm_and_ctrl_c_finish_the_step_write_the_final_state_and_exit_nonze
         records(tmp_path / "full/lightning_logs/version_0"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin: test_a_second_ctrl_c_abandons_the_step_fast
 def test_a_second_ctrl_c_abandons_the_step_and_keeps_the_previous_one(tmp_path, tiny_pipeline_dir, write_config):
     proc, _ = killed_run(tmp_path, tiny_pipeline_dir, write_config, "twice", "SIGINT", times=2)
     _, stderr = proc.communicate(timeout=300)
@@ -191,7 +191,7 @@ def test_resume_runs_the_config_not_the_checkpoints_hyperparameters(done, tmp_pa
 
 
 # -- 3. concurrent runs, 7. paths relative to the config file or the repository -----------------------------
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin: test_a_config_run_from_another_directory_finds_its_inputs
 def test_runs_started_at_once_from_another_directory_find_their_inputs_and_get_a_run_directory_each(
         tmp_path, tiny_pipeline_dir, write_config):
     """Two runs started at once from an unrelated working directory, into the same output directory: each finds

@@ -159,7 +159,7 @@ def test_renormalization_off_lets_norms_move(fit):
     assert not torch.allclose(norms, m.initial_norm[:, None].float().expand_as(norms), rtol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin: test_per_item_early_stopping_patience_and_masked_update_fast
 def test_per_item_early_stopping_freezes_items_and_ends_fit(fit):
     cb = [{"class_path": "callbacks.ItemEarlyStopping", "init_args": {"stop_at": 1e9}}]
     cli, _ = fit("e", steps=10, callbacks=cb)

@@ -61,7 +61,7 @@ def test_best_of_n_keeps_the_candidate_the_guidance_scores_best(fit, sampler):
         assert r["final_loss"] == pytest.approx(r["best_loss"], rel=1e-5)  # the kept noise, re-sampled
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin: test_best_of_one_is_the_seed_noise_doodl_starts_from
 def test_best_of_one_is_the_unguided_sample_doodl_starts_from(fit):
     bon, _ = fit("bon1", steps=1, extra=[*BEST_OF_N, "--model.candidates", "1"])
     doodl, _ = fit("doodl", steps=1)
@@ -80,7 +80,7 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin: test_best_of_n_edict_pairs_and_checkpointed_best
 def test_best_of_n_resumes_to_the_uninterrupted_result(fit):
     full, _ = fit("full", steps=4, extra=[*BEST_OF_N, "--model.candidates", "4"])
     callbacks = [{"class_path": "test_noise_search.StopAfter", "init_args": {"steps": 2}},

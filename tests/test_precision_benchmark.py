@@ -19,7 +19,7 @@ def _load():
     return mod
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # fast twin of its claims: test_core_parts::test_the_chains_gradient_in_each_precision_against_float64
 def test_quick_precision_benchmark(tmp_path):
     threads = torch.get_num_threads()
     out = tmp_path / "precision.json"
