@@ -68,6 +68,19 @@ def test_every_doodl_setting_that_changes_the_chain_is_a_trajectory_key(module):
         assert key in traj, key
 
 
+def test_every_setting_of_a_search_built_on_doodl_is_a_trajectory_key(tiny_pipeline_dir):
+    """The same rule for the classes that extend DOODL (best-of-N: ``candidates``): their own settings too."""
+    from doodl_lightning.best_of_n import BestOfN
+
+    m = BestOfN(candidates=3, model=tiny_pipeline_dir, prompts=["a red circle"], steps=2, guidance=[SymmetryGuidance()])
+    own = [p for p, v in inspect.signature(BestOfN.__init__).parameters.items()
+           if p != "self" and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    traj = trajectory(m)
+    missing = [p for p in own if p not in NOT_OWN_KEYS and traj.get(f"model.{p}") is None]
+    assert own and not missing, f"settings a resume would not compare: {missing}"
+    assert traj["model.candidates"] == 3
+
+
 def test_another_negative_prompt_is_refused(module, tiny_pipeline_dir):
     other = DOODL(**{**dict(module.hparams), "model": tiny_pipeline_dir, "negative_prompt": "",
                      "guidance": [SymmetryGuidance()]})
