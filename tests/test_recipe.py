@@ -401,3 +401,20 @@ def test_contact_sheet_greens_the_lowest_reward_loss_with_a_regulariser(tmp_path
     column = np.nonzero(np.all(sheet == round((colours[2] + 1) * 127.5), axis=-1).sum(0) >= 64)[0]
     green = np.nonzero((sheet[..., 1] - sheet[..., 0] > 40) & (sheet[..., 1] - sheet[..., 2] > 40))[1]
     assert len(green) and column.min() <= green.min() and green.max() <= column.max()
+
+
+def test_a_resumed_fit_keeps_comparing_reward_losses():
+    """TensorBoardSummary checkpoints each item's best reward loss beside its best loss: a regularised run resumed
+    from a checkpoint goes on choosing its best iteration by the reward loss (``train/best_loss``)."""
+    from types import SimpleNamespace
+
+    from callbacks.tensorboard import TensorBoardSummary
+
+    saver = TensorBoardSummary()
+    saver.module = SimpleNamespace(item_best_loss=torch.tensor([1.0, 2.0]), item_best_reward=torch.tensor([0.1, 0.2]))
+    loader = TensorBoardSummary()
+    loader.load_state_dict(saver.state_dict())
+    module = SimpleNamespace(items=[0, 1])
+    loader.on_train_start(None, module)
+    assert module.item_best_loss.tolist() == [1.0, 2.0]
+    assert module.item_best_reward.tolist() == pytest.approx([0.1, 0.2])
