@@ -130,7 +130,7 @@ def test_a_second_ctrl_c_abandons_the_step_fast(tmp_path, tiny_pipeline_dir, wri
     from cli import StopOnSignal
 
     stopper = StopOnSignal()
-    stopper._trainer = SimpleNamespace(should_stop=False)
+    stopper._trainer = SimpleNamespace(should_stop=False, world_size=1)  # one process: the handler stops it
     stopper._on_sigint(signal.SIGINT, None)
     assert stopper._trainer.should_stop and stopper.signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
