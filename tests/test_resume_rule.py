@@ -8,8 +8,10 @@ the documented exceptions below, with its reason.
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
+import torch
 
 from doodl_lightning.guidance import CLIPTextGuidance, NoiseNormRegularizer, SymmetryGuidance
 from doodl_lightning.module import DOODL
@@ -109,24 +111,38 @@ def test_a_controlnet_retrained_at_the_same_path_is_refused(tmp_path, tiny_pipel
     assert "model.model (weights)" not in problem  # the base model is the same
 
 
-def _guidance(kind, tiny_clip) -> tuple[type, dict]:
+def _guidance(kind, tiny_clip, folder) -> tuple[type, dict]:
     """The class and its arguments, every setting away from its default where the tiny models allow."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from doodl_lightning.guidance import AestheticGuidance, CLIPImageGuidance
+
+    clip = dict(model_name="tiny_clip_test", pretrained=str(tiny_clip.weights), model_config=str(tiny_clip.config),
+                num_cuts=2, cut_power=0.5, weight=2.0, name="c", resample="bilinear")
     if kind == "clip_text":
-        return CLIPTextGuidance, dict(model_name="tiny_clip_test", pretrained=str(tiny_clip.weights),
-                                      model_config=str(tiny_clip.config), prompt="a circle", num_cuts=2, cut_power=0.5,
-                                      weight=2.0, name="c", cutout_reduction="mean", resample="bilinear")
+        return CLIPTextGuidance, dict(clip, prompt="a circle", cutout_reduction="mean")
+    if kind == "clip_image":
+        Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8")).save(folder / "ref.png")
+        return CLIPImageGuidance, dict(clip, references=[str(folder / "ref.png")], cutout_reduction="mean")
+    if kind == "aesthetic":
+        dim = json.loads(tiny_clip.config.read_text())["embed_dim"]
+        save_file({"weight": torch.randn(1, dim, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(1)},
+                  str(folder / "head.safetensors"))
+        return AestheticGuidance, dict(clip, head=str(folder / "head.safetensors"), target=5.0, score_clip=[2.0, 8.0])
     return {"symmetry": SymmetryGuidance, "noise_norm": NoiseNormRegularizer}[kind], dict(weight=2.0, name="g")
 
 
 # guidance settings that only say where the model's weights are read from: "model.guidance[i] (models and weights)"
-GUIDANCE_PATHS = {"pretrained", "model_config"}
+GUIDANCE_PATHS = {"pretrained", "model_config", "head"}
 
 
-@pytest.mark.parametrize("kind", ["clip_text", "symmetry", "noise_norm"])
-def test_every_guidance_setting_is_a_trajectory_key(module, tiny_clip, kind):
+@pytest.mark.parametrize("kind", ["clip_text", "clip_image", "aesthetic", "symmetry", "noise_norm"])
+def test_every_guidance_setting_is_a_trajectory_key(module, tiny_clip, tmp_path, kind):
     """Each ``__init__`` argument of the guidance class is recorded under ``model.guidance[i]`` (on the guidance or
     one of our own parts, e.g. ``cutouts.num_cuts``) at the value given, or is a path to the weights."""
-    cls, kwargs = _guidance(kind, tiny_clip)
+    cls, kwargs = _guidance(kind, tiny_clip, tmp_path)
     saved = module.guidance
     try:
         module.guidance = type(saved)([cls(**kwargs)])
