@@ -298,7 +298,11 @@ def build_aesthetic(ctx: Ctx, split: str) -> Task:
     want = dict(_split_prompts(generate, n_test, n_val, split))
 
     def guidance(num_cuts: int):
-        return AestheticGuidance(head=ctx.weights.aesthetic_head, num_cuts=num_cuts, **ctx.weights.clip_kwargs())
+        # no [1, 10] clip of the score (the official one, for LAION heads scoring ~4-7): this head's unguided images
+        # already score ~9 and guided ones pass 10, where the clipped loss is flat (a deliberate difference; the
+        # clamp to [-1, 1] and the pooled cutouts stay official)
+        return AestheticGuidance(head=ctx.weights.aesthetic_head, num_cuts=num_cuts, score_clip=None,
+                                 **ctx.weights.clip_kwargs())
 
     judge = guidance(0)
 
