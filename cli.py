@@ -16,6 +16,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch import Callback
@@ -166,18 +167,21 @@ class AtomicSaveConfig(SaveConfigCallback):
 
 
 class StopOnSignal(Callback):
-    """SIGTERM (what schedulers and SLURM pre-emption send) and SIGINT (Ctrl-C) end a one-process run after
-    the step in progress, as if it had reached max_steps: the final evaluation, images, contact sheet,
-    ``results.jsonl`` and ``last.ckpt`` (with a ModelCheckpoint that has ``save_last``) are written, then
-    ``cli.py`` exits 128 + the signal (143, 130). A second Ctrl-C abandons the step at once (exit 130; the
-    previous step's outputs and checkpoint stay). Several processes keep Lightning's SIGTERM handling: each
-    stops at the end of its step without the final evaluation (the README says so).
+    """SIGTERM (what schedulers and SLURM pre-emption send) and SIGINT (Ctrl-C) end a run after the step in
+    progress, as if it had reached max_steps: the final evaluation, images, contact sheet, ``results.jsonl`` and
+    ``last.ckpt`` (with a ModelCheckpoint that has ``save_last``) are written, then ``cli.py`` exits 128 + the
+    signal (143, 130). A second Ctrl-C abandons the step at once (exit 130; the previous step's outputs and
+    checkpoint stay).
 
-    The handlers only set ``trainer.should_stop``, which Lightning reads before each step: a signal at any
-    moment of a step, or between two steps, ends the run with the outputs of the last finished step. (Lightning's
-    own handler set a flag that it turns into an exit without outputs at the end of every step; a flag read
-    in ``on_train_batch_end`` missed the signals that arrived after that hook.) Must be the FIRST callback:
-    its ``on_train_end`` saves the stopped step's ``last.ckpt`` before the final evaluation changes the other
+    The handlers do nothing but note the signal. One process: they set ``trainer.should_stop``, which Lightning
+    reads before each step, so a signal at any moment of a step, or between two steps, ends the run with the
+    outputs of the last finished step. Several processes: every rank must stop after the same step (the final
+    evaluation and the checkpoints are collectives), so the ranks agree at the end of each step (one all-reduce
+    of the signal number) and all stop when any was signalled; a signal that lands after that point stops them
+    after the next step. (Lightning's handler set a flag that became an exit without outputs at the end of the
+    epoch, one step here; with several processes it broadcast from inside the handler, and ranks that were each
+    signalled, as SLURM signals every task, hung in mismatched collectives.) Must be the FIRST callback: its
+    ``on_train_end`` saves the stopped step's ``last.ckpt`` before the final evaluation changes the other
     callbacks' state."""
 
     def __init__(self):
@@ -189,19 +193,22 @@ class StopOnSignal(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._first_step = trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python runs signal handlers in the main thread only: Lightning's handling stays
+        self._trainer = trainer
         # Lightning's SIGTERM handler raises a flag that becomes an exit without outputs; Ctrl-C raises
         # KeyboardInterrupt wherever it lands (once it hung a minute in Lightning's shutdown): both become ours
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._trainer = trainer
-            for signum, handler in ((signal.SIGINT, self._on_sigint), (signal.SIGTERM, self._on_sigterm)):
-                self._previous[signum] = signal.signal(signum, handler)
-            if trainer.received_sigterm:  # arrived after Lightning's handler was set, before ours
-                trainer._signal_connector.received_sigterm = False
-                self._stop(signal.SIGTERM)
+        for signum, handler in ((signal.SIGINT, self._on_sigint), (signal.SIGTERM, self._on_sigterm)):
+            self._previous[signum] = signal.signal(signum, handler)
+        if trainer.received_sigterm:  # arrived after Lightning's handler was set, before ours
+            trainer._signal_connector.received_sigterm = False
+            self._stop(signal.SIGTERM)
 
     def _stop(self, signum: int) -> None:
         self.signal = signum
-        self._trainer.should_stop = True  # read by Lightning's loops before the next step
+        if self._trainer.world_size == 1:
+            self._trainer.should_stop = True  # read by Lightning's loops before the next step
+        # several processes: the ranks agree in on_train_batch_end
 
     def _on_sigterm(self, signum, frame) -> None:
         if self.signal is None:
@@ -213,6 +220,14 @@ class StopOnSignal(Callback):
             raise KeyboardInterrupt  # the second Ctrl-C: abandon the step
         self._stop(signal.SIGINT)
         os.write(2, b"\nCtrl-C: stopping after this step, then writing the final outputs (Ctrl-C again to abandon the step)\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and self._trainer is not None:  # every rank, at the same point of every step
+            mine = torch.tensor(self.signal or 0, device=trainer.strategy.root_device)
+            agreed = int(trainer.strategy.reduce(mine, reduce_op="max"))  # SIGTERM (15) over SIGINT (2)
+            if agreed:
+                self.signal = agreed
+                trainer.should_stop = True
 
     def _finished_steps(self, trainer) -> None:
         self.steps = trainer.global_step - self._first_step

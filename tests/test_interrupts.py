@@ -4,6 +4,7 @@ behaviour is the process's (signals, exit status, several processes); the tiny r
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,63 @@ def test_sigterm_between_two_steps_writes_the_final_outputs_and_resumes_bit_iden
         assert torch.equal(resumed.model.latents, full.model.latents), hook
         assert strip_paths(records(tmp_path / hook / "lightning_logs/version_1")) == strip_paths(
             records(tmp_path / "full/lightning_logs/version_0")), hook
+
+
+
+# -- a signalled 2-process run, resumed with 2 processes -------------------------------------------------
+def test_sigterm_to_every_rank_of_a_two_process_run_writes_the_final_outputs_and_resumes_bit_identical(
+        tmp_path, tiny_pipeline_dir, write_config):
+    """Each process of a 2-process ``seed_parallel`` run gets SIGTERM during step 2 of 3 (as SLURM signals every
+    task): both finish the step, write the final outputs and both checkpoints, and exit 143; resumed with 2
+    processes, every item ends bit for bit where a one-process run ends, losses included, at the same thread count
+    (1 per process; the README gives the bound across thread counts). Lightning's handler broadcast from inside
+    the signal handler: the two ranks hung in mismatched collectives."""
+    def config(name: str, *extra) -> str:
+        return write_config(tmp_path / f"{name}{'-killed' if extra else ''}.yaml", tiny_pipeline_dir, tmp_path / name,
+                            steps=3, prompts=["a red circle"], micro_batch=1, callbacks=OUTPUTS + [CHECKPOINT, *extra])
+
+    def two_processes(*args) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "fit", *args, "--trainer.devices", "2",
+                                 "--trainer.strategy", "seed_parallel"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def finish(proc: subprocess.Popen) -> tuple[str, str]:
+        try:
+            return proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # hung (the old handling): end both ranks, not only the launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+    killer = {"class_path": "killer.KillAfter", "init_args": {"step": 1, "signal": "SIGTERM", "mid_step": True}}
+    proc = two_processes("--config", config("two", killer))
+    torch.set_num_threads(1)  # what each of the 2 processes has (conftest restores the session's count)
+    one = main(["fit", "--config", config("one")])  # meanwhile
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM after step 2 of 3" in stdout and "--ckpt_path last" in stdout, stdout
+    run = tmp_path / "two/lightning_logs/version_0"
+    recs = records(run)
+    assert [(r["rank"], r["steps"]) for r in recs] == [(0, 2), (1, 2)] and all("final_loss" in r for r in recs)
+    assert (run / "contact_sheet.png").is_file() and all(Path(r["final_image"]).is_file() for r in recs)
+    for ckpt in ("last.ckpt", "last.ckpt.rank1"):
+        assert torch.load(run / "checkpoints" / ckpt, weights_only=True)["global_step"] == 2, ckpt
+
+    resumed = two_processes("--config", config("two"), "--ckpt_path", "last")
+    _, stderr = finish(resumed)
+    assert resumed.returncode == 0, stderr[-3000:]
+    run = tmp_path / "two/lightning_logs/version_1"
+    latents = {}
+    for ckpt in sorted((run / "checkpoints").glob("last.ckpt*")):
+        c = torch.load(ckpt, weights_only=True)
+        assert c["global_step"] == 3
+        latents.update({it["index"]: c["state_dict"]["latents"][j] for j, it in enumerate(c["doodl_items"])})
+    assert sorted(latents) == [0, 1]
+    for j, item in enumerate(one.model.local_items):
+        assert torch.equal(latents[item.index], one.model.latents.detach()[j]), item.index
+    without_rank = [{k: v for k, v in r.items() if k != "rank"} for r in strip_paths(records(run))]
+    assert without_rank == [{k: v for k, v in r.items() if k != "rank"}
+                            for r in strip_paths(records(tmp_path / "one/lightning_logs/version_0"))]
 
 
 # -- a resumed run's directory is self-contained --------------------------------------------------------
