@@ -117,6 +117,16 @@ def test_cutouts_needs_one_generator_per_item():
         Cutouts(16, 2)(torch.rand(2, 3, 20, 20), gens(0))
 
 
+def test_cutouts_pool_by_default_and_refuse_an_unknown_resample():
+    # a crop smaller than cut_size: the official adaptive_avg_pool2d repeats pixels, bilinear interpolates
+    x = torch.rand(1, 3, 24, 24, dtype=torch.float64)
+    pooled = Cutouts(48, num_cuts=2, cut_power=1e-9)(x, gens(0))
+    assert torch.equal(pooled, F.adaptive_avg_pool2d(x, 48).expand(2, -1, -1, -1))
+    assert not torch.allclose(Cutouts(48, 2, 1e-9, resample="bilinear")(x, gens(0)), pooled, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown cutout resample 'nearest'"):
+        Cutouts(16, resample="nearest")
+
+
 def test_cutout_sizes_follow_cut_power():
     # cut_power -> 0 makes rand**cut_power -> 1: every crop is the whole (square) image.
     x = torch.rand(1, 3, 24, 24)
