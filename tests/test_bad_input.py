@@ -255,6 +255,29 @@ def test_a_full_disk_is_one_line_of_its_own_naming_the_directory(tmp_path, tiny_
     assert "step 1/3" in proc.stdout and "Traceback" not in proc.stdout, proc.stdout[-3000:]
 
 
+class CheckpointDiskFull(Callback):
+    """At the end of step ``step`` a write that names no file fails as on a full disk (what torch.save of a
+    checkpoint or a TensorBoard event raise)."""
+
+    def __init__(self, step: int = 2):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_met_by_a_writer_naming_no_file_names_the_run_directory(tmp_path, tiny_pipeline_dir, write_config,
+                                                                           capsys):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "run.yaml", tiny_pipeline_dir, out, steps=3, prompts=["a red circle"], seeds=[0],
+                       callbacks=[{"class_path": "test_bad_input.CheckpointDiskFull"}])
+    assert run_cli(["fit", "--config", cfg]) == 2
+    assert last_error_line(capsys.readouterr().err) == (
+        f"error: no space left on the device of {out / 'lightning_logs/version_0'}: free space there, or write the "
+        "run elsewhere with --trainer.default_root_dir")
+
+
 # -- the parser's errors -----------------------------------------------------------------------------------
 def test_parser_errors_are_one_line_with_the_key_the_problem_and_the_fix(tmp_path, tiny_pipeline_dir, write_config,
                                                                          capsys):
