@@ -30,7 +30,7 @@ from callbacks import ComputeMeter, DefaultProgressBar, TensorBoardSummary
 from doodl_lightning.console import condense_parser_error, silence_irrelevant
 from doodl_lightning.io import DirectoryBusyError, atomic_write_text, claim_version, lock_directory, read_checkpoint
 from doodl_lightning.module import DOODL
-from doodl_lightning.resume import mismatch, trajectory
+from doodl_lightning.resume import mismatch, plain, trajectory
 
 TRAINER_DEFAULTS = {
     "max_steps": 50,        # optimisation steps (one batch = one step over all items)
@@ -308,6 +308,8 @@ class DOODLCLI(LightningCLI):
         if cfg.get("ckpt_path") == "last":
             cfg["ckpt_path"] = self._last_checkpoint()
             self._checkpoint = read_checkpoint(cfg["ckpt_path"]) if cfg["ckpt_path"] else None
+        node = self.config[self.subcommand]
+        self.model.cli_settings = {key: _plain_setting(node.get(key)) for key in ("optimizer", "lr_scheduler")}
         saved = (self._checkpoint or {}).get("doodl_trajectory")
         if saved is not None:  # the same check as the module's on_load_checkpoint, before anything is written
             problem = mismatch(saved, trajectory(self.model, self.trainer), f"checkpoint {cfg['ckpt_path']}")
@@ -408,6 +410,11 @@ class DOODLCLI(LightningCLI):
                     sub.rmdir()  # only if empty
             with contextlib.suppress(OSError):
                 d.rmdir()
+
+
+def _plain_setting(value):
+    """A config node (jsonargparse Namespace: class_path + init_args) as plain data for the trajectory."""
+    return plain(value.as_dict() if isinstance(value, Namespace) else value)
 
 
 def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LightningCLI:

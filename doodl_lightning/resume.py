@@ -16,13 +16,13 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["NOT_TRAJECTORY", "trajectory", "mismatch"]
+__all__ = ["NOT_TRAJECTORY", "trajectory", "mismatch", "plain"]
 
 # module settings that change how the numbers are computed but not which numbers (memory, speed, where
 # the weights are read from), or that the item list already covers
 NOT_TRAJECTORY = {"micro_batch", "backprop", "drift_tolerance", "vae_checkpointing", "cuda_graphs",
                   "local_files_only", "model", "model_config", "prompts", "seeds", "prompt_file"}
-def _plain(value):
+def plain(value):
     """``value`` as plain comparable data, or None when it is not settings-like (a tensor, a model, ...).
     Exact built-in types: a subclass (an enum, torch's version string) would make the checkpoint one that
     ``torch.load(weights_only=True)`` refuses."""
@@ -32,10 +32,10 @@ def _plain(value):
         if isinstance(value, kind):
             return kind(value)
     if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
+        items = [plain(v) for v in value]
         return None if any(i is None and v is not None for i, v in zip(items, value)) else items
     if isinstance(value, dict):
-        items = {str(k): _plain(v) for k, v in value.items()}
+        items = {str(k): plain(v) for k, v in value.items()}
         return None if any(items[str(k)] is None and v is not None for k, v in value.items()) else items
     return None
 
@@ -47,9 +47,9 @@ def _settings(module: nn.Module) -> dict:
         # gradient checkpointing (vae_checkpointing) changes memory, not the numbers
         if name.startswith("_") or name in ("training", "gradient_checkpointing"):
             continue
-        plain = _plain(value)
-        if plain is not None or value is None:
-            out[name] = plain
+        setting = plain(value)
+        if setting is not None or value is None:
+            out[name] = setting
     return out
 
 
@@ -92,7 +92,7 @@ def trajectory(module, trainer=None) -> dict:
             continue
         if key == "source_image" and isinstance(value, str) and os.path.exists(value):
             value = os.path.realpath(value)  # the same image from another working directory
-        out[f"model.{key}"] = _plain(value)
+        out[f"model.{key}"] = plain(value)
     backbone = module.backbone
     main = [backbone.unet, backbone.vae, backbone.text_encoder]
     out["model.model (weights)"] = _fingerprint(nn.ModuleList(main), dtype)
@@ -104,7 +104,7 @@ def trajectory(module, trainer=None) -> dict:
               if isinstance(m, nn.Module) and id(m) not in seen and not seen.add(id(m))]
     if others:
         out["model.model (other weights: text encoders, ControlNet)"] = _fingerprint(nn.ModuleList(others), dtype)
-    out["model.model (noise schedule)"] = {k: _plain(v) for k, v in sorted(backbone.scheduler.config.items())
+    out["model.model (noise schedule)"] = {k: plain(v) for k, v in sorted(backbone.scheduler.config.items())
                                            if not k.startswith("_")}
     for i, g in enumerate(module.guidance):
         out[f"model.guidance[{i}].class"] = f"{type(g).__module__}.{type(g).__qualname__}"
@@ -115,6 +115,11 @@ def trajectory(module, trainer=None) -> dict:
                 for name, value in sorted(_settings(sub).items()):
                     out[f"model.guidance[{i}].{path}.{name}"] = value
         out[f"model.guidance[{i}] (models and weights)"] = _fingerprint(g, dtype)
+    # LightningCLI's --optimizer / --lr_scheduler replace the module's own update: cli.py records them on the module
+    # (``cli_settings``) so a resume with another lr is refused, where torch's load_state_dict would have run on
+    # silently with the checkpoint's param groups (absent for fits that do not come through cli.py)
+    for key, value in getattr(module, "cli_settings", {}).items():
+        out[key] = value
     if trainer is not None:
         out["trainer.precision"] = str(trainer.precision)
         out["trainer.devices x num_nodes (processes)"] = trainer.world_size

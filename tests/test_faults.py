@@ -165,6 +165,20 @@ def test_resume_with_different_settings_is_one_line_listing_the_keys_and_writes_
     assert "config.yaml" in msg and not out.exists()
 
 
+def test_resume_with_another_cli_optimizer_is_refused(done, tmp_path):
+    """--optimizer / --lr_scheduler replace the module's update; torch's load_state_dict would restore the
+    checkpoint's lr over the one asked for, so a resume with another one ran silently with the old lr."""
+    cfg, run = done
+    ckpt = str(run / "checkpoints/last.ckpt")
+    out = tmp_path / "other_optimizer"
+    with pytest.raises(ValueError) as e:
+        main(["fit", "--config", cfg, "--trainer.default_root_dir", str(out), "--ckpt_path", ckpt,
+              "--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.5"])
+    msg = str(e.value)
+    assert "\n" not in msg and "optimizer None -> {'class_path': 'torch.optim.Adam'" in msg, msg
+    assert not out.exists()
+
+
 def test_the_module_itself_refuses_a_checkpoint_of_another_trajectory(done, tiny_pipeline_dir):
     """The same check in ``on_load_checkpoint``, for fits that do not come through cli.py."""
     from doodl_lightning.guidance import SymmetryGuidance
