@@ -67,8 +67,12 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         # the run failed (a full disk, a NaN loss): end the bar's line, so cli.py's error is a line of its own
-        if self.train_progress_bar is not None and not self.train_progress_bar.disable:
-            self.train_progress_bar.close()
+        try:
+            bar = self.train_progress_bar
+        except TypeError:  # Lightning's property raises before the bar is made: a failure in setup / on_fit_start
+            return         # must still reach cli.py as its one line, not as this TypeError
+        if bar is not None and not bar.disable:
+            bar.close()
 
     @staticmethod
     def summary(trainer, pl_module) -> str:

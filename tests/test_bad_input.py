@@ -302,3 +302,11 @@ def test_parser_errors_are_one_line_with_the_key_the_problem_and_the_fix(tmp_pat
     err = capsys.readouterr().err.splitlines()
     assert err[0] == cases[0][1] + tail and "Does not validate against any of the Union subtypes" in err[2], err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failure_before_the_progress_bar_exists_keeps_its_own_error():
+    """The bar's on_exception runs for a failure in setup / on_fit_start too, before Lightning made the bar, whose
+    train_progress_bar property then raises TypeError: that must not replace the run's own one-line error."""
+    from callbacks.progress import StepProgressBar
+
+    StepProgressBar().on_exception(None, None, ValueError("the run's own error"))  # no TypeError

@@ -426,6 +426,10 @@ def test_aesthetic_clips_each_cutouts_score_to_the_official_range(clip_files, tm
     loss = g(x, generators=gens(3))
     assert torch.allclose(loss, -scores.clamp(1, 10).mean(), atol=1e-6)
     assert torch.allclose(g.score(x, gens(3)), scores.mean(), atol=1e-6)  # the measurement is not clipped
+    # as a held-out metric (model.metrics): the raw score, not one that stops at 10
+    from doodl_lightning.objective import held_out_metrics
+    metric = held_out_metrics([g], x.detach(), ["p"], gens(3))[g.name]
+    assert torch.allclose(metric, -scores.mean().detach(), atol=1e-6) and metric < -scores.clamp(1, 10).mean()
     (grad,) = torch.autograd.grad(loss.sum(), x)
     unclipped = AestheticGuidance(head=str(tmp_path / "head.pth"), score_clip=None, **kw)
     grad_kept = torch.autograd.grad(-(scores * ~over).sum() / 6, x)[0]  # only the in-range cutouts' gradient

@@ -111,8 +111,17 @@ class AestheticGuidance(CLIPGuidance):
     def loss(self, images: Tensor, prompts: Sequence[str] | None,
              generators: Sequence[torch.Generator] | None) -> Tensor:
         """Per-item loss (N,): -score, or |score - target|, of the mean of the cutouts' clipped scores."""
-        scores = self.cutout_scores(images, generators)
-        if self.score_clip is not None:
-            scores = scores.clamp(*self.score_clip)
+        return self._loss_of(self.cutout_scores(images, generators), self.score_clip)
+
+    def measure(self, images: Tensor, prompts: Sequence[str] | None = None,
+                generators: Sequence[torch.Generator] | None = None) -> Tensor:
+        """As a held-out metric: the loss of the UNclipped scores. The clip only silences the gradient of
+        out-of-range cutouts while optimising; a measurement clipped at 10 would hide every score past it."""
+        images = to_module_dtype(images, self)
+        return at_least_float32(self._loss_of(self.cutout_scores(images, generators), None))
+
+    def _loss_of(self, scores: Tensor, score_clip: tuple[float, float] | None) -> Tensor:
+        if score_clip is not None:
+            scores = scores.clamp(*score_clip)
         score = scores.mean(1)
         return -score if self.target is None else (score - self.target).abs()

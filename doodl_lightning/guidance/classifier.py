@@ -144,7 +144,8 @@ class ClassifierGuidance(Guidance):
                 raise ValueError(f"{self.name}: the classifier returns {len(out)} outputs, not one tensor; set "
                                  f"output to the index of its logits (WS-DAN, as in the official DOODL: output: 2)")
             if not -len(out) <= self.output < len(out):
-                raise ValueError(f"{self.name}: output={self.output} but the classifier returns {len(out)} outputs")
+                raise ValueError(f"{self.name}: output={self.output} but the classifier returns {len(out)} outputs: "
+                                 f"set output to an index below {len(out)} (the position of its logits)")
             out = out[self.output]
         return at_least_float32(out).view(images.shape[0], self.cutouts.cuts_per_item, -1)
 
