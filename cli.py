@@ -178,14 +178,18 @@ class StopOnSignal(Callback):
     outputs of the last finished step. Several processes: every rank must stop after the same step (the final
     evaluation and the checkpoints are collectives), so the ranks agree at the end of each step (one all-reduce
     of the signal number) and all stop when any was signalled; a signal that lands after that point stops them
-    after the next step. (Lightning's handler set a flag that became an exit without outputs at the end of the
-    epoch, one step here; with several processes it broadcast from inside the handler, and ranks that were each
-    signalled, as SLURM signals every task, hung in mismatched collectives.) Must be the FIRST callback: its
-    ``on_train_end`` saves the stopped step's ``last.ckpt`` before the final evaluation changes the other
-    callbacks' state."""
+    after the next step, or, after the last step, at the agreement that opens ``on_train_end``. Every decision
+    there (the stopped step's checkpoint, the exit status) follows the agreed value, the same on every rank; a
+    signal during the final evaluation lets it finish and the run ends as finished (exit 0). (Lightning's handler
+    set a flag that became an exit without outputs at the end of the epoch, one step here; with several
+    processes it broadcast from inside the handler, and ranks that were each signalled, as SLURM signals every
+    task, hung in mismatched collectives.) Must be the FIRST callback: its ``on_train_end`` saves the stopped
+    step's ``last.ckpt`` before the final evaluation changes the other callbacks' state."""
 
     def __init__(self):
-        self.signal: int | None = None
+        self.signal: int | None = None  # what reached this process (the second-Ctrl-C rule reads it)
+        self.stopped_by: int | None = None  # what the run stopped for: agreed by every rank, the exit status
+        self._ended = False  # on_train_end has decided: a later signal changes nothing but its message
         self.steps = 0  # steps finished by this process (every callback of the step done)
         self._trainer = None
         self._first_step = 0
@@ -212,21 +216,28 @@ class StopOnSignal(Callback):
 
     def _on_sigterm(self, signum, frame) -> None:
         if self.signal is None:
-            os.write(2, b"\nSIGTERM: stopping after this step, then writing the final outputs\n")
+            os.write(2, b"\nSIGTERM: writing the final outputs\n" if self._ended else
+                     b"\nSIGTERM: stopping after this step, then writing the final outputs\n")
             self._stop(signal.SIGTERM)
 
     def _on_sigint(self, signum, frame) -> None:
-        if self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C: abandon the step
+        if self.signal == signal.SIGINT:  # this process's own Ctrl-C, whatever the ranks agreed on
+            raise KeyboardInterrupt  # the second Ctrl-C: abandon the step (or the final outputs)
         self._stop(signal.SIGINT)
-        os.write(2, b"\nCtrl-C: stopping after this step, then writing the final outputs (Ctrl-C again to abandon the step)\n")
+        os.write(2, b"\nCtrl-C: writing the final outputs (Ctrl-C again to abandon them)\n" if self._ended else
+                 b"\nCtrl-C: stopping after this step, then writing the final outputs (Ctrl-C again to abandon the step)\n")
+
+    def _agree(self, trainer) -> int:
+        """The largest signal number any rank noted (SIGTERM 15 over SIGINT 2), 0 for none: one all-reduce that
+        every rank calls at the same point."""
+        mine = torch.tensor(self.signal or 0, device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(mine, reduce_op="max"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.world_size > 1 and self._trainer is not None:  # every rank, at the same point of every step
-            mine = torch.tensor(self.signal or 0, device=trainer.strategy.root_device)
-            agreed = int(trainer.strategy.reduce(mine, reduce_op="max"))  # SIGTERM (15) over SIGINT (2)
-            if agreed:
-                self.signal = agreed
+            agreed = self._agree(trainer)
+            if agreed:  # self.signal stays this rank's own: a rank that got Ctrl-C may be agreed to SIGTERM
+                self.stopped_by = agreed
                 trainer.should_stop = True
 
     def _finished_steps(self, trainer) -> None:
@@ -240,17 +251,32 @@ class StopOnSignal(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finished_steps(trainer)
-        if self.signal is None:
+        if trainer.world_size > 1 and self._trainer is not None:
+            # once more: a signal can land on one rank after the last step's agreement (in a later callback of
+            # that step, or here). Deciding on it alone, that rank would save a checkpoint (a barrier) while the
+            # others entered the final evaluation's collectives, and exit 143 while they exit 0
+            agreed = self._agree(trainer)
+            self.stopped_by = agreed or None
+        else:
+            self.stopped_by = self.signal
+        self._ended = True  # a signal from here on lets the final outputs be written; the decision is made
+        if self.stopped_by is None:
             return
-        print(f"\n{signal.Signals(self.signal).name}: stopped after step {trainer.global_step}, writing the final "
-              "outputs", file=sys.stderr, flush=True)
+        rank = f"rank {trainer.global_rank}: " if trainer.world_size > 1 else ""
+        print(f"\n{rank}{signal.Signals(self.stopped_by).name}: stopped after step {trainer.global_step}, writing the "
+              "final outputs", file=sys.stderr, flush=True)
         for cb in trainer.checkpoint_callbacks:  # the stopped step's last.ckpt, when its schedule skipped that step
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_global_step_saved != trainer.global_step:
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        # Lightning's teardown, before this hook, has already put back the handlers there were before the fit;
+        # putting back what ours replaced (Lightning's SIGTERM handler) would leave that installed after the fit.
+        # Only where ours is still installed is its predecessor put back.
+        mine = {signal.SIGINT: self._on_sigint, signal.SIGTERM: self._on_sigterm}
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) == mine[signum]:
+                signal.signal(signum, handler)
         self._previous = {}
 
 
@@ -374,7 +400,11 @@ class DOODLCLI(LightningCLI):
             self.trainer.fit(model, **kwargs)
         except BaseException as e:
             self._abandon()
-            if isinstance(e, SIGTERMException):  # several processes: Lightning's SystemExit has no code (exit 0)
+            if isinstance(e, SIGTERMException):  # a SystemExit without a code (exit 0): say SIGTERM
+                # StopOnSignal clears Lightning's flag in on_train_start and holds the handler until Lightning's
+                # teardown, so only a SIGTERM that Lightning's handler took before that, in a run of several
+                # processes, gets here: its broadcast from inside the handler meets another rank's per-step
+                # broadcast of the flag, which raises this there
                 self.stopped_by = signal.SIGTERM
                 raise SystemExit(128 + signal.SIGTERM) from None
             if isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt):  # Lightning exits 1
@@ -386,9 +416,11 @@ class DOODLCLI(LightningCLI):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root)) from e
             raise
         self._release_locks()
-        if self.stop_on_signal.signal is not None:
-            self.stopped_by = self.stop_on_signal.signal
-        elif self.trainer.received_sigterm:  # arrived during the final evaluation: the outputs are complete
+        if self.stop_on_signal.stopped_by is not None:  # agreed by every rank: all exit with the same status
+            self.stopped_by = self.stop_on_signal.stopped_by
+        elif self.trainer.received_sigterm:
+            # Lightning's handler took a SIGTERM and no on_train_start saw it: a fit with nothing to run (resumed
+            # at max_steps) skips the training hooks, and Lightning's flag does nothing there
             self.stopped_by = signal.SIGTERM
 
     def _release_locks(self) -> None:

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from types import SimpleNamespace
 
-from cli import main
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from cli import StopOnSignal, main
 from test_faults import CHECKPOINT, OUTPUTS, cli_process, records, strip_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +29,9 @@ def test_sigterm_between_two_steps_writes_the_final_outputs_and_resumes_bit_iden
     """SIGTERM right after step 2 was written (every callback of the step done, the loop's own bookkeeping not) and
     right before step 3 begins: the run stops after step 2 with what a finished run writes, says how to resume and
     exits 143, like a SIGTERM during a step (``test_faults``). Lightning's own check raised at the end of the epoch
-    (one step here): exit 143 within 2 s with no final evaluation, images, contact sheet or resume line."""
+    (one step here): exit 143 within 2 s with no final evaluation, images, contact sheet or resume line. The
+    uninterrupted run (in process) gets SIGTERM while its final outputs are written: it ends as finished, as
+    a run of several processes must (its ranks decided at on_train_end), and gives the handlers back."""
     moments = ("on_train_epoch_end", "on_train_epoch_start")
 
     def config(name: str, *extra) -> str:
@@ -35,7 +41,11 @@ def test_sigterm_between_two_steps_writes_the_final_outputs_and_resumes_bit_iden
     procs = {hook: cli_process("fit", "--config", config(hook, {"class_path": "killer.KillAt",
                                                                "init_args": {"step": 2, "hook": hook}}), wait=False)
              for hook in moments}
-    full = main(["fit", "--config", config("full")])  # meanwhile
+    handler = signal.getsignal(signal.SIGTERM)
+    late = {"class_path": "killer.KillAt", "init_args": {"step": 4, "hook": "on_train_end"}}
+    full = main(["fit", "--config", config("full", late)])  # meanwhile
+    assert full.stopped_by is None and full.trainer.global_step == 4
+    assert signal.getsignal(signal.SIGTERM) == handler  # given back, not Lightning's handler put back after the fit
     for hook, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 143, (hook, stderr[-2000:])
@@ -55,16 +65,21 @@ def test_sigterm_between_two_steps_writes_the_final_outputs_and_resumes_bit_iden
 
 
 # -- a signalled 2-process run, resumed with 2 processes -------------------------------------------------
-def test_sigterm_to_every_rank_of_a_two_process_run_writes_the_final_outputs_and_resumes_bit_identical(
+def test_signals_to_one_rank_or_each_of_a_two_process_run_stop_both_after_one_step_and_resume_bit_identical(
         tmp_path, tiny_pipeline_dir, write_config):
-    """Each process of a 2-process ``seed_parallel`` run gets SIGTERM during step 2 of 3 (as SLURM signals every
-    task): both finish the step, write the final outputs and both checkpoints, and exit 143; resumed with 2
-    processes, every item ends bit for bit where a one-process run ends, losses included, at the same thread count
-    (1 per process; the README gives the bound across thread counts). Lightning's handler broadcast from inside
-    the signal handler: the two ranks hung in mismatched collectives."""
-    def config(name: str, *extra) -> str:
-        return write_config(tmp_path / f"{name}{'-killed' if extra else ''}.yaml", tiny_pipeline_dir, tmp_path / name,
-                            steps=3, prompts=["a red circle"], micro_batch=1, callbacks=OUTPUTS + [CHECKPOINT, *extra])
+    """A 2-process ``seed_parallel`` run of 3 steps, signalled as SLURM signals every task, but at different moments:
+    rank 1 gets SIGTERM right after step 1 was written (after that step's agreement), rank 0 Ctrl-C during step 2.
+    Both stop after step 2 (rank 1's signal counted one step later, SIGTERM over SIGINT), write the final outputs
+    and both checkpoints (``last.ckpt`` off its schedule: both ranks save it), and exit 143. Resumed with 2
+    processes, only rank 1 gets SIGTERM, after the last step's agreement: both still stop as signalled (the
+    ``on_train_end`` agreement; without it rank 1 alone saved a checkpoint, a barrier, while rank 0 went into the
+    final evaluation's collectives, and the exit statuses split 143 / 0), and every item ends bit for bit where a
+    one-process run ends, losses included, at the same thread count (1 per process; the README gives the bound
+    across thread counts). Lightning's handler broadcast from inside the signal handler: ranks signalled each hung
+    in mismatched collectives."""
+    def config(name: str, *extra, file: str | None = None) -> str:
+        return write_config(tmp_path / f"{file or name}.yaml", tiny_pipeline_dir, tmp_path / name, steps=3,
+                            prompts=["a red circle"], micro_batch=1, callbacks=OUTPUTS + [RARE_CHECKPOINT, *extra])
 
     def two_processes(*args) -> subprocess.Popen:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
@@ -79,13 +94,23 @@ def test_sigterm_to_every_rank_of_a_two_process_run_writes_the_final_outputs_and
             os.killpg(proc.pid, signal.SIGKILL)
             raise
 
-    killer = {"class_path": "killer.KillAfter", "init_args": {"step": 1, "signal": "SIGTERM", "mid_step": True}}
-    proc = two_processes("--config", config("two", killer))
+    def stopped(stdout: str, stderr: str, step: int, steps: int) -> None:
+        # rank 0's exit status is the command's; each rank says on stderr that it took the stop branch, whose
+        # agreed signal is also its exit status
+        assert f"stopped by SIGTERM after step {step} of {steps}" in stdout and "--ckpt_path last" in stdout, stdout
+        for rank in (0, 1):
+            assert f"rank {rank}: SIGTERM: stopped after step {step}," in stderr, (rank, stderr[-3000:])
+
+    def sigterm_after(step: int, hook: str, rank: int) -> dict:
+        return {"class_path": "killer.KillAt", "init_args": {"step": step, "hook": hook, "rank": rank}}
+
+    ctrl_c = {"class_path": "killer.KillAfter", "init_args": {"step": 1, "signal": "SIGINT", "mid_step": True, "rank": 0}}
+    proc = two_processes("--config", config("two", sigterm_after(1, "on_train_epoch_end", 1), ctrl_c, file="killed"))
     torch.set_num_threads(1)  # what each of the 2 processes has (conftest restores the session's count)
     one = main(["fit", "--config", config("one")])  # meanwhile
     stdout, stderr = finish(proc)
     assert proc.returncode == 143, stderr[-3000:]
-    assert "stopped by SIGTERM after step 2 of 3" in stdout and "--ckpt_path last" in stdout, stdout
+    stopped(stdout, stderr, 2, 3)
     run = tmp_path / "two/lightning_logs/version_0"
     recs = records(run)
     assert [(r["rank"], r["steps"]) for r in recs] == [(0, 2), (1, 2)] and all("final_loss" in r for r in recs)
@@ -93,13 +118,15 @@ def test_sigterm_to_every_rank_of_a_two_process_run_writes_the_final_outputs_and
     for ckpt in ("last.ckpt", "last.ckpt.rank1"):
         assert torch.load(run / "checkpoints" / ckpt, weights_only=True)["global_step"] == 2, ckpt
 
-    resumed = two_processes("--config", config("two"), "--ckpt_path", "last")
-    _, stderr = finish(resumed)
-    assert resumed.returncode == 0, stderr[-3000:]
+    resumed = two_processes("--config", config("two", sigterm_after(3, "on_train_epoch_end", 1), file="resumed"),
+                            "--ckpt_path", "last")
+    stdout, stderr = finish(resumed)
+    assert resumed.returncode == 143, stderr[-3000:]
+    stopped(stdout, stderr, 3, 3)
     run = tmp_path / "two/lightning_logs/version_1"
     latents = {}
-    for ckpt in sorted((run / "checkpoints").glob("last.ckpt*")):
-        c = torch.load(ckpt, weights_only=True)
+    for ckpt in ("last.ckpt", "last.ckpt.rank1"):  # saved only as the stopped step's: both ranks saved
+        c = torch.load(run / "checkpoints" / ckpt, weights_only=True)
         assert c["global_step"] == 3
         latents.update({it["index"]: c["state_dict"]["latents"][j] for j, it in enumerate(c["doodl_items"])})
     assert sorted(latents) == [0, 1]
@@ -108,6 +135,51 @@ def test_sigterm_to_every_rank_of_a_two_process_run_writes_the_final_outputs_and
     without_rank = [{k: v for k, v in r.items() if k != "rank"} for r in strip_paths(records(run))]
     assert without_rank == [{k: v for k, v in r.items() if k != "rank"}
                             for r in strip_paths(records(tmp_path / "one/lightning_logs/version_0"))]
+
+
+class _MaxWithOtherRank:
+    """A stand-in strategy for a rank whose peer noted ``other``: ``reduce(max)`` as the all-reduce would give."""
+
+    root_device = torch.device("cpu")
+
+    def __init__(self, other: int):
+        self.other = other
+
+    def reduce(self, tensor, reduce_op):
+        assert reduce_op == "max"
+        return torch.maximum(tensor, torch.tensor(self.other))
+
+
+def test_each_rank_decides_on_the_agreed_signal_and_a_second_ctrl_c_still_abandons():
+    """In process, with stand-in trainers of a 2-process run. A rank that got Ctrl-C, agreed to stop for its peer's
+    SIGTERM, still abandons the step at its second Ctrl-C (the agreed value overwrote its own signal, and the
+    second Ctrl-C then only stopped it again). A rank that got nothing, when its peer's signal came after the last
+    step's agreement, stops at on_train_end's agreement all the same: it saves the stopped step's last.ckpt
+    (with its peer: a collective) and exits 143."""
+    rank0 = StopOnSignal()
+    trainer = SimpleNamespace(should_stop=False, world_size=2, global_rank=0, global_step=2,
+                              strategy=_MaxWithOtherRank(signal.SIGTERM), checkpoint_callbacks=[])
+    rank0._trainer = trainer
+    rank0._on_sigint(signal.SIGINT, None)
+    assert not trainer.should_stop  # several processes: the ranks agree at the end of the step
+    rank0.on_train_batch_end(trainer, None, None, None, 0)
+    assert trainer.should_stop
+    with pytest.raises(KeyboardInterrupt):
+        rank0._on_sigint(signal.SIGINT, None)
+    assert rank0.signal == signal.SIGINT and rank0.stopped_by == signal.SIGTERM
+
+    rank1, saved = StopOnSignal(), []
+    ckpt = ModelCheckpoint(save_last=True, every_n_train_steps=100)
+    ckpt._monitor_candidates = lambda trainer: {}
+    ckpt._save_last_checkpoint = lambda trainer, candidates: saved.append(trainer.global_step)
+    trainer = SimpleNamespace(should_stop=False, world_size=2, global_rank=1, global_step=3,
+                              strategy=_MaxWithOtherRank(0), checkpoint_callbacks=[ckpt])
+    rank1._trainer = trainer
+    rank1.on_train_batch_end(trainer, None, None, None, 0)  # the last step's agreement: nobody signalled yet
+    assert not trainer.should_stop and rank1.stopped_by is None
+    trainer.strategy.other = signal.SIGTERM  # the peer's signal lands after it
+    rank1.on_train_end(trainer, None)
+    assert rank1.signal is None and rank1.stopped_by == signal.SIGTERM and saved == [3]
 
 
 # -- a resumed run's directory is self-contained --------------------------------------------------------
