@@ -81,7 +81,12 @@ def test_a_second_node_uses_its_global_rank(tiny_pipeline_dir, monkeypatch):
     from doodl_lightning.module import DOODL
     from doodl_lightning.strategy import SeedParallelStrategy
 
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     monkeypatch.setenv("LOCAL_RANK", "0")
+    # set_global_rank also sets the process-wide rank_zero_only.rank: restored after the test, or every later fit in
+    # this process would think it is rank 1 and skip its rank-zero logging (no TensorBoard scalars at all)
+    monkeypatch.setattr(rank_zero_only, "rank", getattr(rank_zero_only, "rank", 0))
     env = LightningEnvironment()
     env.set_world_size(2)
     env.set_global_rank(1)
