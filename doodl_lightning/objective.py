@@ -202,4 +202,4 @@ def held_out_metrics(metrics, images: Tensor, prompts: list[str], generators: li
     """{name: (N,)} of each metric module on the detached ``images``, under no_grad: logged, never optimised
     (the metric modules' own loss convention: lower is better unless the module says otherwise)."""
     images = images.detach()
-    return {m.name: m.measure(images, prompts=prompts, generators=generators).detach() for m in metrics}
+    return {m.name: m.metric_value(images, prompts=prompts, generators=generators).detach() for m in metrics}

@@ -113,7 +113,7 @@ class AestheticGuidance(CLIPGuidance):
         """Per-item loss (N,): -score, or |score - target|, of the mean of the cutouts' clipped scores."""
         return self._loss_of(self.cutout_scores(images, generators), self.score_clip)
 
-    def measure(self, images: Tensor, prompts: Sequence[str] | None = None,
+    def metric_value(self, images: Tensor, prompts: Sequence[str] | None = None,
                 generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """As a held-out metric: the loss of the UNclipped scores. The clip only silences the gradient of
         out-of-range cutouts while optimising; a measurement clipped at 10 would hide every score past it."""

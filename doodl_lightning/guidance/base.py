@@ -101,7 +101,7 @@ class Guidance(nn.Module, metaclass=ABCMeta):
                              f"not give (it scores images only): drop {self.name} from its guidance")
         return precision.at_least_float32(self.loss(images, prompts, generators, latents=latents))
 
-    def measure(self, images: Tensor, prompts: Sequence[str] | None = None,
+    def metric_value(self, images: Tensor, prompts: Sequence[str] | None = None,
                 generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """The per-item value logged when this module is a held-out metric (``model.metrics``): its loss, unless the
         loss bends the quantity for optimisation (``AestheticGuidance``: the score is clipped there, not here)."""
