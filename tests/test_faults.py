@@ -36,6 +36,13 @@ def cli_process(*args, cwd=ROOT, wait=True, **kw):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
+# the shipped shapes-CLIP weights named relative to the repository, as experiments/quickstart.yaml names them
+SHAPES_CLIP = "doodl_lightning/shapes/weights/shapes-clip"
+SHAPES_CLIP_GUIDANCE = [{"class_path": "doodl_lightning.guidance.CLIPTextGuidance",
+                         "init_args": {"model_config": f"{SHAPES_CLIP}/shapes-clip.json",
+                                       "pretrained": f"{SHAPES_CLIP}/open_clip_model.safetensors", "num_cuts": 1}}]
+
+
 def records(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
 
@@ -215,10 +222,7 @@ def test_runs_started_at_once_from_another_directory_find_their_inputs_and_get_a
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "prompts.txt").write_text("a green circle\n")
-    weights = "doodl_lightning/shapes/weights/shapes-clip"
-    guidance = [{"class_path": "doodl_lightning.guidance.CLIPTextGuidance",
-                 "init_args": {"model_config": f"{weights}/shapes-clip.json",
-                               "pretrained": f"{weights}/open_clip_model.safetensors", "num_cuts": 1}}]
+    weights, guidance = SHAPES_CLIP, SHAPES_CLIP_GUIDANCE
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     procs = [cli_process("fit", "--config", write_config(
@@ -248,10 +252,7 @@ def test_a_config_run_from_another_directory_finds_its_inputs(tmp_path, tiny_pip
     configs.mkdir()
     elsewhere.mkdir()
     (configs / "prompts.txt").write_text("a green circle\n")
-    weights = "doodl_lightning/shapes/weights/shapes-clip"
-    guidance = [{"class_path": "doodl_lightning.guidance.CLIPTextGuidance",
-                 "init_args": {"model_config": f"{weights}/shapes-clip.json",
-                               "pretrained": f"{weights}/open_clip_model.safetensors", "num_cuts": 1}}]
+    weights, guidance = SHAPES_CLIP, SHAPES_CLIP_GUIDANCE
     cfg = write_config(configs / "run.yaml", tiny_pipeline_dir, Path("out"), steps=1, prompts=None,
                        prompt_file="prompts.txt", seeds=[0], guidance=guidance, callbacks=[])
     monkeypatch.chdir(elsewhere)
