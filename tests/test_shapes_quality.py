@@ -3,7 +3,7 @@ through the framework: generations by the core's sampler, guide-vs-evaluator run
 import json
 
 from doodl_lightning import module as M
-from doodl_lightning.shapes import quality, weights_dir
+from doodl_lightning.shapes import quality, quality_gaps, weights_dir
 
 GAP_GUIDES = ("classifier", "clip_text")
 RATE_KEYS = {"guide_says_target_before_pct", "guide_says_target_after_pct", "evaluator_says_target_before_pct",
@@ -41,8 +41,8 @@ def test_quality_smoke_writes_every_measure_and_bar(tmp_path, monkeypatch):
     n, iters = gg["items"], gg["optimisation_steps"]
     assert (n, iters, gg["ddim_steps"], gg["guidance_scale"]) == (3, 1, 2, 7.5)
     assert gg["chain"] == {"sampler": "ddim", "backprop": "checkpoint", "timestep_grid": "model"}
-    assert gg["update"] == quality.GAP_UPDATE
-    prompts, targets, seeds, _ = quality.gap_items(n)
+    assert gg["update"] == quality_gaps.GAP_UPDATE
+    prompts, targets, seeds, _ = quality_gaps.gap_items(n)
     groups = {"classifier": len(set(zip(prompts, targets))), "clip_text": len(set(zip(prompts, targets))),
               "aesthetic": len(set(prompts))}
     for guide, modules in groups.items():
@@ -94,6 +94,6 @@ def test_quality_smoke_writes_every_measure_and_bar(tmp_path, monkeypatch):
 def test_quality_sizes_and_items():
     # --quick is a real measurement (the full chain and iterations of the report), only on fewer items
     assert quality.SIZES["quick"]["gap_steps"] == 10 and quality.SIZES["quick"]["gap_iters"] == 15
-    prompts, targets, seeds, colours = quality.gap_items(16)
+    prompts, targets, seeds, colours = quality_gaps.gap_items(16)
     assert all(p == f"a {c} polygon" or p == f"an {c} polygon" for p, c in zip(prompts, colours))
     assert targets[:4] == [1, 2, 3, 4] and len(set(seeds)) == 16

@@ -106,7 +106,7 @@ def test_clip_aux_loss_counts_only_the_background_of_two_object_images():
     import torch
 
     from doodl_lightning.shapes import data as D
-    from doodl_lightning.shapes.modules import ClipModule
+    from doodl_lightning.shapes.clip_modules import ClipModule
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
@@ -126,7 +126,7 @@ def test_vae_edge_loss_sees_blur_not_offsets(tmp_path):
     import torch.nn.functional as F
 
     from doodl_lightning.shapes import data as D
-    from doodl_lightning.shapes.modules import edge_loss
+    from doodl_lightning.shapes.generator_modules import edge_loss
 
     _, x, _ = D.make_batch(0, 8, caption=None, p_degraded=0.0)
     blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)

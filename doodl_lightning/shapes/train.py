@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from .modules import ShapesModule
+from .base_module import ShapesModule
 
 
 def main(args=None, run=True):

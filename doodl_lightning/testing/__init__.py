@@ -1,7 +1,8 @@
-"""Random-weight models built from configs for tests and benchmarks; nothing in the core imports it.
+"""Random-weight models built from configs for tests and benchmarks; nothing in the core imports it
+(``testing`` may import ``shapes``, never the other way round: tests/test_import_graph.py checks it).
 
 ``architectures``  the tiny, SD-1.5 and SD-2.1 architectures (UNet, VAE, text encoder, scheduler) and the
-                   SD-1.x noise schedule (``SD1_SCHEDULER_CONFIG``).
+                   SD-1.x noise schedule (``SD1_SCHEDULER_CONFIG``, spelt in ``shapes.schedule``).
 ``tiny``           tiny UNets, the SD-1.x DDIM scheduler, a saved tiny SD pipeline and tiny open_clip models.
 ``memory``         bytes autograd saves for a computation's backward (the memory-claims' measuring stick).
 ``flow_models``    SD3.5-medium / FLUX.1 transformers, VAEs and schedulers (real configs and tiny ones), and saved

@@ -24,6 +24,10 @@ from contextlib import nullcontext
 
 import torch
 
+# Stable Diffusion 1.x's noise schedule is spelt once, in the shapes world that trains with it (the core
+# never imports testing/, so the constant cannot live here); re-exported for the architectures below.
+from ..shapes.schedule import SD1_SCHEDULER_CONFIG
+
 __all__ = [
     "ARCHITECTURES", "DEFAULT_RESOLUTION", "SD1_SCHEDULER_CONFIG", "build_components", "build_scheduler",
     "build_controlnet", "build_text_encoder", "build_text_encoder_2", "build_unet", "text_encoder_2_config", "build_vae", "latent_size", "parameter_count", "scheduler_config",
@@ -112,12 +116,6 @@ _TEXT_2 = {  # SDXL's second text tower (CLIPTextModelWithProjection): its poole
                  bos_token_id=0, eos_token_id=2, pad_token_id=1),
 }
 _TEXT_2["sdxl-turbo"] = _TEXT_2["sdxl"]
-
-# Stable Diffusion 1.x's noise schedule, the one place it is spelt: the released SD-1.x scheduler_config.json
-# (SD-2.x keeps it; the shapes world trains with it). Scheduler classes take what they know of it
-# (``from_config``), so PNDM ignores ``clip_sample``.
-SD1_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 _SCHEDULER = {
     "tiny": ("DDIMScheduler", SD1_SCHEDULER_CONFIG),
