@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .sampling import Schedule, sample
-from .sampling.backprop import cotangent_scaled
+from .sampling.chains import cotangent_scaled
 from .precision import at_least_float32, to_module_dtype
 
 # (images, latents=None) -> (total (N,), {name: (N,)}); latents: each image's initial latent, for the objectives
@@ -27,7 +27,7 @@ def decode_latents(vae: torch.nn.Module, latents: Tensor) -> Tensor:
     if getattr(cfg, "shift_factor", None):
         z = z + cfg.shift_factor
     # the loss's gradient per pixel is ~1e-6 at 512 px, below float16's normal range: run the decoder's
-    # VJP on a cotangent brought to O(1) by a power of two (undone at the latent), as _vjp does per UNet call
+    # VJP on a cotangent brought to O(1) by a power of two (undone at the latent), as chains.vjp does per UNet call
     return cotangent_scaled(lambda z: at_least_float32(vae.decode(to_module_dtype(z, vae)).sample), z)
 
 

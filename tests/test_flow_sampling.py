@@ -10,7 +10,7 @@ import torch
 
 from doodl_lightning.families.flux_layout import FluxVelocity, latent_image_ids, pack_latents, text_ids, unpack_latents
 from doodl_lightning.sampling import relative_error
-from doodl_lightning.sampling.flow import (
+from doodl_lightning.sampling import (
     FlowSchedule, flow_edict_invert, flow_edict_step, flow_edict_step_inverse, flow_euler_step, flow_shift_mu,
     flux_sigmas, sample_flow, sample_flow_differentiable, sample_flow_edict, sample_flow_edict_differentiable,
 )

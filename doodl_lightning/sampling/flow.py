@@ -5,10 +5,9 @@ the model predicts the velocity v = dx/dsigma (= eps - x_0 for the straight path
 ODE dx/dsigma = v(x, sigma) from sigma_0 = 1 down to 0 with Euler steps, exactly as diffusers'
 ``FlowMatchEulerDiscreteScheduler`` does, on the grid the SD3 / FLUX pipelines build.
 
-Gradients d(loss)/d(x_1), the same three ways as the DDIM/EDICT chains (``backprop``):
-``autograd`` (reference), ``checkpoint`` (one latent per step, each step's velocity call recomputed
-with grad in backward) and, for the coupled invertible variant ``edict`` (EDICT's coupling applied
-to the Euler step; see :func:`sample_flow_edict`), ``reversible``.
+Gradients d(loss)/d(x_1) as for the DDIM chain (``backprop``): ``autograd`` (reference) and ``checkpoint``
+(one latent per step, each step's velocity call recomputed with grad in backward). The coupled, exactly
+invertible variant (EDICT's coupling on the Euler step, with ``reversible``) is ``flow_edict.py``.
 
 Every sampler takes a ``velocity(x, t)`` callable, ``t`` being the value the diffusers pipeline hands
 its transformer (sigma * num_train_timesteps; FLUX's transformer wants t / 1000 -- the model callable
@@ -23,20 +22,14 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .backprop import _ChainCheckpoint, _EDICTCheckpoint, _EDICTReversible, cotangent_scaled
-from .edict import check_mix_weight, edict_invert, edict_step, edict_step_inverse, sample_edict
-
-__all__ = [
-    "FLOW_BACKPROPS", "FlowSchedule", "Velocity", "flow_edict_invert", "flow_edict_step", "flow_edict_step_inverse",
-    "flow_euler_step", "flow_shift_mu", "flux_sigmas", "sample_flow", "sample_flow_differentiable", "sample_flow_edict",
-    "sample_flow_edict_differentiable",
-]
+from .chains import ChainCheckpoint, cotangent_scaled
+from .registry import Sampler, register_sampler
 
 Velocity = Callable[[Tensor, float], Tensor]  # (x_sigma, t = sigma * num_train_timesteps) -> v
 FLOW_BACKPROPS = ("autograd", "checkpoint")  # Euler; the coupled (edict) chain adds "reversible"
 
 
-def _check_steps(steps) -> int:
+def check_flow_steps(steps) -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     return steps
@@ -56,7 +49,7 @@ def flux_sigmas(steps: int) -> list[float]:
     """The sigmas FluxPipeline hands the scheduler before shifting: linspace(1, 1/steps, steps)."""
     import numpy as np
 
-    return list(np.linspace(1.0, 1.0 / _check_steps(steps), steps))
+    return list(np.linspace(1.0, 1.0 / check_flow_steps(steps), steps))
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ class FlowSchedule:
         both pipelines compute it, unless ``mu`` is given. ``sigmas=None`` is StableDiffusion3Pipeline's
         default; FluxPipeline's is :meth:`flux` (``sigmas=flux_sigmas(steps)``).
         """
-        _check_steps(steps)
+        check_flow_steps(steps)
         if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "config"):
             raise TypeError(f"expected a diffusers flow-matching scheduler, got {type(scheduler).__name__}")
         cfg = scheduler.config
@@ -156,14 +149,14 @@ def flow_euler_step(v: Tensor, x: Tensor, sigma: float, sigma_next: float) -> Te
     return x + (sigma_next - sigma) * v.to(torch.promote_types(x.dtype, v.dtype))
 
 
-def _euler(velocity: Velocity, x: Tensor, schedule: FlowSchedule, i: int) -> Tensor:
+def euler_step(velocity: Velocity, x: Tensor, schedule: FlowSchedule, i: int) -> Tensor:
     return flow_euler_step(velocity(x, schedule.timesteps[i]), x, schedule.sigmas[i], schedule.sigmas[i + 1])
 
 
 def sample_flow(velocity: Velocity, x: Tensor, schedule: FlowSchedule) -> Tensor:
     """Euler sampling of the flow ODE from x_{sigma_0} to x_0 (rectified flow; SD3 / FLUX pipelines)."""
     for i in range(len(schedule)):
-        x = _euler(velocity, x, schedule, i)
+        x = euler_step(velocity, x, schedule, i)
     return x
 
 
@@ -177,80 +170,20 @@ def sample_flow_differentiable(velocity: Velocity, x: Tensor, schedule: FlowSche
         return cotangent_scaled(lambda x: sample_flow(velocity, x, schedule), x)
     # backprop.py's single-latent chain: one latent kept per step, each Euler step (its velocity call)
     # recomputed with grad in backward, cotangents brought to O(1) by powers of two
-    return _ChainCheckpoint.apply(x, lambda x, i: _euler(velocity, x, schedule, i), len(schedule))
+    return ChainCheckpoint.apply(x, lambda x, i: euler_step(velocity, x, schedule, i), len(schedule))
 
 
-# -- the exactly invertible coupled chain (EDICT's coupling on the Euler step) ----------------------
+@register_sampler
+class FlowEuler(Sampler):
+    """``flow``: Euler steps of the flow ODE (one velocity call per step, as diffusers' FlowMatchEulerDiscreteScheduler);
+    one latent; not invertible (``flow_edict`` is)."""
 
-class _EulerAsAffine:
-    """A FlowSchedule seen as the affine steps x' = a x + b v(x, t) that EDICT couples: the Euler step
-    is a = 1, b = sigma_{i+1} - sigma_i. edict.py and backprop.py's EDICT chains only ask a schedule for
-    ``timesteps``, ``len``, ``ddim_coefficients(i)`` (= (a, b)) and ``initial_scale`` (x_1 enters the
-    flow chain unscaled), so they run on it unchanged."""
+    name, schedule_type = "flow", FlowSchedule
+    paper = "Liu et al. 2023 (rectified flow); Esser et al. 2024 (SD3), Euler sampling"
 
-    __slots__ = ("flow",)
-    initial_scale = 1.0
+    def sample(self, model, x, schedule, *, y=None, mix_weight=0.93, noises=None):
+        return (sample_flow(model, x, schedule),)
 
-    def __init__(self, flow: FlowSchedule):
-        self.flow = flow
-
-    @property
-    def timesteps(self) -> tuple[float, ...]:
-        return self.flow.timesteps
-
-    def __len__(self) -> int:
-        return len(self.flow)
-
-    def ddim_coefficients(self, i: int) -> tuple[float, float]:
-        return 1.0, self.flow.step_size(i)
-
-
-def flow_edict_step(velocity: Velocity, x: Tensor, y: Tensor, schedule: FlowSchedule, i: int,
-                    mix_weight: float = 0.93) -> tuple[Tensor, Tensor]:
-    """One coupled Euler step (EDICT eq. 14 with a = 1, b = h_i), x and y taking turns to go first.
-
-    u' = u + h v(w, t_i) ;  w' = w + h v(u', t_i) ;  then the mixing layer (EDICT eqs. 12-13).
-    """
-    return edict_step(velocity, x, y, _EulerAsAffine(schedule), i, mix_weight)
-
-
-def flow_edict_step_inverse(velocity: Velocity, x: Tensor, y: Tensor, schedule: FlowSchedule, i: int,
-                            mix_weight: float = 0.93) -> tuple[Tensor, Tensor]:
-    """Exact inverse of :func:`flow_edict_step` (EDICT eq. 15 with a = 1): w = w' - h v(u'), u = u' - h v(w)."""
-    return edict_step_inverse(velocity, x, y, _EulerAsAffine(schedule), i, mix_weight)
-
-
-def sample_flow_edict(velocity: Velocity, x: Tensor, y: Tensor, schedule: FlowSchedule,
-                      mix_weight: float = 0.93) -> tuple[Tensor, Tensor]:
-    """Exactly invertible coupled Euler sampling (x_1, y_1) -> (x_0, y_0): EDICT (Wallace et al. 2023,
-    Algorithm 2) with the DDIM step replaced by the flow's Euler step. Two velocity calls per step."""
-    return sample_edict(velocity, x, y, _EulerAsAffine(schedule), mix_weight)
-
-
-def flow_edict_invert(velocity: Velocity, x0: Tensor, schedule: FlowSchedule, mix_weight: float = 0.93,
-                      check: bool = True):
-    """Invert a clean latent to the pair (x_1, y_1) the coupled chain maps back to it (EDICT Algorithm 1);
-    an ``edict.Inversion`` (x, y, round_trip_error)."""
-    return edict_invert(velocity, x0, _EulerAsAffine(schedule), mix_weight, check)
-
-
-def sample_flow_edict_differentiable(velocity: Velocity, x: Tensor, schedule: FlowSchedule, *,
-                                     backprop: str = "checkpoint", y: Tensor | None = None,
-                                     mix_weight: float = 0.93, drift_tolerance: float = 1e-3,
-                                     info: dict | None = None) -> tuple[Tensor, Tensor]:
-    """The coupled chain from (x_1, y_1) (default y_1 = x_1) to (x_0, y_0), differentiable three ways.
-
-    ``reversible`` keeps no latent per step: backward rebuilds each step's inputs by the exact inverse
-    (backprop.py's EDICT machinery, drift checked against the true x_1, y_1 and, past
-    ``drift_tolerance``, recomputed with ``checkpoint``; ``info`` receives the drift).
-    """
-    if backprop not in ("autograd", "checkpoint", "reversible"):
-        raise ValueError(f"unknown backprop {backprop!r}; choose one of autograd, checkpoint, reversible")
-    p = check_mix_weight(mix_weight)
-    y = x if y is None else y
-    steps = _EulerAsAffine(schedule)
-    if backprop == "autograd":
-        return cotangent_scaled(lambda x, y: sample_edict(velocity, x, y, steps, p), x, y)
-    if backprop == "checkpoint":
-        return _EDICTCheckpoint.apply(x, y, velocity, steps, p)
-    return _EDICTReversible.apply(x, y, velocity, steps, p, float(drift_tolerance), info)
+    def differentiable(self, model, x, schedule, backprop, *, y=None, mix_weight=0.93, noises=None,
+                       drift_tolerance=1e-3, info=None):
+        return (sample_flow_differentiable(model, x, schedule, backprop),)

@@ -6,7 +6,9 @@ from typing import Sequence
 
 from torch import Tensor
 
+from .chains import ChainCheckpoint, cotangent_scaled
 from .denoiser import Eps
+from .registry import Sampler, register_sampler
 from .schedule import Schedule
 
 SIGMA_DATA = 0.5  # the consistency models' sigma_data (Song et al. 2023), as LCM's scheduler
@@ -51,3 +53,23 @@ def sample_lcm(eps: Eps, x: Tensor, schedule: Schedule, noises: Sequence[Tensor]
     for i in range(len(schedule)):
         x = lcm_step(eps, x, schedule, i, zs[i])
     return x
+
+
+@register_sampler
+class LCM(Sampler):
+    """``lcm``: consistency steps that re-noise in between with ``noises`` fixed per item (a deterministic
+    function of x_T); one latent; not invertible."""
+
+    name, schedule_type, paper = "lcm", Schedule, "Luo et al. 2023, LCM, Algorithm 1"
+
+    def sample(self, model, x, schedule, *, y=None, mix_weight=0.93, noises=None):
+        return (sample_lcm(model, x, schedule, noises),)
+
+    def differentiable(self, model, x, schedule, backprop, *, y=None, mix_weight=0.93, noises=None,
+                       drift_tolerance=1e-3, info=None):
+        zs = check_lcm_noises(noises, schedule, x)
+        if backprop == "autograd":
+            return (cotangent_scaled(lambda x: sample_lcm(model, x, schedule, zs[:-1]), x),)
+        s = schedule.initial_scale
+        return (ChainCheckpoint.apply(x * s if s != 1.0 else x, lambda x, i: lcm_step(model, x, schedule, i, zs[i]),
+                                      len(schedule)),)

@@ -70,7 +70,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import torch  # noqa: E402
 
 from doodl_lightning import objective  # noqa: E402
-from doodl_lightning.backbone import Backbone  # noqa: E402
+from doodl_lightning.families import UNetBackbone as Backbone  # noqa: E402
 from doodl_lightning.data import Item, initial_noise  # noqa: E402
 from doodl_lightning.guidance import SymmetryGuidance  # noqa: E402
 from doodl_lightning.sampling import Schedule, relative_error  # noqa: E402
@@ -102,7 +102,7 @@ PATCHES = ("none", "decode", "decode+autograd")
 # the mechanism the study proposed is now the core's own (sampling/backprop.py); since it is in
 # objective.decode_latents and sample(backprop='autograd'), the 'none' patch measures the fixed code and the
 # patches add a second, exact (power-of-two) scaling on top
-from doodl_lightning.sampling.backprop import cotangent_scaled  # noqa: E402
+from doodl_lightning.sampling.chains import cotangent_scaled  # noqa: E402
 
 
 _original_sample = objective.sample
