@@ -8,17 +8,73 @@ loaded from their path by the tests; each puts this folder on ``sys.path`` and d
 from __future__ import annotations
 
 import datetime
+import gc
+import json
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
 import torch
 
-__all__ = ["ROOT", "cpu_name", "fmt", "git_state", "machine_description", "machine_info", "random_embeddings",
-           "text_table"]
+__all__ = ["DTYPES", "ROOT", "cpu_name", "fmt", "free", "git_state", "machine_description", "machine_info",
+           "peak_rss", "quiet_hf", "random_embeddings", "read_records", "sync", "text_table", "write_json"]
 
 ROOT = Path(__file__).resolve().parents[2]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+# -- the device --------------------------------------------------------------------------------------------
+
+def free(device) -> None:
+    """Collect garbage and, on CUDA, hand cached blocks back (before a measurement of memory)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA) before reading a clock."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def quiet_hf() -> None:
+    """No diffusers warnings on every dtype cast of a model built from a config, no transformers progress bars."""
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    try:
+        from transformers.utils import logging as tlogging
+
+        tlogging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - transformers is optional here
+        pass
+
+
+# -- records -----------------------------------------------------------------------------------------------
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, written atomically (its folder made)."""
+    from doodl_lightning.io import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(str(path), json.dumps(obj, indent=1))
+
+
+def read_records(path) -> list[dict]:
+    """The records of a JSON file (a list, or one record); [] when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return data if isinstance(data, list) else [data]
 
 
 # -- the machine -------------------------------------------------------------------------------------------

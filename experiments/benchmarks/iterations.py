@@ -2,12 +2,10 @@
 """Whole DOODL optimisation runs: many iterations of a few-step model with real-size guidance models.
 
 ``backprop.py`` times ONE iteration of the chain with a model-free loss; this script times what a user waits
-for: ``--iterations`` iterations (default 50), each the LightningModule's ``training_step`` made of the
-project's own parts -- ``objective.evaluate`` (chain forward, VAE decode, the weighted guidance, the
-backward through the chain with per-step checkpointing) and the optimiser step (``optim.PerItemSGD``,
-``PerItemAdam`` or ``DOODLOptimizer`` through ``optim.masked_step``), then the renormalisation
-(``optim.renormalize_latents``) or, for the reward ensemble, the noise-norm regulariser in the loss instead.
-One untimed warm-up iteration (on a copy of the latents) comes first.
+for: ``--iterations`` iterations (default 50) of a ``DOODL`` module (its ``prepare``, ``chain.evaluate`` with
+``loss_fn`` and ``configure_optimizers``, stepped through ``optim.masked_step`` with the ``RenormalizeLatents``
+hook; for the reward ensemble the noise-norm regulariser in the loss instead). One untimed warm-up iteration
+comes first (the latents are put back after it).
 
 Every model has random weights at its REAL size, nothing is downloaded:
   * the diffusion model: ``doodl_lightning.testing.architectures`` (``--sd-config sd-turbo|sdxl-turbo|tiny``),
@@ -56,7 +54,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,10 +65,10 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import fmt, machine_info, random_conditioning, text_table  # noqa: E402
+from common import (DTYPES, fmt, free, machine_info, peak_rss, quiet_hf, random_conditioning, read_records, sync,  # noqa: E402
+                    text_table, write_json)
 
 START = time.perf_counter()
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GUIDANCES = ("clip-vit-l", "reward-ensemble", "tiny", "tiny-clip")
 SD_CONFIGS = ("sd-turbo", "sdxl-turbo", "tiny")
 UPDATES = ("sgd", "adam", "official")
@@ -132,17 +130,6 @@ def _log(msg: str) -> None:
     print(f"[{time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -159,12 +146,10 @@ def _bytes_on(modules, device: torch.device) -> int:
 
 def _status_kib(field: str) -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
 
 
 def _reset_peak_rss() -> bool:
@@ -180,23 +165,7 @@ def _peak_rss(reset_ok: bool) -> tuple[int, str]:
     hwm = _status_kib("VmHWM")
     if reset_ok and hwm is not None:
         return hwm * 1024, "rss_timed_run"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_process (includes model construction)"
-
-
-def _write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _read_records(path: str | Path) -> list[dict]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
-    return data if isinstance(data, list) else [data]
+    return peak_rss(), "rss_process (includes model construction)"
 
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
@@ -204,12 +173,10 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
     return f"{type(e).__name__}: {text[:limit]}"
 
 
-@contextmanager
 def _default_device(device: torch.device):
     """New tensors on ``device`` (random init of a 1B-parameter model on the GPU takes milliseconds, on one CPU
     thread ~15 s); the CPU as it is."""
-    with (torch.device(device) if device.type != "cpu" else nullcontext()):
-        yield
+    return torch.device(device) if device.type != "cpu" else nullcontext()
 
 
 def _construct(fn, device: torch.device, on_device: bool):
@@ -221,37 +188,26 @@ def _construct(fn, device: torch.device, on_device: bool):
                 return fn(), f"init on {device.type}"
         except Exception as e:  # noqa: BLE001 - fall back to the plain construction
             _log(f"construction under the {device.type} default device failed ({_one_line(e, 160)}); on the CPU")
-            _free(device)
+            free(device)
     return fn(), "init on cpu"
 
 
 # -- random real-size weights in each reward model's real file layout ---------------------------------------
 
-# ImageRewardModel keys -> the ORIGINAL ImageReward.pt keys (the inverse of image_reward._KEY_MAP); the guidance
-# reads the file back through its own key map and a strict load, so a wrong rule here fails loudly
-_IR_ORIGINAL_KEYS = [
-    (r"vision\.embeddings\.class_embedding", "blip.visual_encoder.cls_token"),
-    (r"vision\.embeddings\.position_embedding", "blip.visual_encoder.pos_embed"),
-    (r"vision\.embeddings\.patch_embedding\.(weight|bias)", r"blip.visual_encoder.patch_embed.proj.\1"),
-    (r"vision\.encoder\.layers\.(\d+)\.layer_norm1\.(weight|bias)", r"blip.visual_encoder.blocks.\1.norm1.\2"),
-    (r"vision\.encoder\.layers\.(\d+)\.self_attn\.qkv\.(weight|bias)", r"blip.visual_encoder.blocks.\1.attn.qkv.\2"),
-    (r"vision\.encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)",
-     r"blip.visual_encoder.blocks.\1.attn.proj.\2"),
-    (r"vision\.encoder\.layers\.(\d+)\.layer_norm2\.(weight|bias)", r"blip.visual_encoder.blocks.\1.norm2.\2"),
-    (r"vision\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"blip.visual_encoder.blocks.\1.mlp.\2.\3"),
-    (r"vision\.post_layernorm\.(weight|bias)", r"blip.visual_encoder.norm.\1"),
-    (r"text\.(.+)", r"blip.text_encoder.\1"),
-    (r"head\.(\d+)\.(weight|bias)", r"mlp.layers.\1.\2"),
-]
-
-
 def _original_image_reward_keys(state: dict) -> dict:
+    """ImageRewardModel keys -> the ORIGINAL ImageReward.pt keys: the guidance's own key map
+    (``image_reward._KEY_MAP``) read backwards; each name is checked to map forward to the key it came from."""
+    from doodl_lightning.guidance.image_reward import _KEY_MAP
+
     out = {}
     for key, value in state.items():
-        for pattern, target in _IR_ORIGINAL_KEYS:
-            m = re.fullmatch(pattern, key)
-            if m:
-                out[m.expand(target)] = value
+        for pattern, target in (rule for rule in _KEY_MAP if rule[1] is not None):
+            m = re.fullmatch("(.+)".join(map(re.escape, re.split(r"\\\d", target))), key)
+            groups = iter(range(1, 10))  # the rule's top-level groups (nested ones are non-capturing) -> \1, \2 ...
+            name = m and m.expand(re.sub(r"\((?:[^()]|\([^()]*\))*\)", lambda _: f"\\{next(groups)}", pattern)
+                                  .replace("\\.", "."))
+            if name and (back := re.fullmatch(pattern, name)) and back.expand(target) == key:
+                out[name] = value
                 break
         else:
             raise KeyError(f"ImageRewardModel key {key!r} has no original ImageReward.pt name")
@@ -310,7 +266,7 @@ def write_reward_files(folder: Path, sizes: dict, clip_model: nn.Module, device:
         source = CLIPModel(CLIPConfig(**sizes["pickscore"]))
     source.to("cpu", torch.float16).save_pretrained(str(pick))
     del source
-    _free(device)
+    free(device)
     s = sizes["pickscore_image"]
     CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s}).save_pretrained(str(pick))
     build_clip_tokenizer().save_pretrained(str(pick))
@@ -343,7 +299,7 @@ def write_reward_files(folder: Path, sizes: dict, clip_model: nn.Module, device:
                     p.normal_(0.0, 0.02)
     torch.save(_original_image_reward_keys(_half_state(source)), ir / "ImageReward.pt")
     del source
-    _free(device)
+    free(device)
     times["image_reward_files"] = time.perf_counter() - t
     manifest.write_text(key)  # last: its presence means every file is complete
     return times
@@ -378,7 +334,7 @@ def build_guidance(args, device: torch.device, dtype: torch.dtype, workdir: Path
         if before_cast is not None:
             before_cast(g)
         g.to(device=device, dtype=dtype)  # right away: the next model's construction does not see this one on the CPU
-        _free(device)
+        free(device)
         info = dict(name=g.name, cls=cls_name, weight=g.weight, parameters=_params(g), init=how,
                     build_seconds=time.perf_counter() - t)
         _log(f"guidance {g.name} ({cls_name}, {info['parameters'] / 1e6:.1f}M parameters, weight {g.weight}) "
@@ -429,18 +385,12 @@ def _recipe(args) -> dict:
     return out
 
 
-def _optimizer(kind: str, params, recipe: dict, items):
-    from doodl_lightning.data import step_generator
-    from doodl_lightning.optim import DOODLOptimizer, PerItemAdam, PerItemSGD
-
-    if kind == "sgd":
-        return PerItemSGD(params, lr=recipe["lr"], momentum=recipe["momentum"], nesterov=True,
-                          max_grad_norm=recipe["max_grad_norm"], tied_latents=True)
-    if kind == "adam":
-        return PerItemAdam(params, lr=recipe["lr"], max_grad_norm=recipe["max_grad_norm"], tied_latents=True)
-    opt = DOODLOptimizer(params)  # the official update with its defaults
-    opt.noise_generator = lambda r, k: step_generator(items[r], k, stream=2)
-    return opt
+def _update(recipe: dict) -> dict:
+    """DOODL's update settings of the recipe (``update``: sgd = SGD-Nesterov, adam, official = DOODL's defaults)."""
+    if recipe["update"] == "official":
+        return {}
+    kw = dict(update_rule=recipe["update"], lr=recipe["lr"], max_grad_norm=recipe["max_grad_norm"])
+    return kw if recipe["update"] == "adam" else dict(kw, momentum=recipe["momentum"], use_nesterov=True)
 
 
 def base_record(args) -> dict:
@@ -453,45 +403,51 @@ def base_record(args) -> dict:
     )
 
 
+def random_text_backbone(parts: dict, cond, uncond):
+    """The framework's UNet backbone over random-weight parts, whose prompts encode to the random embeddings
+    ``cond`` / ``uncond`` (``common.random_conditioning``) instead of a text encoder's."""
+    from doodl_lightning.families import UNetBackbone
+
+    class RandomText(UNetBackbone):
+        def encode_prompts(self, prompts, size=None):
+            return cond.expand(len(prompts))
+
+        def encode_negative(self, prompt, size=None):
+            return uncond
+
+    return RandomText(parts["unet"], parts["vae"], None, None, parts["scheduler"])
+
+
 def run(args) -> dict:
     """Build everything, warm up once, time ``--iterations`` iterations; returns the record."""
-    from doodl_lightning.backbone import Backbone
-    from doodl_lightning.data import Item, step_generator
-    from doodl_lightning.objective import check_guidance, evaluate, weighted_guidance
-    from doodl_lightning.optim import masked_step, renormalize_latents
-    from doodl_lightning.sampling import check_sampler
-    from doodl_lightning.start import ChainStart
+    from callbacks.renormalize import RenormalizeLatents
+    from doodl_lightning.data import Item
+    from doodl_lightning.module import DOODL
+    from doodl_lightning.optim import masked_step
     from doodl_lightning.testing import architectures
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.cuda_graphs and device.type != "cuda":
+        raise ValueError("--cuda-graphs needs --device cuda")
     rec = base_record(args)
     rec["machine"] = machine_info(device)
     rec["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     recipe = _recipe(args)
     rec.update(update=recipe["update"], lr=recipe["lr"], momentum=recipe["momentum"],
                max_grad_norm=recipe["max_grad_norm"], renormalize=recipe["renormalize"])
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
-    try:  # no progress bars for saving / loading the random reward weights
-        from transformers.utils import logging as tlogging
-
-        tlogging.disable_progress_bar()
-    except Exception:  # noqa: BLE001
-        pass
+    quiet_hf()
 
     # the diffusion model (random weights, real config), built on the device
     t = time.perf_counter()
     parts = architectures.build_components(args.sd_config, device=device, dtype=torch.float32, seed=args.seed,
                                            parts=("unet", "vae", "scheduler"))
-    backbone = Backbone(parts["unet"], parts["vae"], None, None, parts["scheduler"]).to(dtype)
-    if args.vae_checkpointing:
-        backbone.vae.enable_gradient_checkpointing()
     res = args.resolution or architectures.DEFAULT_RESOLUTION[args.sd_config]
     rec["resolution"] = res
-    cond, uncond = random_conditioning(backbone.unet, args.seed, (res, res))
-    cond, uncond = cond.to(device), uncond.to(device)
-    _sync(device)
+    cond, uncond = random_conditioning(parts["unet"], args.seed, (res, res))
+    backbone = random_text_backbone(parts, cond.to(device), uncond.to(device)).to(dtype)
+    if args.vae_checkpointing:
+        backbone.vae.enable_gradient_checkpointing()
+    sync(device)
     rec["build_seconds"] = {"backbone": time.perf_counter() - t}
     rec["unet_parameters"], rec["vae_parameters"] = _params(backbone.unet), _params(backbone.vae)
     _log(f"{args.sd_config} UNet {rec['unet_parameters'] / 1e6:.0f}M + VAE {rec['vae_parameters'] / 1e6:.0f}M "
@@ -508,76 +464,76 @@ def run(args) -> dict:
     finally:  # the tiny configs and, without --weights-dir, the reward files
         shutil.rmtree(workdir, ignore_errors=True)
     rec["guidance_parts"] = infos
-    check_guidance(guidance, None, recipe["renormalize"])
     rec["weights_bytes"] = _bytes_on([backbone, *guidance], device)
 
-    # the items, their chain and the optimised latents (what DOODL.setup / on_fit_start / configure_optimizers do)
-    sampler = args.sampler or backbone.default_sampler
-    check_sampler(sampler, args.backprop)
-    rec["sampler"] = sampler
-    schedule = backbone.schedule(args.steps, None)
+    # DOODL itself: its items' noise, chain, optimiser and renormalisation; this script only times them
     items = [Item(i, args.prompts[i % len(args.prompts)], args.seed + i) for i in range(args.batch)]
-    start = ChainStart(args.steps, sampler, args.mix_weight, renormalize_latents=recipe["renormalize"])
-    pair, norm = start.noise(items, backbone.latent_shape(res))
-    latents = nn.Parameter(pair.to(device))
-    initial_norm = norm.to(device)
-    active = torch.ones(len(items), dtype=torch.bool, device=device)
-    den = backbone.denoiser(cond, uncond, args.guidance_scale)
-    if args.cuda_graphs:
-        if device.type != "cuda":
-            raise ValueError("--cuda-graphs needs --device cuda")
-        from doodl_lightning.cuda_graphs import GraphedUNet
+    module = DOODL(model=backbone, prompts=list(dict.fromkeys(it.prompt for it in items)), guidance=guidance,
+                   sampler=args.sampler, backprop=args.backprop, steps=args.steps, mix_weight=args.mix_weight,
+                   guidance_scale=args.guidance_scale, resolution=res, drift_tolerance=args.drift_tolerance,
+                   cuda_graphs=args.cuda_graphs, renormalize_latents=recipe["renormalize"], **_update(recipe))
+    module.items = items  # item i: prompt i mod P, seed --seed + i (not every prompt with every seed)
+    module.prepare(device)
+    module.stepped = module.active.clone()  # every item steps (no early stopping)
+    chain, every = module.chain, list(range(len(items)))
+    rec["sampler"] = chain.name
+    dens = []  # every denoiser the chain makes (one per evaluation): their UNet calls
+    make_denoiser = chain.denoiser
+    chain.denoiser = lambda *a, **kw: dens.append(make_denoiser(*a, **kw)) or dens[-1]
 
-        den.unet = GraphedUNet(backbone.unet, auto_prepare=True)  # as DOODL.denoiser does with cuda_graphs
-    prompts = [it.prompt for it in items]
+    def calls() -> int:
+        return sum(d.calls for d in dens)
 
-    def iteration(params: nn.Parameter, opt, k: int, backward: bool = True):
-        """One training_step: zero_grad, evaluate (chain, decode, guidance, backward), step, renormalise."""
-        loss_fn = weighted_guidance(guidance, prompts, [step_generator(it, k, stream=1) for it in items])
+    def optimizer():
+        """DOODL's optimiser, renormalising after each step as the ``RenormalizeLatents`` callback does in a fit."""
+        opt = module.configure_optimizers()
+        if module.renormalizes:
+            opt.register_step_post_hook(lambda *_: RenormalizeLatents.renormalize(module))
+        return opt
+
+    def iteration(opt, k: int, backward: bool = True):
+        """DOODL's training_step at global step ``k``: zero_grad, evaluate (chain, decode, guidance, backward),
+        step (+ renormalisation); without ``backward``, only the evaluation, without gradient."""
         if not backward:
             with torch.no_grad():
-                return evaluate(den, params[:, 0], schedule, backbone.decode, loss_fn, sampler=sampler,
-                                backprop=args.backprop, mix_weight=args.mix_weight,
-                                y=params[:, 1] if start.pair_size == 2 else None, backward=False)
+                return chain.evaluate(module.latents, every, module.loss_fn(every, k), backward=False)
         opt.zero_grad(set_to_none=True)
-        ev = evaluate(den, params[:, 0], schedule, backbone.decode, loss_fn, sampler=sampler, backprop=args.backprop,
-                      mix_weight=args.mix_weight, y=params[:, 1] if start.pair_size == 2 else None,
-                      drift_tolerance=args.drift_tolerance)
-        masked_step(opt, params, active)
-        if start.renormalize:
-            renormalize_latents(params, initial_norm, active)
+        ev = chain.evaluate(module.latents, every, module.loss_fn(every, k), backward=True)
+        masked_step(opt, module.latents, module.stepped)
         return ev
 
-    # one untimed warm-up iteration on a copy (kernels, allocator, the guidances' text caches, graph capture)
+    # one untimed warm-up iteration (kernels, allocator, the guidances' text caches, graph capture); the
+    # latents are put back and the optimiser made afresh
     t = time.perf_counter()
-    warm = nn.Parameter(latents.detach().clone())
-    ev = iteration(warm, _optimizer(recipe["update"], [warm], recipe, items), 0)
+    start = module.latents.detach().clone()
+    ev = iteration(optimizer(), 0)
     float(ev.total.sum())
-    _sync(device)
+    sync(device)
     rec["warmup_seconds"] = time.perf_counter() - t
-    del warm, ev
-    _free(device)
+    module.latents.data.copy_(start)
+    del start, ev
+    free(device)
     _log(f"warm-up iteration {rec['warmup_seconds']:.2f}s")
 
     # the timed optimisation
-    opt = _optimizer(recipe["update"], [latents], recipe, items)
+    opt = optimizer()
     reset_ok = False
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
         reset_ok = _reset_peak_rss()
-    calls0 = den.calls
+    calls0 = calls()
     times, losses, first_terms, last_terms = [], [], None, None
     deadline_hit = False
-    _sync(device)
+    sync(device)
     for k in range(args.iterations):
         if args.deadline is not None and time.perf_counter() - START > args.deadline and k > 0:
             deadline_hit = True
             break
         t = time.perf_counter()
-        ev = iteration(latents, opt, k)
+        ev = iteration(opt, k)
         loss = float(ev.total.mean())  # the module logs the loss every step: one sync per iteration
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
         losses.append(loss)
         terms = {n: float(v.mean()) for n, v in ev.terms.items()}
@@ -587,17 +543,16 @@ def run(args) -> dict:
             _log(f"iteration {k + 1}/{args.iterations}: {times[-1]:.3f}s, loss {loss:.4f}")
         del ev
     done = len(times)
-    calls = den.calls - calls0
+    unet_calls = calls() - calls0
     if device.type == "cuda":
         rec.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device), peak_memory_kind="cuda_max_allocated")
     else:
         peak, kind = _peak_rss(reset_ok)
-        rec.update(peak_memory_bytes=peak, peak_memory_kind=kind,
-                   peak_rss_process_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        rec.update(peak_memory_bytes=peak, peak_memory_kind=kind, peak_rss_process_bytes=peak_rss())
 
     # after the last update: the loss of the final latents (untimed, no gradient)
-    ev = iteration(latents, None, done, backward=False)
+    ev = iteration(None, done, backward=False)
     loss_final = float(ev.total.mean())
     finite = all(map(lambda v: v == v and abs(v) != float("inf"), losses + [loss_final]))
     total = sum(times)
@@ -605,11 +560,11 @@ def run(args) -> dict:
         status=("partial: " + f"{done} of {args.iterations} iterations before the deadline") if deadline_hit else "ok",
         iterations_done=done, total_seconds=total, seconds_per_image=total / args.batch,
         seconds_per_iteration=total / max(done, 1), seconds_first_iteration=times[0] if times else None,
-        seconds_all=times, unet_calls=calls, unet_calls_per_iteration=calls / max(done, 1),
+        seconds_all=times, unet_calls=unet_calls, unet_calls_per_iteration=unet_calls / max(done, 1),
         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None, loss_final=loss_final,
         losses=losses, terms_first=first_terms, terms_last=last_terms, losses_finite=finite,
-        latent_norm_final=[float(v) for v in latents.detach()[:, 0].flatten(1).norm(dim=1)],
-        latent_norm_initial=[float(v) for v in initial_norm],
+        latent_norm_final=[float(v) for v in module.latents.detach()[:, 0].flatten(1).norm(dim=1)],
+        latent_norm_initial=[float(v) for v in module.initial_norm],
         wall_seconds=time.perf_counter() - START,
     )
     if device.type == "cpu":
@@ -661,7 +616,7 @@ def summarize(paths: list[str]) -> str:
     """This script's records (table + targets) and, from backprop.py's JSON, the iteration-vs-floor records."""
     ours, floors = [], []
     for p in paths:
-        for r in _read_records(p):
+        for r in read_records(p):
             (floors if "floor_seconds" in r else ours).append(r)
     lines = []
     if ours:
@@ -704,7 +659,7 @@ def parse_args(argv=None):
                    help="clip-vit-l (issue 16), reward-ensemble (issue 17), tiny (the ensemble with tiny models), "
                         "tiny-clip (the CLIP guidance with a tiny model)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="the frozen models' dtype (latents float32)")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES)[:3], help="the frozen models' dtype (latents float32)")
     p.add_argument("--batch", type=int, default=1, help="images optimised together")
     p.add_argument("--sampler", default=None, help="default: the model's (DDIM on the trailing grid for Turbo)")
     p.add_argument("--backprop", default="checkpoint")
@@ -763,11 +718,11 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    previous = _read_records(args.json) if (args.json and args.append) else []
+    previous = read_records(args.json) if (args.json and args.append) else []
 
     def save(rec):
         if args.json:
-            _write_json_atomic(args.json, previous + [rec])
+            write_json(args.json, previous + [rec])
 
     rec = base_record(args)
     save(dict(rec, status="started (no result: the process was killed or crashed before the end)"))
