@@ -32,11 +32,9 @@ checkpointing), ``--channels-last``, ``--compile`` (torch.compile of the UNet), 
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,8 +50,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
 
 import torch  # noqa: E402
 
-from doodl_lightning.backbone import FLOW_PIPELINE_FAMILIES, Backbone, PretrainedBackbone, model_family  # noqa: E402
-from doodl_lightning.families.flow import FlowBackbone, PretrainedFlowBackbone  # noqa: E402
+from doodl_lightning.families import FlowBackbone, UNetBackbone, backbone_class  # noqa: E402
 from doodl_lightning.cuda_graphs import GraphedUNet  # noqa: E402
 from doodl_lightning.data import Item, initial_noise, step_generator  # noqa: E402
 from doodl_lightning.guidance import SymmetryGuidance  # noqa: E402
@@ -61,9 +58,9 @@ from doodl_lightning.objective import evaluate, weighted_guidance  # noqa: E402
 from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, relative_error  # noqa: E402
 from doodl_lightning.testing import architectures, flow_models  # noqa: E402
 
-from common import fmt, machine_description, random_conditioning, text_table  # noqa: E402
+from common import (DTYPES, fmt, free, machine_description, peak_rss, quiet_hf, random_conditioning, sync,  # noqa: E402
+                    text_table)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ACCELS = ("eager", "graphs", "compile")
 JOB_KEYS = ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last", "vae_checkpointing",
             "drift_tolerance", "repeats", "warmup", "budget", "role")
@@ -90,15 +87,13 @@ class Model:
     def __init__(self, args):
         self.device = torch.device(args.device)
         self.args = args
-        from diffusers.utils import logging as dlogging
-
-        dlogging.set_verbosity_error()  # diffusers warns on every dtype cast of a model built from a config
+        quiet_hf()  # diffusers warns on every dtype cast of a model built from a config
         t0 = time.perf_counter()
         self.note = None
         if args.pretrained:
             self.name = args.pretrained
-            flow = model_family(args.pretrained) in FLOW_PIPELINE_FAMILIES
-            self.backbone = (PretrainedFlowBackbone if flow else PretrainedBackbone)(args.pretrained).to(self.device)
+            flow = issubclass(backbone_class(args.pretrained), FlowBackbone)
+            self.backbone = backbone_class(args.pretrained)(args.pretrained).to(self.device)
             size = (args.resolution, args.resolution) if args.resolution else None
             cond = self.backbone.encode_prompts([args.prompt], size).float()
             uncond = self.backbone.encode_negative("", size).float()
@@ -136,7 +131,7 @@ class Model:
             if args.controlnet:  # the base's ControlNet (diffusers' from_unet), random image per record
                 controlnet = architectures.build_controlnet(parts["unet"], vae_scale_factor=architectures.vae_scale_factor(args.sd_config))
                 self.name += " + ControlNet"
-            self.backbone = Backbone(parts["unet"], parts["vae"], None, None, parts["scheduler"], controlnet=controlnet)
+            self.backbone = UNetBackbone(parts["unet"], parts["vae"], None, None, parts["scheduler"], controlnet=controlnet)
             res = args.resolution or architectures.DEFAULT_RESOLUTION[args.sd_config]
             cond, uncond = random_conditioning(self.backbone.unet, args.seed, (res, res))
         self.cond, self.uncond = cond.to(self.device), uncond.to(self.device)
@@ -146,7 +141,7 @@ class Model:
         self.graphs_error: str | None = None  # set once capture failed: later graphs jobs run eager
         self.compiled = None
         self.build_seconds = time.perf_counter() - t0
-        _free(self.device)
+        free(self.device)
 
     def configure(self, dtype: torch.dtype, channels_last: bool, vae_checkpointing: bool) -> None:
         if dtype != self.dtype:
@@ -158,7 +153,7 @@ class Model:
                 m.load_state_dict(self.master[k])
                 m.to(dtype=dtype)
             self.dtype, self.graphed, self.compiled = dtype, None, None
-            _free(self.device)
+            free(self.device)
         if channels_last != self.channels_last:
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             self.unet.to(memory_format=memory_format)
@@ -197,7 +192,7 @@ class Model:
             den.unet = self.graphed
         elif self.graphed is not None:  # free the graphs' memory pools before measuring anything else
             self.graphed = None
-            _free(self.device)
+            free(self.device)
         return den
 
     def items(self, batch: int) -> list[Item]:
@@ -237,17 +232,6 @@ def _available_memory() -> int | None:
     except OSError:
         pass
     return None
-
-
-def _free(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _SavedBytes:
@@ -310,7 +294,7 @@ def _prepare(model: Model, job: dict, args):
     if den is None:
         den = model.denoiser(rec["accel"], args.guidance_scale)
     if device.type == "cuda":
-        _free(device)
+        free(device)
         torch.cuda.reset_peak_memory_stats(device)
     rec["setup_seconds"] = time.perf_counter() - t_setup
 
@@ -328,7 +312,7 @@ def _prepare(model: Model, job: dict, args):
                 _counter.active = False  # the chain's forward is over
                 return model.backbone.decode(lat)
         calls0 = den.calls
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         if counter is not None:
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
@@ -337,7 +321,7 @@ def _prepare(model: Model, job: dict, args):
         else:
             ev = evaluate(den, z, schedule, decode, loss_fn, sampler=job["sampler"], backprop=job["backprop"],
                           mix_weight=args.mix_weight, drift_tolerance=job["drift_tolerance"], noises=noises)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0, z.grad, ev, den.calls - calls0
 
     iteration.den = den
@@ -349,10 +333,10 @@ def _median_seconds(fn, device, repeats: int = 3) -> float:
     fn()  # warm-up (allocator, kernels)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -421,7 +405,7 @@ def _finish(model, job, rec, iteration, counter, warm, times, last):
         rec.update(peak_memory_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device), peak_memory_kind="cuda_max_allocated")
     else:
-        rec.update(peak_memory_bytes=_peak_rss(), peak_memory_kind="rss_process")
+        rec.update(peak_memory_bytes=peak_rss(), peak_memory_kind="rss_process")
     if job["accel"] == "graphs" and model.graphed is not None:
         rec["graph_refreshes"] = sum(g.refreshes for g in model.graphed.graphs.values())
     g = None if grad is None else grad.detach().double().cpu()
@@ -451,10 +435,6 @@ def run_interleaved(model: Model, jobs: list[dict], args) -> list[tuple[dict, to
         rec["interleaved"] = True
         out.append((rec, g))
     return out
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 def _base_record(job: dict, args, model: Model | None = None) -> dict:
@@ -569,10 +549,10 @@ def worker_main(payload: str) -> None:
     args = argparse.Namespace(**data["args"])
     _setup_torch(args)
     model = Model(args)
-    before = _peak_rss()  # interpreter + libraries + model: the floor under every record's peak
+    before = peak_rss()  # interpreter + libraries + model: the floor under every record's peak
     rec, grad = run_job(model, data["job"], args)
     if model.device.type == "cpu":
-        rec.update(peak_memory_bytes=_peak_rss(), peak_memory_kind="rss_fresh_subprocess", rss_before_job_bytes=before)
+        rec.update(peak_memory_bytes=peak_rss(), peak_memory_kind="rss_fresh_subprocess", rss_before_job_bytes=before)
     if grad is not None:
         torch.save(grad, data["grad_path"])
     print("RESULT " + json.dumps(rec), flush=True)
@@ -755,7 +735,7 @@ def parse_args(argv=None):
     args.steps = args.steps or [5, 10, 20]
     flow = args.sd_config in flow_models.FLOW_ARCHITECTURES and not args.pretrained
     if args.pretrained:
-        flow = model_family(args.pretrained) in FLOW_PIPELINE_FAMILIES
+        flow = issubclass(backbone_class(args.pretrained), FlowBackbone)
     args.samplers = args.samplers or (["flow", "flow_edict"] if flow else ["ddim", "edict"])
     if args.threads is None and torch.device(args.device).type == "cpu" and args.sd_config == "tiny" and not args.pretrained:
         args.threads = 1
@@ -805,7 +785,7 @@ def main(argv=None) -> list[dict]:
                     rec = _base_record(job, args, model)
                     rec["status"] = "oom" if isinstance(e, torch.OutOfMemoryError) else f"error: {type(e).__name__}: {str(e)[:200]}"
                     pairs.append((rec, None))
-            _free(model.device)
+            free(model.device)
             for rec, grad in pairs:
                 records.append(rec)
                 grads.append(grad)
@@ -836,7 +816,7 @@ def main(argv=None) -> list[dict]:
                 rec, grad = _base_record(job, args, model), None
                 rec["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 traceback.print_exc()
-            _free(model.device)
+            free(model.device)
         records.append(rec)
         grads.append(grad)
         attach_errors(records, grads)

@@ -77,7 +77,7 @@ from doodl_lightning.sampling import Schedule, relative_error  # noqa: E402
 from doodl_lightning.testing import architectures  # noqa: E402
 from doodl_lightning.testing.tiny import sd_scheduler  # noqa: E402
 
-from common import fmt, machine_info, random_embeddings, text_table  # noqa: E402
+from common import fmt, machine_info, quiet_hf, random_embeddings, text_table  # noqa: E402
 
 DEFAULT_OUT = ROOT / "experiments" / "benchmarks" / "results" / "precision_cpu.json"
 F16_MIN_NORMAL = 2.0 ** -14
@@ -148,19 +148,10 @@ def patched(patch: str):
 
 def schedule_for(scheduler, steps: int) -> Schedule:
     """The model's own DDIM grid (SD-1.x: 901, 801, ..., 1 at 10 steps), as backprop.py used for the H200 run."""
-    try:
-        return Schedule.from_scheduler(scheduler, steps, grid="model")
-    except TypeError:  # a Schedule without grids: the model's grid is its only one
-        return Schedule.from_scheduler(scheduler, steps)
+    return Schedule.from_scheduler(scheduler, steps, grid="model")
 
 
 # -- models ------------------------------------------------------------------------------------------------
-
-def _quiet_diffusers():
-    from diffusers.utils import logging as dlogging
-
-    dlogging.set_verbosity_error()
-
 
 def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """A copy of a diffusers model in ``dtype`` without a transient float32 copy (built on the meta device)."""
@@ -543,7 +534,7 @@ def summary(records: list[dict]) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    _quiet_diffusers()
+    quiet_hf()
     start = time.perf_counter()
     out = dict(machine=machine_info("cpu"), args=vars(args), precisions={k: dict(weights=str(w).replace("torch.", ""),
                autocast=None if a is None else str(a).replace("torch.", ""), lightning=l) for k, (w, a, l) in PRECISIONS.items()},
