@@ -29,6 +29,8 @@ import doodl_lightning.strategy  # noqa: F401  registers --trainer.strategy seed
 from callbacks import ComputeMeter, DefaultProgressBar, TensorBoardSummary
 from doodl_lightning.console import condense_parser_error, silence_irrelevant
 from doodl_lightning.io import DirectoryBusyError, atomic_write_text, claim_version, lock_directory, read_checkpoint
+from doodl_lightning.lightning_compat import (CkptPathParsing, clear_received_sigterm, save_unsaved_last_checkpoint,
+                                              set_version, unfixed_version)
 from doodl_lightning.module import DOODL
 from doodl_lightning.resume import mismatch, plain, trajectory
 
@@ -205,7 +207,7 @@ class StopOnSignal(Callback):
         for signum, handler in ((signal.SIGINT, self._on_sigint), (signal.SIGTERM, self._on_sigterm)):
             self._previous[signum] = signal.signal(signum, handler)
         if trainer.received_sigterm:  # arrived after Lightning's handler was set, before ours
-            trainer._signal_connector.received_sigterm = False
+            clear_received_sigterm(trainer)
             self._stop(signal.SIGTERM)
 
     def _stop(self, signum: int) -> None:
@@ -266,8 +268,8 @@ class StopOnSignal(Callback):
         print(f"\n{rank}{signal.Signals(self.stopped_by).name}: stopped after step {trainer.global_step}, writing the "
               "final outputs", file=sys.stderr, flush=True)
         for cb in trainer.checkpoint_callbacks:  # the stopped step's last.ckpt, when its schedule skipped that step
-            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb._last_global_step_saved != trainer.global_step:
-                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+            if isinstance(cb, ModelCheckpoint):
+                save_unsaved_last_checkpoint(cb, trainer)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # Lightning's teardown, before this hook, has already put back the handlers there were before the fit;
@@ -280,7 +282,7 @@ class StopOnSignal(Callback):
         self._previous = {}
 
 
-class DOODLCLI(LightningCLI):
+class DOODLCLI(CkptPathParsing, LightningCLI):
     """LightningCLI plus what a run does to the file system and the process (the README's "Faults, signals
     and resuming"): relative inputs found from any working directory, a YAML error naming its file, the
     module's own one-line errors, ``max_steps`` >= 1, ``--ckpt_path last`` and a checkpoint that must continue
@@ -302,7 +304,7 @@ class DOODLCLI(LightningCLI):
             if isinstance(node.get("ckpt_path"), str):
                 node.ckpt_path = find_input(node.ckpt_path, dirs)
 
-    def _parse_ckpt_path(self) -> None:
+    def parse_ckpt_path(self) -> None:  # in place of LightningCLI's (lightning_compat.CkptPathParsing)
         # Lightning's version replaces the model's settings by the checkpoint's hyper-parameters, so a resume
         # with another config silently ran the checkpoint's (and mixed in the new guidance). Here the config
         # is what runs; the checkpoint is only read, to fail early on a bad file, and before_fit compares.
@@ -380,12 +382,12 @@ class DOODLCLI(LightningCLI):
         for logger in trainer.loggers:
             if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
                 continue
-            if logger._version is None:  # Lightning would pick max(version_N) + 1 by listing: two runs get one N
+            if unfixed_version(logger):  # Lightning would pick max(version_N) + 1 by listing: two runs get one N
                 root = os.path.realpath(logger.root_dir)
                 if root not in versions:
                     versions[root] = claim_version(root)
                     self._claimed.append(Path(root) / f"version_{versions[root]}")
-                logger._version = versions[root]
+                set_version(logger, versions[root])
             outputs.append(logger.log_dir)
         if not trainer.loggers:
             outputs.append(trainer.default_root_dir)

@@ -5,6 +5,7 @@ from lightning.fabric.loggers import TensorBoardLogger as FabricTensorBoardLogge
 from lightning.pytorch import Callback
 
 from doodl_lightning.console import describe_guidance
+from doodl_lightning.lightning_compat import drop_hp_metric_placeholder
 
 RESULT_METRICS = ("result/mean_best_loss", "result/mean_final_loss")
 
@@ -37,7 +38,7 @@ class TensorBoardSummary(Callback):
             for logger in self.tensorboard_loggers(trainer):
                 # Lightning has no public switch once the logger exists; it reads this flag when it logs the
                 # hyper-parameters, just after set-up
-                logger._default_hp_metric = False
+                drop_hp_metric_placeholder(logger)
 
     @staticmethod
     def tensorboard_loggers(trainer) -> list:

@@ -81,9 +81,10 @@ def _fingerprint(module: nn.Module, dtype: torch.dtype | None) -> str:
 def trajectory(module, trainer=None) -> dict:
     """The flat ``{key: value}`` description of what ``module`` (a ``DOODL``) computes, keyed as in the config;
     ``trainer``: the one it will run under, when not yet attached (a check before the fit starts)."""
+    from .lightning_compat import attached_trainer
     from .precision import frozen_dtype
 
-    trainer = trainer if trainer is not None else module._trainer
+    trainer = trainer if trainer is not None else attached_trainer(module)
     dtype = frozen_dtype(trainer.precision) if trainer is not None else None
     out = {"model.class": f"{type(module).__module__}.{type(module).__qualname__}",
            "model.items (prompts x seeds)": [[it.prompt, it.seed] for it in module.items]}
