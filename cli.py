@@ -26,12 +26,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import doodl_lightning.strategy  # noqa: F401  registers --trainer.strategy seed_parallel
-from callbacks import ComputeMeter, DefaultProgressBar, TensorBoardSummary
+from callbacks import ComputeMeter, DefaultProgressBar, RenormalizeLatents, TensorBoardSummary
 from doodl_lightning.console import condense_parser_error, silence_irrelevant
 from doodl_lightning.io import DirectoryBusyError, atomic_write_text, claim_version, lock_directory, read_checkpoint
 from doodl_lightning.lightning_compat import (CkptPathParsing, clear_received_sigterm, save_unsaved_last_checkpoint,
                                               set_version, unfixed_version)
-from doodl_lightning.module import DOODL
+from doodl_lightning.search import NoiseSearch
 from doodl_lightning.resume import mismatch, plain, trajectory
 
 TRAINER_DEFAULTS = {
@@ -42,8 +42,9 @@ TRAINER_DEFAULTS = {
     # in every run, after the config's own callbacks (LightningCLI appends these; they stay out of config.yaml):
     # the step k/N progress bar in place of Lightning's epoch bar (a bar the config names is kept), and
     # TensorBoard's summary (no hp_metric placeholder; HPARAMS with guidance and results; the final evaluation),
-    # and the run's compute (UNet and guidance evaluations per image, seconds: compute.json)
-    "callbacks": [DefaultProgressBar(), TensorBoardSummary(), ComputeMeter()],
+    # and the run's compute (UNet and guidance evaluations per image, seconds: compute.json), and the latents'
+    # renormalisation after each update (DOODL's renormalize_latents; it does nothing for a module that does not ask)
+    "callbacks": [DefaultProgressBar(), TensorBoardSummary(), ComputeMeter(), RenormalizeLatents()],
 }
 
 
@@ -139,7 +140,7 @@ def check_yaml(path: str) -> None:
 
 def _root_cause(e: BaseException) -> BaseException:
     """The module's own error inside jsonargparse's "Does not validate against any of the Union subtypes"
-    (``model:`` is DOODL-or-subclass in subclass mode, so every error raised by its ``__init__`` arrives wrapped)."""
+    (``model:`` is a NoiseSearch subclass in subclass mode, so every error raised by its ``__init__`` arrives wrapped)."""
     while str(e).startswith(UNION_ERROR) and e.__cause__ is not None:
         e = e.__cause__
     return e
@@ -290,6 +291,10 @@ class DOODLCLI(CkptPathParsing, LightningCLI):
     fails before its first step, and the signal a run was stopped by (``stopped_by``)."""
 
     stopped_by: int | None = None
+    DEFAULT_METHOD = "doodl_lightning.module.DOODL"  # what ``model:`` without a class_path runs
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"model": {"class_path": self.DEFAULT_METHOD}})
 
     def parse_arguments(self, parser, args) -> None:
         if args is None or isinstance(args, (list, tuple)):
@@ -455,9 +460,9 @@ def main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = 
     """``exit_on_error=False``: a parse error raises jsonargparse's ``ArgumentError`` instead of printing the usage
     and exiting (``run_cli`` condenses it to one line)."""
     silence_irrelevant()
-    # subclass mode: ``model:`` without a class_path is a DOODL; ``class_path: doodl_lightning.best_of_n.BestOfN``
-    # picks another search over the same items, guidance and outputs
-    cli = DOODLCLI(DOODL, subclass_mode_model=True, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
+    # subclass mode over the search methods: ``model:`` without a class_path is a DOODL (DOODLCLI.DEFAULT_METHOD);
+    # ``class_path: doodl_lightning.best_of_n.BestOfN`` picks another search over the same items, guidance and outputs
+    cli = DOODLCLI(NoiseSearch, subclass_mode_model=True, args=args, run=run, trainer_defaults=TRAINER_DEFAULTS,
                    seed_everything_default=0, save_config_callback=AtomicSaveConfig,
                    parser_kwargs={"exit_on_error": exit_on_error})
     if run and cli.subcommand == "fit":

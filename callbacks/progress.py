@@ -17,7 +17,7 @@ class StepProgressBar(TQDMProgressBar):
 
     ``loss``: this step's mean over all items; ``best``: the mean over items of each item's lowest loss so far
     (what ``results.jsonl`` keeps as ``best_loss``); ``active``: items still optimised (early stopping) / all.
-    Read from what ``DOODL._log_step`` logs (``train/loss``, ``train/best_loss``, ``train/active_items``).
+    Read from what ``NoiseSearch.log_step`` logs (``train/loss``, ``train/best_loss``, ``train/active_items``).
 
     Lightning's bar counts batches within an epoch; a DOODL epoch is one batch, so it read ``Epoch 14/-2 ...
     1/1 0.00it/s``. This bar counts ``trainer.global_step`` against ``max_steps`` and starts a resumed fit

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .checks import check_finite
 from .objective import Evaluation, concat_evaluations, evaluate
-from .sampling import GuidedEps, OneStepGradient, sample_ddim, sample_edict
+from .sampling import GuidedEps, OneStepGradient
 
 ESTIMATES = ("one_step", "chain")
 
@@ -39,35 +39,32 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     if doodl.hparams.sampler not in ("ddim", "edict"):
         raise ValueError(f"guided sampling (the official baselines) guides eps on the DDIM / EDICT chains; sampler "
                          f"{doodl.hparams.sampler!r} has no such baseline here: use sampler ddim or edict")
-    if doodl.start.opt_t is not None:
+    if doodl.chain.start.opt_t is not None:
         # the official baseline reads opt_t only when editing; ours would guide a tail the user did not ask for
         raise ValueError("guided sampling guides every step from x_T (the official baseline ignores opt_t without a "
                          "source image): drop opt_t for the baselines")
-    if doodl.start.source_image is not None:
+    if doodl.chain.start.source_image is not None:
         raise ValueError("guided sampling does not edit a source_image (the official baseline's inversion skips "
                          "EDICT's mixing inverse, so even unguided it does not give the source back): drop "
                          "source_image for the baselines, or optimise the edit with fit")
-    if not doodl.local_items or not hasattr(doodl, "_cond"):
+    if not doodl.local_items or not doodl.chain.bound:
         raise RuntimeError("guided_sampling needs a prepared module: call doodl.prepare(device) first")
     latent = next((g for g in doodl.guidance if getattr(g, "needs_latents", False)), None)
     if latent is not None:
         raise ValueError(f"guided sampling optimises no latents, so {latent.name} (a loss on the initial latents) has "
                          f"nothing to act on: drop it from guidance for the baselines")
+    chain = doodl.chain
     calls = itertools.count(1)
     outs = []
-    for idx in doodl.chunks():
+    for idx in doodl.chain.chunks():
+        z = doodl.latents[idx].detach()
         loss_fn = lambda: doodl.loss_fn(idx, next(calls))  # noqa: E731 - a fresh cutout stream per call
         if estimate == "one_step":
-            grad = OneStepGradient(doodl.denoiser(idx, guidance_scale=0.0),
-                                   lambda z: loss_fn()(doodl.backbone.decode(z))[0], doodl.schedule, grad_scale)
+            grad = OneStepGradient(chain.denoiser(idx, guidance_scale=0.0, device=z.device),
+                                   lambda z: loss_fn()(doodl.backbone.decode(z))[0], chain.schedule, grad_scale)
         else:
             grad = _chain_gradient(doodl, idx, loss_fn, grad_scale)
-        guided = GuidedEps(doodl.denoiser(idx), grad, doodl.schedule)
-        z = doodl.latents[idx].detach()
-        if doodl.hparams.sampler == "ddim":
-            final = sample_ddim(guided, z[:, 0], doodl.schedule)
-        else:
-            final = sample_edict(guided, z[:, 0], z[:, 1], doodl.schedule, doodl.hparams.mix_weight)[0]
+        final = chain.sample(z, idx, eps=GuidedEps(chain.denoiser(idx, device=z.device), grad, chain.schedule))
         images = doodl.backbone.decode(final)
         total, terms = doodl.loss_fn(idx, 0)(images)
         outs.append(Evaluation(total, terms, images))
@@ -77,14 +74,14 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
 def _chain_gradient(doodl, idx: list[int], loss_fn, grad_scale: float):
     """(x_t, t) -> 0.5 d(grad_scale * S)/dx_t, S = the loss of both images of the EDICT chain from (x_t, x_t)
     over the rest of the grid (official ``cond_fn`` of ``get_generic_cond_fn``): EDICT for either sampler."""
-    hp = doodl.hparams
-    index = {t: i for i, t in enumerate(doodl.schedule.timesteps)}
+    hp, chain = doodl.hparams, doodl.chain
+    index = {t: i for i, t in enumerate(chain.schedule.timesteps)}
 
     def grad(x: Tensor, t: int) -> Tensor:
         with torch.enable_grad():
             leaf = x.detach().requires_grad_()
             # y = x: the pair (x_t, x_t) shares one leaf, so leaf.grad is the sum of both latents' gradients
-            evaluate(doodl.denoiser(idx), leaf, doodl.schedule.tail(index[int(t)]), doodl.backbone.decode, loss_fn(),
+            evaluate(chain.denoiser(idx, device=x.device), leaf, chain.schedule.tail(index[int(t)]), doodl.backbone.decode, loss_fn(),
                      sampler="edict", backprop=hp.backprop, mix_weight=hp.mix_weight, y=leaf,
                      drift_tolerance=hp.drift_tolerance, backward=True)
         return 0.5 * grad_scale * leaf.grad

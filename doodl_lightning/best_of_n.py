@@ -5,7 +5,8 @@ import torch
 from torch import Tensor
 
 from .data import Item, initial_noise, step_generator
-from .module import DOODL
+from .lightning_compat import attached_trainer
+from .search import NoiseSearch
 
 
 def candidate_noise(item: Item, k: int, shape: tuple[int, ...]) -> Tensor:
@@ -16,14 +17,14 @@ def candidate_noise(item: Item, k: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(shape, generator=step_generator(item, k, stream=3), dtype=torch.float32)
 
 
-class BestOfN(DOODL):
+class BestOfN(NoiseSearch):
     """Sample ``candidates`` initial noises per item, run the chain on each without gradient, keep the one with
     the lowest guidance loss (of the reward terms: a regulariser is left out, ``Evaluation.reward``). One training
     step = one candidate for every item, so ``results.jsonl`` (best loss, best step = the winning candidate), the
     images, TensorBoard and early stopping work as for DOODL.
 
     YAML: ``model: {class_path: doodl_lightning.best_of_n.BestOfN, init_args: {candidates: 16, ...}}`` with
-    the DOODL keys for items, model, sampler, steps and guidance; the update keys are unused. The run ends
+    ``NoiseSearch``'s keys for items, model, sampler, steps and guidance (no update keys: nothing is optimised). The run ends
     after ``candidates`` steps (``trainer.max_steps`` must allow them). Every candidate is scored with the
     same cutouts (generator stream of step 0), so candidates are compared on one measure.
     Compute per item: ``candidates`` chains (steps UNet evaluations each, none back-propagated) and
@@ -46,7 +47,8 @@ class BestOfN(DOODL):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        trainer = attached_trainer(self)
+        max_steps = trainer.max_steps if trainer is not None else -1
         if 0 <= max_steps < self.candidates:
             raise ValueError(f"trainer.max_steps ({max_steps}) is below model.candidates ({self.candidates}): "
                              f"set --trainer.max_steps {self.candidates} or fewer candidates")
@@ -59,7 +61,7 @@ class BestOfN(DOODL):
     def candidate(self, k: int) -> Tensor:
         """Candidate ``k``'s latent pairs (N, P, C, h, w) of the local items, on the module's device."""
         z = torch.stack([candidate_noise(it, k, self.latent_shape) for it in self.local_items])
-        return z.unsqueeze(1).repeat(1, self.start.pair_size, 1, 1, 1).to(self.latents)
+        return z.unsqueeze(1).repeat(1, self.chain.start.pair_size, 1, 1, 1).to(self.latents)
 
     def loss_fn(self, idx: list[int], stream_step: int):
         return super().loss_fn(idx, 0)  # one set of cutouts for every candidate
@@ -78,7 +80,7 @@ class BestOfN(DOODL):
         self.stepped = self.active.clone()
         self.optimizers().step()
         self.last = ev
-        self._log_step(ev, None)
+        self.log_step(ev, None)
         if k + 1 >= self.candidates:
             self.trainer.should_stop = True
         return None

@@ -151,7 +151,7 @@ class _PerItem:
     tied (its mean, when ``tied_latents``) and the gradient norm of each item's latent clipped to
     ``max_grad_norm`` (per item: one item's large gradient must not shrink the others' steps); after it, the pair is tied.
     The clip is ``torch.nn.utils.clip_grad_norm_``'s on each latent alone, g * min(1, max_grad_norm / (|g| + 1e-6)):
-    for one item it is ReNO's clip exactly (``tests/test_recipe.py`` runs ReNO's loop beside it)."""
+    for one item it is ReNO's clip exactly (``tests/test_reno_recipe.py`` runs ReNO's loop beside it)."""
 
     def _prepare(self, max_grad_norm: float | None, tied_latents: bool) -> None:
         self.max_grad_norm, self.tied_latents = max_grad_norm, tied_latents

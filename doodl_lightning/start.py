@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 
 from .data import Item, initial_noise, load_source_image
-from .sampling import (Eps, Schedule, edict_invert, flow_edict_invert, sample_ddim, sample_edict, sample_flow,
-                       sample_flow_edict)
+from .sampling import Eps, Schedule, get_sampler
 
 
 class ChainStart:
@@ -23,25 +22,39 @@ class ChainStart:
       the norm of x_T.
     """
 
-    def __init__(self, steps: int, sampler: str, mix_weight: float, opt_t: int | None = None,
-                 source_image: str | None = None, tied_latents: bool = True, renormalize_latents: bool | None = None):
+    @staticmethod
+    def check(steps: int, sampler: str | None, opt_t: int | None = None, source_image: str | None = None,
+              renormalize_latents: bool | None = None) -> None:
+        """One-line errors for where the chain starts, before any model loads (``ChainConfig`` calls it once; with
+        ``sampler`` None, the model's own, ``check_editable`` runs once the sampler is known)."""
         if opt_t is not None and not 1 <= opt_t <= steps:
             raise ValueError(f"opt_t must be in [1, steps={steps}] or null, got {opt_t}")
-        if source_image is not None:
-            if not os.path.isfile(source_image):
-                raise FileNotFoundError(f"source_image {source_image} does not exist")
-            if sampler not in ("edict", "flow_edict"):
-                raise ValueError("editing a source_image needs sampler 'edict' (or 'flow_edict' for SD3 / FLUX): "
-                                 "exact inversion")
-            if opt_t is not None:
-                raise ValueError("opt_t cannot be combined with source_image (the official code optimises an edit "
-                                 "at x_T): drop opt_t")
-            if renormalize_latents:
-                raise ValueError("renormalize_latents must be off when editing a source_image (the inverted pair is "
-                                 "not Gaussian noise; the official code asserts it): drop renormalize_latents")
+        if source_image is None:
+            return
+        if not os.path.isfile(source_image):
+            raise FileNotFoundError(f"source_image {source_image} does not exist")
+        if sampler is not None:
+            ChainStart.check_editable(sampler, source_image)
+        if opt_t is not None:
+            raise ValueError("opt_t cannot be combined with source_image (the official code optimises an edit "
+                             "at x_T): drop opt_t")
+        if renormalize_latents:
+            raise ValueError("renormalize_latents must be off when editing a source_image (the inverted pair is "
+                             "not Gaussian noise; the official code asserts it): drop renormalize_latents")
+
+    @staticmethod
+    def check_editable(sampler: str, source_image: str | None) -> None:
+        """Editing a source image needs an exactly invertible sampler."""
+        if source_image is not None and not get_sampler(sampler).invertible:
+            raise ValueError("editing a source_image needs sampler 'edict' (or 'flow_edict' for SD3 / FLUX): "
+                             "exact inversion")
+
+    def __init__(self, steps: int, sampler: str, mix_weight: float, opt_t: int | None = None,
+                 source_image: str | None = None, tied_latents: bool = True, renormalize_latents: bool | None = None):
+        # the settings are checked by ChainStart.check (ChainConfig), once
         self.steps, self.sampler, self.mix_weight = steps, sampler, mix_weight
         self.opt_t, self.source_image, self.tied_latents = opt_t, source_image, tied_latents
-        self.pair_size = 2 if sampler in ("edict", "flow_edict") else 1
+        self.pair_size = get_sampler(sampler).latents
         # renormalisation to the norm of x_T: on for seed noise, off for an inverted image
         self.renormalize = (source_image is None) if renormalize_latents is None else renormalize_latents
         self.round_trip_error: float | None = None  # of the inversion, when editing
@@ -65,11 +78,10 @@ class ChainStart:
         if start == 0:
             return pair
         head = full.head(start)
-        if self.sampler in ("ddim", "flow"):
-            run = sample_ddim if self.sampler == "ddim" else sample_flow
-            return run(eps, pair[:, 0], head).unsqueeze(1).to(pair.dtype)
-        coupled = sample_flow_edict if self.sampler == "flow_edict" else sample_edict
-        out = torch.stack(coupled(eps, pair[:, 0], pair[:, 1], head, self.mix_weight), dim=1)
+        out = torch.stack(get_sampler(self.sampler).sample(eps, pair[:, 0], head, y=pair[:, 1] if self.pair_size == 2
+                                                           else None, mix_weight=self.mix_weight), dim=1)
+        if self.pair_size == 1:
+            return out.to(pair.dtype)
         if self.tied_latents:
             out = out.mean(dim=1, keepdim=True).expand_as(out)
         return out.to(pair.dtype).contiguous()
@@ -80,6 +92,6 @@ class ChainStart:
         x = load_source_image(self.source_image, (w * f, h * f)).to(pair.device)
         gens = [torch.Generator().manual_seed(it.seed) for it in items]
         z0 = backbone.encode_images(x.expand(len(gens), -1, -1, -1), generators=gens)
-        inv = (flow_edict_invert if self.sampler == "flow_edict" else edict_invert)(eps, z0, full, self.mix_weight)
+        inv = get_sampler(self.sampler).invert(eps, z0, full, self.mix_weight)
         self.round_trip_error = inv.round_trip_error
         return torch.stack([inv.x, inv.y], dim=1)

@@ -229,7 +229,7 @@ class Official:
             return self.decode(pair[:1])
 
 
-# == issue 25 §1: the baselines' other branches (latent_traversal=False) ===================================
+# == the baselines' other branches (latent_traversal=False) ===================================
 # ``single_variable=True`` (DDIM sampling) and the editing branch (``source_im``, with its ``opt_t``).
 
 def stepping_single_variable(off: Official, t: int, latent_pair, clip_cond_fn=None):
@@ -281,7 +281,7 @@ def baseline_edit(off: Official, init_latent, opt_t=None):
         return off.decode(off.run(latent_pair, timesteps)[:1])
 
 
-# == end of issue 25 §1 ======================================================================================
+# == end of the baselines' branches ======================================================================================
 
 
 def mirror_loss_fn(grad_scale: float):
@@ -297,7 +297,7 @@ __all__ = ["Official", "OfficialScheduler", "mirror_loss_fn", "relative", "VAE_S
 
 
 # =====================================================================================================
-# Official guidance losses (issue 25 §1.3): doodl.py l. 166-200 (MakeCutouts, spherical_dist_loss),
+# Official guidance losses: doodl.py l. 166-200 (MakeCutouts, spherical_dist_loss),
 # l. 207-319 (clip_loss_fn, text and visual targets), l. 341-400 (fgvc_loss_fn) and l. 553-650
 # (aesthetic_score, aesthetic_loss_fn), as gen() calls them (l. 756-790: use_cutouts=True, num_cuts=16,
 # cut_power=0.3). The models become arguments: ``encode_image`` / ``encode_text`` stand for

@@ -1,4 +1,4 @@
-"""Bad input that used to give a wrong result with exit 0, or an error that was not one line (issue 25 §3): a model whose
+"""Bad input that used to give a wrong result with exit 0, or an error that was not one line: a model whose
 weights files have other keys, a NaN loss mid-run, a YAML key given twice, guidance weights of 0 or below, NaN and
 infinite settings, a full disk, and jsonargparse's multi-line parser errors. ``cli.py`` as its own process where what
 is tested is the process's output (the libraries' warnings, the progress bar's line); the tiny random pipeline of

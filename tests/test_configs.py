@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.cli import LightningCLI
 
-from cli import TRAINER_DEFAULTS
-from doodl_lightning.module import DOODL
+from cli import TRAINER_DEFAULTS, DOODLCLI
+from doodl_lightning.search import NoiseSearch
 
 ROOT = Path(__file__).resolve().parents[1]
 # training configs (cli.py fit); eval_*.yaml are model_eval.py's (tests/test_noise_search_eval.py parses them)
@@ -16,7 +16,11 @@ CONFIGS = sorted(p for p in (ROOT / "experiments").rglob("*.yaml")
 
 
 class ParseOnly(LightningCLI):
-    """Parse and type-check (class paths resolve, init args match signatures), instantiate nothing."""
+    """Parse and type-check (class paths resolve, init args match signatures), instantiate nothing; ``model:``
+    without a class_path is cli.py's default method, as in a run."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"model": {"class_path": DOODLCLI.DEFAULT_METHOD}})
 
     def instantiate_classes(self) -> None:
         pass
@@ -24,7 +28,7 @@ class ParseOnly(LightningCLI):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_config_parses(path):
-    cli = ParseOnly(DOODL, subclass_mode_model=True, run=False, args=["--config", str(path)],
+    cli = ParseOnly(NoiseSearch, subclass_mode_model=True, run=False, args=["--config", str(path)],
                     trainer_defaults=TRAINER_DEFAULTS)  # as cli.py: DOODL, or another search by class_path
     model = cli.config["model"]["init_args"]
     assert model["guidance"], "every experiment has at least one guidance module"

@@ -1,4 +1,4 @@
-"""Faults and hostile input through ``cli.py fit`` (issue 15): signals, resuming, concurrent runs and paths
+"""Faults and hostile input through ``cli.py fit``: signals, resuming, concurrent runs and paths
 from another directory, half-written files, corrupt inputs. Real subprocesses where the behaviour is the process's (exit
 status, signals, parallel runs); the tiny random pipeline of ``conftest.py`` everywhere."""
 from __future__ import annotations

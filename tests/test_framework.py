@@ -57,7 +57,7 @@ def latents_by_item(module) -> dict[int, torch.Tensor]:
 def test_only_latents_change_and_frozen_weights_stay_out_of_checkpoints(tmp_path, tiny_pipeline_dir, write_config):
     out = tmp_path / "a"
     cli = main(["fit", "--config", write_config(tmp_path / "a.yaml", tiny_pipeline_dir, out, steps=3)])
-    from doodl_lightning.backbone import Backbone
+    from doodl_lightning.families import UNetBackbone as Backbone
     from doodl_lightning.data import initial_noise
 
     before = Backbone.load(tiny_pipeline_dir).state_dict()
@@ -253,7 +253,7 @@ def test_prompt_file_items(tmp_path, fit):
     (dict(seeds=[]), "seed list is empty"),
     (dict(resolution=18), "resolution"),
     (dict(resolution=7), "resolution"),
-    (dict(sampler="ddim", backprop="reversible"), "needs sampler 'edict'"),
+    (dict(sampler="ddim", backprop="reversible"), "needs an exactly invertible sampler"),
     (dict(model="/nonexistent/model"), "not found"),
 ])
 def test_bad_input_fails_before_any_work(tmp_path, tiny_pipeline_dir, write_config, model_kw, match):

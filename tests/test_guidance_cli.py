@@ -83,7 +83,7 @@ def test_one_step_turbo_optimisation_works_with_every_guidance_kind(world, turbo
     Path(cfg).write_text(yaml.safe_dump(data))
     cli = main(["fit", "--config", cfg])
     m = cli.model
-    assert m.schedule.timesteps == (999,) and m.hparams.sampler == "ddim"
+    assert m.chain.schedule.timesteps == (999,) and m.hparams.sampler == "ddim"
     assert m.latents.grad is not None and torch.isfinite(m.latents.grad).all() and m.latents.grad.abs().sum() > 0
     compute = json.loads((out / "lightning_logs/version_0/compute.json").read_text())
     # one UNet call per chain: 2 iterations x (forward + its checkpoint recomputation) + the final evaluation
@@ -106,14 +106,14 @@ def test_editing_inverts_the_source_and_regenerates_it(world, write_config):
                        source_image=str(tmp / "source.png"), guidance=[kinds["symmetry"]])
     cli = main(["--config", cfg], run=False)
     m = cli.model
-    assert m.start.renormalize is False  # editing: renormalisation off, as the official code
+    assert m.chain.start.renormalize is False  # editing: renormalisation off, as the official code
     m.setup("fit")
     m.double()  # what --trainer.precision 64-true does: float64 end to end for a tight check
     m.on_fit_start()
-    eps = m.denoiser([0, 1])
-    x0, y0 = sample_edict(eps, m.latents[:, 0], m.latents[:, 1], m.schedule, m.hparams.mix_weight)
+    eps = m.chain.denoiser([0, 1])
+    x0, y0 = sample_edict(eps, m.latents[:, 0], m.latents[:, 1], m.chain.schedule, m.hparams.mix_weight)
     assert m.latents.dtype == torch.float64
-    assert m.start.round_trip_error < 1e-9
+    assert m.chain.start.round_trip_error < 1e-9
     assert (x0 - y0).norm() / y0.norm() < 1e-9  # both regenerate the same encoded source...
     assert not torch.allclose(x0[0], x0[1])  # ...a posterior sample drawn with each item's own seed
     assert not torch.allclose(m.latents[:, 0], m.latents[:, 1])  # the inverted pair is untied
@@ -143,8 +143,8 @@ def test_opt_t_runs_the_prefix_once_and_optimises_the_tail(world, write_config, 
     z_T = m.latents.detach()[:, 0].clone()
     m.on_fit_start()
     full = Schedule.from_scheduler(m.backbone.scheduler, 4)
-    assert m.schedule.timesteps == full.timesteps[2:]
-    eps = m.denoiser(list(range(4)))
+    assert m.chain.schedule.timesteps == full.timesteps[2:]
+    eps = m.chain.denoiser(list(range(4)))
     if sampler == "ddim":
         expect = sample_ddim(eps, z_T, full.head(2))
         assert torch.allclose(m.latents[:, 0], expect, atol=1e-6)

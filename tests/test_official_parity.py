@@ -124,7 +124,7 @@ def test_edict_sampling_matches_official(world, steps):
             off = official_for(m, item)
             z = x_T(item, m)
             ref_pair = off.run(torch.cat([z, z]), off.scheduler.timesteps)
-            x, y = sample_edict(m.denoiser([j]), m.latents[j:j + 1, 0], m.latents[j:j + 1, 1], m.schedule, 0.93)
+            x, y = sample_edict(m.chain.denoiser([j]), m.latents[j:j + 1, 0], m.latents[j:j + 1, 1], m.chain.schedule, 0.93)
             assert relative(torch.cat([x, y]), ref_pair) < TOL
             assert relative(ev.images[j:j + 1], off.decode(ref_pair[:1])) < TOL
 
@@ -138,17 +138,17 @@ def test_ddim_sampling_matches_diffusers_scheduler_step(world, grid):
     # official grid = diffusers' DDIM with offset 0 and set_alpha_to_one off; model grid = its own config
     sched = DDIMScheduler.from_config(m.backbone.scheduler.config, **({"steps_offset": 0} if grid == "official" else {}))
     sched.set_timesteps(10)
-    assert [int(t) for t in sched.timesteps] == list(m.schedule.timesteps)
+    assert [int(t) for t in sched.timesteps] == list(m.chain.schedule.timesteps)
     # diffusers keeps abar in float32 (2e-8 off); the official numpy scheduler, and we, in float64
     sched.alphas_cumprod = OfficialScheduler(10).alphas_cumprod
     sched.final_alpha_cumprod = sched.alphas_cumprod[0]
     with torch.no_grad():
         ev = m.evaluate_items(backward=False)
-        eps = m.denoiser([0, 1])
+        eps = m.chain.denoiser([0, 1])
         ref = m.latents[:, 0].clone()
         for t in sched.timesteps:
             ref = sched.step(eps(ref, int(t)), t, ref).prev_sample
-        ours = sample_ddim(eps, m.latents[:, 0], m.schedule)
+        ours = sample_ddim(eps, m.latents[:, 0], m.chain.schedule)
     assert relative(ours, ref) < TOL
     assert relative(ev.images, m.backbone.decode(ref)) < TOL
 
@@ -162,7 +162,7 @@ def test_edict_inversion_for_editing_matches_official(world):
     s = min(w, h)
     im = im.crop(((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)).resize((16, 16))
     x = torch.tensor(np.asarray(im), dtype=torch.float64).permute(2, 0, 1)[None] / 255.0 * 2.0 - 1.0
-    assert m.start.renormalize is False
+    assert m.chain.start.renormalize is False
     for j, item in enumerate(m.local_items):
         off = official_for(m, item)
         with torch.no_grad():
@@ -171,7 +171,7 @@ def test_edict_inversion_for_editing_matches_official(world):
             init_latent = (post.mean + post.std * noise) * 0.18215
             ref = off.invert(init_latent)
         assert relative(m.latents[j].detach(), ref) < TOL
-    assert m.start.round_trip_error < 1e-9
+    assert m.chain.start.round_trip_error < 1e-9
 
 
 # -- the DOODL update, through Trainer.fit ------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_guided_sampling_baselines_match_official(world, one_step_baseline):
         assert relative(ref, plain) > 1e-6  # the guidance did something
 
 
-# -- issue 25 §1: the baselines on DDIM (single_variable), and the combinations they refuse -----------------
+# -- the baselines on DDIM (single_variable), and the combinations they refuse -----------------
 
 @pytest.mark.parametrize("one_step_baseline", [True, False])
 def test_guided_sampling_on_ddim_matches_official_single_variable(world, one_step_baseline):

@@ -36,7 +36,7 @@ _VIT_KEYS = {"width", "depth", "heads", "patch_size", "image_size", "mlp_dim"}
 MLP_DIMS = (1024, 128, 64, 16, 1)  # ImageReward's MLP: Linears at 0, 2, 4, 6, 7 of ``layers``, no activations
 
 # Original ``ImageReward.pt`` keys -> ImageRewardModel keys (first match wins; None = not used by the score).
-_KEY_MAP: list[tuple[str, str | None]] = [
+KEY_MAP: list[tuple[str, str | None]] = [
     (r"blip\.visual_encoder\.cls_token", "vision.embeddings.class_embedding"),
     (r"blip\.visual_encoder\.pos_embed", "vision.embeddings.position_embedding"),
     (r"blip\.visual_encoder\.patch_embed\.proj\.(weight|bias)", r"vision.embeddings.patch_embedding.\1"),
@@ -65,7 +65,7 @@ def map_image_reward_keys(state: Mapping[str, Tensor],
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in state.items():
-        for pattern, target in _KEY_MAP:
+        for pattern, target in KEY_MAP:
             m = re.fullmatch(pattern, key)
             if m:
                 if target is not None:

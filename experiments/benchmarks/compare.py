@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from lightning.pytorch import Callback
 
+from callbacks import RenormalizeLatents
 from doodl_lightning.baselines import guided_sampling
 from doodl_lightning.best_of_n import BestOfN
 from doodl_lightning.compute import UNetCounter
@@ -92,7 +93,8 @@ class Runner:
 
         trainer = lightning.Trainer(
             max_steps=steps, accelerator="gpu" if self.device.type == "cuda" else "cpu", devices=1, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[*callbacks, RenormalizeLatents()],  # DOODL's renormalize_latents, as cli.py adds it
             num_sanity_val_steps=0)
         trainer.fit(module)
 

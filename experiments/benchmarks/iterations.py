@@ -196,12 +196,12 @@ def _construct(fn, device: torch.device, on_device: bool):
 
 def _original_image_reward_keys(state: dict) -> dict:
     """ImageRewardModel keys -> the ORIGINAL ImageReward.pt keys: the guidance's own key map
-    (``image_reward._KEY_MAP``) read backwards; each name is checked to map forward to the key it came from."""
-    from doodl_lightning.guidance.image_reward import _KEY_MAP
+    (``image_reward.KEY_MAP``) read backwards; each name is checked to map forward to the key it came from."""
+    from doodl_lightning.guidance.image_reward import KEY_MAP
 
     out = {}
     for key, value in state.items():
-        for pattern, target in (rule for rule in _KEY_MAP if rule[1] is not None):
+        for pattern, target in (rule for rule in KEY_MAP if rule[1] is not None):
             m = re.fullmatch("(.+)".join(map(re.escape, re.split(r"\\\d", target))), key)
             groups = iter(range(1, 10))  # the rule's top-level groups (nested ones are non-capturing) -> \1, \2 ...
             name = m and m.expand(re.sub(r"\((?:[^()]|\([^()]*\))*\)", lambda _: f"\\{next(groups)}", pattern)

@@ -1,4 +1,4 @@
-"""What a researcher sees (issue 15): the console of ``cli.py fit``, TensorBoard, the contact sheet and images,
+"""What a researcher sees: the console of ``cli.py fit``, TensorBoard, the contact sheet and images,
 and what results.jsonl records about where it ran. One real ``cli.py fit`` in a subprocess (what a user runs:
 its stdout and stderr are the console) on the tiny pipeline; the tests read its outputs."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ReNO's recipe in the framework (issue 17): the noise-norm regulariser on the latents, held-out metrics,
+"""ReNO's recipe in the framework: the noise-norm regulariser on the latents, held-out metrics,
 SGD-Nesterov with per-item clipping from YAML, and the shapes-world reward ensemble end to end."""
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_gradient_with_the_regulariser_is_the_chains_plus_the_closed_form(sample
 
 # -- 2. held-out metrics --------------------------------------------------------------------------------------
 class GradRecorder(Callback):
-    """``class_path: test_recipe.GradRecorder``: the latents' gradient of every step."""
+    """``class_path: test_reno_recipe.GradRecorder``: the latents' gradient of every step."""
 
     def __init__(self):
         self.grads = []
@@ -122,7 +122,7 @@ def _clip(tiny_clip, **kw):
 
 
 def test_held_out_metrics_are_logged_and_never_optimised(fit, tiny_clip):
-    callbacks = [{"class_path": "callbacks.ResultsWriter"}, {"class_path": "test_recipe.GradRecorder"},
+    callbacks = [{"class_path": "callbacks.ResultsWriter"}, {"class_path": "test_reno_recipe.GradRecorder"},
                  {"class_path": "callbacks.ImageLogger", "init_args": {"every_n_steps": 1}}]
     guidance = [_clip(tiny_clip, prompt="a green star")]  # random cutouts: the metrics must not touch its draws
     metrics = [_clip(tiny_clip, name="held_clip"), {"class_path": "doodl_lightning.guidance.SymmetryGuidance",
@@ -190,7 +190,7 @@ def test_shapes_reward_ensemble_runs_end_to_end_and_logs_the_held_out_metrics(tm
                 "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
     m = cli.model
     assert m.hparams.update_rule == "sgd" and m.hparams.use_nesterov and m.hparams.max_grad_norm == 0.1
-    assert not m.start.renormalize and [g.name for g in m.guidance] == ["preference", "clip", "noise_norm"]
+    assert not m.chain.start.renormalize and [g.name for g in m.guidance] == ["preference", "clip", "noise_norm"]
     assert type(cli.model.configure_optimizers()).__name__ == "PerItemSGD"
     run = tmp_path / "lightning_logs/version_0"
     records = [json.loads(x) for x in (run / "results.jsonl").read_text().splitlines()]
@@ -234,9 +234,9 @@ def test_the_evaluator_metric_is_the_shipped_evaluator_and_refuses_to_guide(tmp_
         main(["--config", cfg], run=False)
 
 
-# -- 5. ReNO's loop beside the framework's (issue 25) --------------------------------------------------------
+# -- 5. ReNO's loop beside the framework's -------------------------------------------------------------------
 class LatentRecorder(Callback):
-    """``class_path: test_recipe.LatentRecorder``: the latents each step is evaluated at (before its update)."""
+    """``class_path: test_reno_recipe.LatentRecorder``: the latents each step is evaluated at (before its update)."""
 
     def __init__(self):
         self.latents = []
@@ -265,7 +265,7 @@ def test_sgd_recipe_is_renos_loop_with_clipping_and_best_by_reward(tmp_path, tin
 
     guidance = [{"class_path": "doodl_lightning.guidance.SymmetryGuidance"},
                 {"class_path": "doodl_lightning.guidance.NoiseNormRegularizer", "init_args": {"weight": RENO_REG}}]
-    callbacks = [{"class_path": "callbacks.ResultsWriter"}, {"class_path": "test_recipe.LatentRecorder"}]
+    callbacks = [{"class_path": "callbacks.ResultsWriter"}, {"class_path": "test_reno_recipe.LatentRecorder"}]
     cfg = write_config(tmp_path / "reno.yaml", tiny_pipeline_dir, tmp_path / "reno", steps=RENO_ITERS - 1,
                        callbacks=callbacks, seeds=[0], sampler="ddim", guidance=guidance, renormalize_latents=False,
                        update_rule="sgd", lr=RENO_LR, use_nesterov=True, momentum=0.9, max_grad_norm=RENO_CLIP)
@@ -278,7 +278,7 @@ def test_sgd_recipe_is_renos_loop_with_clipping_and_best_by_reward(tmp_path, tin
     differs = 0
     for j, item in enumerate(m.local_items):
         def apply(z, j=j):
-            (x0,) = sample(m.denoiser([j]), z, m.schedule, sampler="ddim", backprop="autograd")
+            (x0,) = sample(m.chain.denoiser([j]), z, m.chain.schedule, sampler="ddim", backprop="autograd")
             return m.backbone.decode(x0)
 
         z = initial_noise(item, m.latent_shape).double().unsqueeze(0).requires_grad_()
