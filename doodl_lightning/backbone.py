@@ -1,11 +1,15 @@
-"""The frozen text-to-image model: UNet, VAE, text encoder, tokenizer and noise schedule."""
+"""The frozen text-to-image model's interface (``Backbone``) and the loading helpers every family shares.
+
+What a family is (SD-1.x/2.x, SDXL, LCM, ControlNet; SD3, FLUX) lives in ``doodl_lightning.families``, one file per
+family, registered under the diffusers pipeline class names it serves; this module knows none of them.
+"""
 from __future__ import annotations
 
 import functools
 import importlib.util
 import logging
-import math
 import os
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,17 +20,20 @@ from .conditioning import Conditioning
 from .frozen import leave_out_of_checkpoints
 from .objective import decode_latents
 from .precision import at_least_float32, module_dtype, to_module_dtype
-from .sampling import Control, Denoiser
+
+__all__ = ["WEIGHT_SUFFIXES", "Backbone", "ModelNotFoundError", "complete_weights", "hub_offline", "load_pipeline",
+           "model_index", "naming_bad_weights", "pipeline_class_name"]
+
 
 class ModelNotFoundError(FileNotFoundError):
-    pass
+    """No model at the path or hub id given (or not in the local cache offline)."""
 
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
 @contextmanager
-def _naming_bad_weights(files: list[Path]):
+def naming_bad_weights(files: list[Path]):
     """When loading fails, name the first weights file that cannot be read safely (truncated, corrupt, or a
     pickle holding more than tensors) in one line with the fix; other failures pass through unchanged.
     diffusers' own message names the file but comes with a traceback, or none for a refused pickle."""
@@ -61,7 +68,7 @@ class _HeldRecords(logging.Filter):
 
 def _weights_files(folder: Path) -> list[Path]:
     """The weight files a library reads in ``folder`` (its .safetensors; the others only when it has none)."""
-    files = sorted(f for f in folder.glob("*") if f.suffix in _WEIGHT_SUFFIXES) if folder.is_dir() else []
+    files = sorted(f for f in folder.glob("*") if f.suffix in WEIGHT_SUFFIXES) if folder.is_dir() else []
     safe = [f for f in files if f.suffix == ".safetensors"]
     return safe or files
 
@@ -100,7 +107,7 @@ def _missing_weights_problem(cls, path: str, info: dict) -> str | None:
 
 
 @contextmanager
-def _complete_weights():
+def complete_weights():
     """Refuse (one ``ValueError``) a model any of whose components got weights its file lacks.
 
     diffusers and transformers initialise such weights at random and only log a warning, so a file whose keys
@@ -147,44 +154,43 @@ def _complete_weights():
         logging.getLogger(record.name).handle(record)
 
 
-# model_index.json's pipeline class -> the family it is (SD3 / FLUX, rectified-flow transformers, are served by
-# doodl_lightning.families.flow); any other text-to-image UNet pipeline is read by its components
-_PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd", "StableDiffusionControlNetPipeline": "sd", "LatentConsistencyModelPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLControlNetPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
-}
-FLOW_PIPELINE_FAMILIES = ("sd3", "flux")
+def hub_offline(local_files_only: bool | None = None) -> bool:
+    """Whether hub ids are read from the local cache only: ``local_files_only``, or when None, ``HF_HUB_OFFLINE``."""
+    env = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    return env if local_files_only is None else bool(local_files_only)
 
 
-def model_family(model: str, model_config: str | None = None, local_files_only: bool | None = None) -> str | None:
-    """The family model_index.json names (``_PIPELINE_FAMILIES``) of a local directory, a single file's config
-    directory or a hub id (its model_index.json alone, from the cache offline); None when it cannot be read
-    (the loader then says why) or names another pipeline."""
+def model_index(model: str, model_config: str | None = None, local_files_only: bool | None = None) -> dict | None:
+    """The model_index.json of a local directory, of a single file's config directory, or of a hub id (that file
+    alone, from the cache offline); None when it cannot be read (the loader then says why)."""
+    import json
+
     path = Path(os.path.expanduser(model))
     if path.is_file():
         path = Path(os.path.expanduser(model_config)) if model_config else None
     if path is not None and path.is_dir():
-        return _PIPELINE_FAMILIES.get(_pipeline_class_name(path))
+        index = path / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else None
     if path is not None or model.startswith((".", "/", "~")) or model.count("/") != 1:
         return None
     try:
-        import json
-
         from huggingface_hub import hf_hub_download
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only
-        index = hf_hub_download(model, "model_index.json", local_files_only=offline)
-        return _PIPELINE_FAMILIES.get(json.loads(Path(index).read_text()).get("_class_name"))
+        index = hf_hub_download(model, "model_index.json", local_files_only=hub_offline(local_files_only))
+        return json.loads(Path(index).read_text())
     except Exception:  # noqa: BLE001 - unreachable, not cached, gated: the pipeline loader reports it
         return None
 
 
-def _pipeline_class_name(path: Path) -> str | None:
-    import json
+def pipeline_class_name(model: str, model_config: str | None = None, local_files_only: bool | None = None) -> str | None:
+    """The diffusers pipeline class model_index.json names (``_class_name``, e.g. ``StableDiffusionXLPipeline``): the
+    key of the family registry (``doodl_lightning.families.REGISTRY``); None when unreadable."""
+    index = model_index(model, model_config, local_files_only)
+    return index.get("_class_name") if index else None
 
-    index = path / "model_index.json"
-    return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+
+def _local_class_name(path: Path) -> str | None:
+    return pipeline_class_name(str(path)) if path.is_dir() else None  # a directory only: never the hub
 
 
 def _pipeline_class(name: str | None):
@@ -208,7 +214,7 @@ def _pipeline_kwargs(cls) -> dict:
     return kwargs
 
 
-def _load_pipeline(model: str, config: str | None, local_files_only: bool | None, **extra):
+def load_pipeline(model: str, config: str | None, local_files_only: bool | None, **extra):
     """A diffusers pipeline from a hub id, a local directory or a single file (+ its config directory), its
     class taken from the model itself (model_index.json), so no family flag has to be right. ``extra``: more
     ``from_pretrained`` arguments (``torch_dtype``)."""
@@ -223,11 +229,11 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
         if config is None:
             raise ValueError(f"{model} is a single file: also give model_config, a local diffusers directory "
                              "with the model's configs (model_index.json, unet/config.json, ...)")
-        cls = _pipeline_class(_pipeline_class_name(Path(os.path.expanduser(config))))
+        cls = _pipeline_class(_local_class_name(Path(os.path.expanduser(config))))
         from diffusers.loaders.single_file_utils import SingleFileComponentError
 
         try:
-            with _naming_bad_weights([path]):
+            with naming_bad_weights([path]):
                 return cls.from_single_file(str(path), config=config, local_files_only=True, **_pipeline_kwargs(cls),
                                             **extra)
         except SingleFileComponentError as e:  # a multi-line advice about the Python API, without the file
@@ -239,19 +245,18 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
         if not (path / "model_index.json").exists():
             raise ModelNotFoundError(f"{model} is a directory without model_index.json: "
                                      "give a diffusers pipeline directory (save_pretrained output)")
-        cls = _pipeline_class(_pipeline_class_name(path))
+        cls = _pipeline_class(_local_class_name(path))
         # diffusers reads a component's other weight files only when it has no .safetensors: blame only those
-        weights = sorted(f for f in path.rglob("*") if f.suffix in _WEIGHT_SUFFIXES)
+        weights = sorted(f for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES)
         used = [f for f in weights if f.suffix == ".safetensors" or not list(f.parent.glob("*.safetensors"))]
-        with _naming_bad_weights(used), _complete_weights():
+        with naming_bad_weights(used), complete_weights():
             return cls.from_pretrained(str(path), local_files_only=True, **_pipeline_kwargs(cls), **extra)
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelNotFoundError(f"model {model!r} not found: no such file or directory (and not a hub id 'org/name')")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") if local_files_only is None else local_files_only
-    with _complete_weights():  # outside the try: its own refusal is not a missing hub model
+    with complete_weights():  # outside the try: its own refusal is not a missing hub model
         try:
-            return DiffusionPipeline.from_pretrained(model, local_files_only=offline, safety_checker=None,
-                                                     requires_safety_checker=False, **extra)
+            return DiffusionPipeline.from_pretrained(model, local_files_only=hub_offline(local_files_only),
+                                                     safety_checker=None, requires_safety_checker=False, **extra)
         except (OSError, ValueError) as e:  # hub unreachable or not in the local cache
             raise ModelNotFoundError(
                 f"could not load hub model {model!r} ({type(e).__name__}); on a machine with internet run "
@@ -259,89 +264,38 @@ def _load_pipeline(model: str, config: str | None, local_files_only: bool | None
             ) from None
 
 
-def load_controlnet(path: str):
-    """A diffusers ControlNetModel from a local directory (config.json + weights) or a hub id."""
-    from diffusers import ControlNetModel
+class Backbone(nn.Module, ABC):
+    """A frozen text-to-image latent model behind one interface, whatever its family: what the module, the CLI, the
+    chain's gradient code and the benchmarks call.
 
-    p = Path(os.path.expanduser(path))
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise ModelNotFoundError(f"controlnet {path} is a directory without config.json: give a diffusers "
-                                     "ControlNetModel directory (save_pretrained output)")
-        weights = sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
-        with _naming_bad_weights(weights), _complete_weights():
-            return ControlNetModel.from_pretrained(str(p), local_files_only=True)
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise ModelNotFoundError(f"controlnet {path!r} not found: no such directory (and not a hub id 'org/name')")
-    with _complete_weights():  # outside the try: its own refusal is not a missing hub model
-        try:
-            return ControlNetModel.from_pretrained(path, local_files_only=os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"))
-        except (OSError, ValueError) as e:
-            raise ModelNotFoundError(f"could not load hub controlnet {path!r} ({type(e).__name__}); on a machine with "
-                                     f"internet run `huggingface-cli download {path} --local-dir DIR` and pass DIR") from None
-
-
-def check_controlnet(controlnet, unet, vae_scale_factor: int) -> None:
-    """One line when a ControlNet was made for another base model than this UNet (and its VAE)."""
-    c, u = controlnet.config, unet.config
-
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    for key in ("cross_attention_dim", "block_out_channels", "addition_embed_type", "in_channels"):
-        if norm(c.get(key)) != norm(u.get(key)):
-            raise ValueError(f"the ControlNet does not match the base model: its {key} is {c.get(key)}, the UNet's is "
-                             f"{u.get(key)}; use a ControlNet trained for this base (SD-1.x ControlNets for SD-1.x, "
-                             "SDXL ones for SDXL)")
-    factor = 2 ** (len(c.get("conditioning_embedding_out_channels", (16, 32, 96, 256))) - 1)
-    if factor != vae_scale_factor:
-        raise ValueError(f"the ControlNet's image encoder downsamples by {factor}, the VAE by {vae_scale_factor}: "
-                         "use a ControlNet trained for this base model")
-
-
-def guidance_scale_embedding(w: float, dim: int) -> Tensor:
-    """LCM's guidance-scale embedding (1, dim) of w (sinusoidal in 1000 w; Meng et al. 2023 as LCM uses it)."""
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
-    arg = (w * 1000.0) * freqs[None, :]
-    emb = torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
-    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-class Backbone(nn.Module):
-    """A frozen text-to-image latent-diffusion UNet model behind one interface, whatever its family.
-
-    Families, recognised from the components themselves: SD-1.x/2.x (one text encoder; also LCM and the
-    Turbo distillations), SDXL (two text encoders, the second's pooled projection and the micro-conditioning
-    ``time_ids``; UNet ``addition_embed_type == "text_time"``). A ``controlnet`` adds its residuals to every
-    UNet call. The interface: ``encode_prompts`` -> ``Conditioning``; ``denoiser`` (eps of a latent at a
-    timestep, CFG batched); ``decode``; ``latent_shape(height, width)``; ``scheduler`` (the default schedule)
-    and ``default_sampler``.
+    Every family sets ``vae`` (an AutoencoderKL; scaling and shift factor in its config), ``scheduler`` (the model's
+    own), ``unet`` (the denoising network -- a transformer for the flow families -- which the compute meter hooks and
+    the resume fingerprint reads), ``text_encoder`` and ``controlnet`` (None where it has none). Class attributes:
+    ``samplers`` (the sampler names the family runs) and ``supports_cuda_graphs`` (whether its denoising network may
+    be replayed as a CUDA graph: the UNets yes, the flow transformers no). The shared parts (the VAE's scale factor,
+    decoding, encoding images, staying frozen) are implemented here; a family implements the rest.
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
-                 controlnet=None, force_zeros_for_empty_prompt: bool = True):
-        """Any diffusers UNet2DConditionModel, AutoencoderKL, text encoder(s), tokenizer(s) and scheduler (a
-        test double too); ``controlnet`` a ControlNetModel for this base."""
+    samplers: tuple[str, ...] = ()
+    supports_cuda_graphs: bool = False
+
+    def __init__(self):
         super().__init__()
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        self.tokenizer, self.scheduler = tokenizer, scheduler
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        if controlnet is not None:
-            check_controlnet(controlnet, unet, 2 ** (len(vae.config.block_out_channels) - 1))
-        self.controlnet = controlnet
-        # SDXL's pipelines use zero embeddings as the unconditional input when no negative prompt is given
-        self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
+        self.controlnet = None
+
+    def freeze(self) -> None:
+        """No gradients, evaluation mode, and out of the module's checkpoints: what a family's ``__init__`` ends with."""
         self.requires_grad_(False)
         self.eval()
         leave_out_of_checkpoints(self)
 
     @classmethod
-    def load(cls, model: str, *, model_config: str | None = None, local_files_only: bool | None = None,
-             dtype: torch.dtype = torch.float32, vae_checkpointing: bool = False) -> "Backbone":
-        """Load by hub id, local diffusers directory, or one .safetensors/.ckpt file (+ ``model_config``)."""
-        return PretrainedBackbone(model, model_config=model_config, local_files_only=local_files_only,
-                                  vae_checkpointing=vae_checkpointing).to(dtype)
+    def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
+                   vae_checkpointing: bool = False, controlnet: str | None = None) -> "Backbone":
+        """The ``model: <path or id>`` shortcut for a model registered to this class: ``cls(model, ...)`` with the
+        shortcut's options (``controlnet`` only when given; a family without ControlNets overrides this to refuse)."""
+        return cls(model, model_config=model_config, local_files_only=local_files_only, vae_checkpointing=vae_checkpointing,
+                   **({} if controlnet is None else {"controlnet": controlnet}))
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: dropout and friends stay off
@@ -355,131 +309,61 @@ class Backbone(nn.Module):
         return self
 
     @property
-    def vae_upcast(self) -> bool:
-        return bool(getattr(self.vae.config, "force_upcast", False))
-
-    @property
+    @abstractmethod
     def family(self) -> str:
-        """``sdxl`` for a UNet with SDXL's text_time added conditioning, ``sd`` otherwise."""
-        return "sdxl" if self.unet.config.get("addition_embed_type") == "text_time" else "sd"
+        """The family's short name (``sd``, ``sdxl``, ``sd3``, ``flux``): messages, records, the CLI's summary."""
 
     @property
+    @abstractmethod
     def dtype(self) -> torch.dtype:
-        return module_dtype(self.unet)
+        """The denoising network's dtype (the precision the module cast it to)."""
+
+    @property
+    @abstractmethod
+    def default_size(self) -> int:
+        """The model's native image side in pixels."""
+
+    @property
+    @abstractmethod
+    def default_sampler(self) -> str:
+        """The sampler used when the config names none (one of ``samplers``)."""
+
+    @abstractmethod
+    def rows_per_evaluation(self, guidance_scale: float) -> int:
+        """Rows one item occupies in a model call (2 with classifier-free guidance batched): the compute meter's divisor."""
+
+    @abstractmethod
+    def check_sampler(self, sampler: str, grid: str | None = None) -> None:
+        """One line (a ValueError) when ``sampler`` (or the ``timestep_grid``) is not one this family runs."""
+
+    @abstractmethod
+    def schedule(self, steps: int, grid: str | None = None, size: tuple[int, int] | None = None):
+        """The chain's time grid of ``steps`` steps for images of ``size`` (height, width; None: the model's)."""
+
+    @abstractmethod
+    def latent_shape(self, height: int | None, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of a ``height`` x ``width`` image's latents (None: the model's size; one number: a square)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> Conditioning:
+        """The conditioning of each prompt ("" = the null prompt), as the family's pipeline builds it."""
+
+    def encode_negative(self, prompt: str, size: tuple[int, int] | None = None) -> Conditioning:
+        """The unconditional input of classifier-free guidance: the negative prompt's conditioning."""
+        return self.encode_prompts([prompt], size)
+
+    @abstractmethod
+    def denoiser(self, cond: Tensor | Conditioning, uncond: Tensor | Conditioning | None, guidance_scale: float,
+                 control_image: Tensor | None = None, control_scale: float = 1.0):
+        """The model callable of the items conditioned on ``cond`` (eps or velocity), what the samplers call."""
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
-    def default_size(self) -> int:
-        """The model's native image side in pixels (UNet sample size x VAE factor: SD-1.5 512, SDXL 1024)."""
-        return self.unet.config.sample_size * self.vae_scale_factor
-
-    @property
-    def default_sampler(self) -> str:
-        """``lcm`` for an LCM model, ``ddim`` for few-step distilled models on their own trailing grid (their
-        sampler), ``edict`` (the official DOODL) otherwise."""
-        from .sampling import default_grid
-
-        if type(self.scheduler).__name__ == "LCMScheduler":
-            return "lcm"
-        return "ddim" if default_grid(self.scheduler) == "model" else "edict"
-
-    samplers = ("ddim", "edict", "lcm")  # the samplers of an eps / v-prediction UNet
-
-    def rows_per_evaluation(self, guidance_scale: float) -> int:
-        """Rows one item occupies in a model call: 2 with classifier-free guidance batched (uncond, cond), 1 without
-        (scale 0 or 1; LCM's guidance embedding) -- what the compute meter divides by."""
-        return 1 if guidance_scale in (0.0, 1.0) or self.unet.config.get("time_cond_proj_dim") else 2
-
-    def check_sampler(self, sampler: str, grid: str | None = None) -> None:
-        """One line when ``sampler`` (or the ``timestep_grid``) is not one this model family runs (the flow samplers
-        need SD3 / FLUX; a UNet's grids are checked by ``check_steps``)."""
-        if sampler not in self.samplers:
-            raise ValueError(f"sampler {sampler!r} is for rectified-flow models (SD3, FLUX); this is a diffusion UNet "
-                             f"model: use {', '.join(self.samplers)}, or leave sampler unset")
-
-    def schedule(self, steps: int, grid: str | None = None, size: tuple[int, int] | None = None):
-        """The chain's time grid of ``steps`` steps (``Schedule.from_scheduler``; None: the model's default grid).
-        ``size`` (the image's height, width) matters to resolution-dependent grids only (FLUX's), not a UNet's."""
-        from .sampling import Schedule
-
-        return Schedule.from_scheduler(self.scheduler, steps, grid)
-
-    def latent_shape(self, height: int | None, width: int | None = None) -> tuple[int, int, int]:
-        """(C, h, w) of the latents of a ``height`` x ``width`` image (None: the model's size; one number:
-        a square)."""
-        f = self.vae_scale_factor
-        depth = len(self.unet.config.block_out_channels) - 1
-        height = height or self.default_size
-        width = width or height
-        sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
-        for name, res in sides:
-            if res <= 0 or res % f:
-                raise ValueError(f"{name} {res} is not a positive multiple of the VAE factor {f}: use e.g. "
-                                 f"{max(f * 2**depth, res // (f * 2**depth) * f * 2**depth)}")
-            if (res // f) % (2**depth):
-                raise ValueError(f"{name} {res} gives {res // f}-pixel latents, which the UNet's {depth} "
-                                 f"down-samplings cannot halve evenly: use a multiple of {f * 2**depth}")
-        return self.unet.config.in_channels, height // f, width // f
-
-    def _tokens(self, tokenizer, prompts: list[str]) -> Tensor:
-        tok = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
-        return tok.input_ids
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], size: tuple[int, int] | None = None) -> Conditioning:
-        """The conditioning of each prompt ("" = the null prompt); ``size`` (height, width): SDXL's
-        micro-conditioning original and target size (default: the model's), crop (0, 0), as its pipeline."""
-        if self.family == "sd":
-            ids = self._tokens(self.tokenizer, prompts).to(self.text_encoder.device)
-            return Conditioning(self.text_encoder(ids)[0])
-        if self.text_encoder_2 is None or self.tokenizer_2 is None:
-            raise ValueError("this UNet is SDXL's (text_time added conditioning) but the model has no "
-                             "text_encoder_2 / tokenizer_2: give the whole SDXL pipeline directory")
-        hidden, pooled = [], None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = encoder(self._tokens(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
-            if out[0].ndim == 2:  # the projection model's pooled text embedding: only the last one is used
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layers
-        h, w = size or (self.default_size, self.default_size)
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=hidden[0].dtype, device=hidden[0].device)
-        return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled,
-                                                        "time_ids": time_ids.expand(len(prompts), -1)})
-
-    @torch.no_grad()
-    def encode_negative(self, prompt: str, size: tuple[int, int] | None = None) -> Conditioning:
-        """The unconditional input of CFG: the negative prompt's conditioning; for SDXL with no negative
-        prompt (""), zeros (its pipelines' ``force_zeros_for_empty_prompt``)."""
-        cond = self.encode_prompts([prompt], size)
-        if self.family == "sdxl" and prompt == "" and self.force_zeros_for_empty_prompt:
-            cond = Conditioning(torch.zeros_like(cond.hidden), {"text_embeds": torch.zeros_like(cond.added["text_embeds"]),
-                                                                "time_ids": cond.added["time_ids"]})
-        return cond
-
-    def denoiser(self, cond: Tensor | Conditioning, uncond: Tensor | Conditioning | None, guidance_scale: float,
-                 control_image: Tensor | None = None, control_scale: float = 1.0) -> Denoiser:
-        """eps(x_t, t) of the items conditioned on ``cond``. An LCM UNet (``time_cond_proj_dim``) takes the
-        guidance scale as an embedding instead of CFG, as its pipeline; ``control_image`` (N, 3, H, W) in
-        [0, 1] feeds the ControlNet."""
-        control = None
-        if self.controlnet is not None:
-            if control_image is None:
-                raise ValueError("this model has a ControlNet: give model.control_images (one image per prompt, or one)")
-            control = Control(self.controlnet, control_image, control_scale)
-        elif control_image is not None:
-            raise ValueError("control_images given but the model has no ControlNet: add controlnet: <dir or hub id>")
-        timestep_cond = None
-        proj = self.unet.config.get("time_cond_proj_dim")
-        if proj:
-            timestep_cond = guidance_scale_embedding(guidance_scale - 1.0, proj)
-            guidance_scale, uncond = 1.0, None
-        return Denoiser(self.unet, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                        prediction_type=self.scheduler.config.get("prediction_type", "epsilon"),
-                        alphas_cumprod=self.scheduler.alphas_cumprod, control=control, timestep_cond=timestep_cond)
+    def vae_upcast(self) -> bool:
+        return bool(getattr(self.vae.config, "force_upcast", False))
 
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae_upcast and module_dtype(self.vae) == torch.float32:
@@ -504,76 +388,3 @@ class Backbone(nn.Module):
         if getattr(cfg, "shift_factor", None):
             z = z - cfg.shift_factor
         return z * cfg.scaling_factor
-
-
-def resolve_backbone(model: "Backbone | str", model_config: str | None = None, local_files_only: bool | None = None,
-                     vae_checkpointing: bool = False, controlnet: str | None = None) -> Backbone:
-    """The module's ``model:`` value as a Backbone: an object as it is, a path or hub id loaded (the shortcut)."""
-    if isinstance(model, Backbone):
-        if model_config is not None or vae_checkpointing or local_files_only is not None or controlnet is not None:
-            raise ValueError("model_config, vae_checkpointing, local_files_only and controlnet go with model: <path or "
-                             "id>; for a Backbone object set them in its own init_args")
-        return model
-    if model_family(model, model_config, local_files_only) in FLOW_PIPELINE_FAMILIES:  # SD3 / FLUX: from the model
-        from .families.flow import PretrainedFlowBackbone
-
-        if controlnet is not None:
-            raise ValueError("controlnet is for the UNet families (SD-1.x/2.x, SDXL); this SD3 / FLUX model has none "
-                             "here: drop controlnet")
-        return PretrainedFlowBackbone(model, model_config=model_config, local_files_only=local_files_only,
-                                      vae_checkpointing=vae_checkpointing)
-    return PretrainedBackbone(model, model_config=model_config, local_files_only=local_files_only,
-                              vae_checkpointing=vae_checkpointing, controlnet=controlnet)
-
-
-class PretrainedBackbone(Backbone):
-    """A Backbone loaded from a hub id, a local diffusers directory, or one .safetensors/.ckpt file (then
-    ``model_config``): the ``class_path`` form of the module's ``model:`` key, in float32.
-
-    The family comes from the model (model_index.json's pipeline class, the UNet's config). ``controlnet``:
-    a ControlNetModel directory or hub id for this base (a ControlNet pipeline directory brings its own).
-    ``vae``: another AutoencoderKL directory (e.g. SDXL's fp16-fixed VAE, which needs no float32 upcast).
-    Memory at 1024 px: ``vae_checkpointing`` (the decoder's gradient checkpointing: its VJP, the peak at SDXL
-    size, keeps block inputs only), ``vae_tiling`` (decode in overlapping tiles), ``unet_checkpointing`` (the
-    UNet's own checkpointing inside the chain's with-grad recomputation: lower peak, one more UNet forward).
-    """
-
-    def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
-                 vae_checkpointing: bool = False, controlnet: str | None = None, vae: str | None = None,
-                 unet_checkpointing: bool = False, vae_tiling: bool = False):
-        if model_family(path, model_config, local_files_only) in FLOW_PIPELINE_FAMILIES:
-            raise ValueError(f"{path} is an SD3 / FLUX (rectified-flow transformer) model: use "
-                             "doodl_lightning.families.flow.PretrainedFlowBackbone (or model: <path>)")
-        pipe = _load_pipeline(path, model_config, local_files_only)
-        net = load_controlnet(controlnet) if controlnet else getattr(pipe, "controlnet", None)
-        if isinstance(net, (list, tuple)) or type(net).__name__ == "MultiControlNetModel":
-            raise ValueError("several ControlNets at once are not supported: give one controlnet")
-        autoencoder = pipe.vae
-        if vae:
-            from diffusers import AutoencoderKL
-
-            if not Path(os.path.expanduser(vae)).is_dir():
-                raise ModelNotFoundError(f"vae {vae} is not a directory: give an AutoencoderKL directory "
-                                         "(config.json + diffusion_pytorch_model.safetensors)")
-            with _complete_weights():
-                autoencoder = AutoencoderKL.from_pretrained(os.path.expanduser(vae), local_files_only=True)
-        super().__init__(pipe.unet, autoencoder, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-                         text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None),
-                         controlnet=net,
-                         force_zeros_for_empty_prompt=pipe.config.get("force_zeros_for_empty_prompt", True))
-        try:  # scaled-dot-product attention, the fast and memory-lean kernel
-            from diffusers.models.attention_processor import AttnProcessor2_0
-            for m in (self.unet, self.vae, self.controlnet):
-                if m is not None:
-                    m.set_attn_processor(AttnProcessor2_0())
-        except Exception:  # noqa: BLE001 - older/newer diffusers already default to SDPA
-            pass
-        if vae_checkpointing:
-            self.vae.enable_gradient_checkpointing()
-        if vae_tiling:
-            self.vae.enable_tiling()
-        if unet_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if self.controlnet is not None:
-                self.controlnet.enable_gradient_checkpointing()
-        self.float()  # the module's precision casts it later; loading keeps full precision

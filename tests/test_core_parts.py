@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from doodl_lightning.backbone import Backbone, PretrainedBackbone, resolve_backbone
+from doodl_lightning.families import PretrainedBackbone, UNetBackbone, resolve_backbone
 from doodl_lightning.data import Item, initial_noise, shard, unshard
 from doodl_lightning.frozen import leave_out_of_checkpoints
 from doodl_lightning.guidance import SymmetryGuidance
@@ -22,8 +22,8 @@ def test_an_injected_backbone_is_used_as_it_is(tiny_pipeline_dir):
     m2 = DOODL(model=bb, prompts=["b"], seeds=[0], steps=2, sampler="ddim", guidance=[SymmetryGuidance()])
     assert m1.backbone is bb and m2.backbone is bb  # loaded once, shared: no monkeypatching needed
     assert m1.hparams.model == "PretrainedBackbone"
-    # a test double: any components in a Backbone
-    double = Backbone(bb.unet, bb.vae, bb.text_encoder, bb.tokenizer, bb.scheduler)
+    # a test double: any components in a UNet family's Backbone
+    double = UNetBackbone(bb.unet, bb.vae, bb.text_encoder, bb.tokenizer, bb.scheduler)
     assert DOODL(model=double, prompts=["a"], steps=2, guidance=[SymmetryGuidance()]).backbone is double
     with pytest.raises(ValueError, match="go with model: <path or id>"):
         resolve_backbone(bb, vae_checkpointing=True)
@@ -35,7 +35,7 @@ def test_an_injected_backbone_is_used_as_it_is(tiny_pipeline_dir):
 def test_the_backbone_class_path_form_parses_in_the_cli(tiny_pipeline_dir, tmp_path, write_config):
     from cli import main
 
-    cfg = write_config(tmp_path / "c.yaml", {"class_path": "doodl_lightning.backbone.PretrainedBackbone",
+    cfg = write_config(tmp_path / "c.yaml", {"class_path": "doodl_lightning.families.PretrainedBackbone",
                                              "init_args": {"path": tiny_pipeline_dir}}, tmp_path / "o")
     m = main(["--config", cfg], run=False).model
     assert type(m.backbone) is PretrainedBackbone

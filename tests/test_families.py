@@ -1,11 +1,18 @@
-"""Model families behind one backbone (SD-1.x, SD-Turbo, SDXL, SDXL-Turbo, LCM, ControlNet): parity with
-diffusers' own pipelines (a reference no one here wrote), exact gradients, fits through ``cli.py``, bad input.
+"""Model families behind one ``Backbone`` interface: the family contract every registered family inherits, then the
+UNet families' own cases (SD-1.x, SD-Turbo, SDXL, SDXL-Turbo, LCM, ControlNet: exact gradients, fits through
+``cli.py``, bad input); the flow families' own cases (SD3, FLUX) are in test_flow_families.py.
+
+The family contract (as diffusers' ``SchedulerCommonTest``): a family registers its pipeline class names in
+``doodl_lightning.families.REGISTRY`` and a tiny model in ``doodl_lightning.testing.families.TINY_MODELS``, and then
+every case below runs on it: the save / load round trip through the registry, parity of the unguided chain with
+diffusers' own pipeline (a reference no one here wrote), the precision's dtype, determinism.
 
 Every model is a tiny random pipeline in the released layout, saved with ``save_pretrained`` and loaded back
-through the same code path as a downloaded one (``doodl_lightning.testing.families``).
+through the same code path as a downloaded one.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,10 +26,12 @@ import yaml
 from PIL import Image
 
 from cli import main, run_cli
-from doodl_lightning.backbone import PretrainedBackbone
+from doodl_lightning.backbone import Backbone, pipeline_class_name
+from doodl_lightning.families import REGISTRY, FlowBackbone, PretrainedBackbone, PretrainedFlowBackbone, resolve_backbone
+from doodl_lightning.families.flux_layout import pack_latents, unpack_latents
 from doodl_lightning.guidance import SymmetryGuidance
 from doodl_lightning.module import DOODL
-from doodl_lightning.sampling import Schedule, sample, sample_ddim, sample_lcm
+from doodl_lightning.sampling import Schedule, sample, sample_ddim, sample_flow, sample_lcm
 from doodl_lightning.testing import families as F
 from doodl_lightning.testing.memory import saved_bytes
 
@@ -35,17 +44,9 @@ def models(tmp_path_factory, tiny_pipeline_dir):
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
+    shared = tmp_path_factory.getbasetemp() / "tiny_families"  # built once per session (test_flow_families too)
+    paths = {name: tiny_pipeline_dir if name == "sd" else F.tiny_model(name, shared) for name in F.TINY_MODELS}
     tmp = tmp_path_factory.mktemp("families")
-    paths = {
-        "sd": tiny_pipeline_dir,  # DDIM, SD-1.x config
-        "sd-turbo": F.save_tiny_sd_pipeline(tmp / "sd_turbo", "euler_trailing"),
-        "sdxl": F.save_tiny_sdxl_pipeline(tmp / "sdxl", "euler"),
-        "sdxl-ddim": F.save_tiny_sdxl_pipeline(tmp / "sdxl_ddim", "ddim"),
-        "sdxl-turbo": F.save_tiny_sdxl_pipeline(tmp / "sdxl_turbo", "euler_trailing"),
-        "lcm": F.save_tiny_lcm_pipeline(tmp / "lcm"),
-        "controlnet-sd": F.save_tiny_sd_pipeline(tmp / "cn_sd", "ddim", controlnet=True),
-        "controlnet-sdxl": F.save_tiny_sdxl_pipeline(tmp / "cn_sdxl", "ddim", controlnet=True),
-    }
     rgb = (np.random.RandomState(0).rand(16, 32, 3) * 255).astype("uint8")
     Image.fromarray(rgb).save(tmp / "control.png")
     paths["control_image"] = str(tmp / "control.png")
@@ -63,61 +64,163 @@ def family_config(write_config, path: Path, pipe, out: Path, iterations: int, ch
 
 
 def doodl(path, steps, guidance_scale, height=16, width=16, **kw) -> DOODL:
+    """The module on a tiny model (a path, or a backbone object), set up without a Trainer."""
     m = DOODL(model=path, prompts=[PROMPT], seeds=[0], steps=steps, guidance_scale=guidance_scale, height=height,
               width=width, guidance=[SymmetryGuidance()], **kw)
     return m.prepare()
 
 
-# (family, pipeline class, steps, the pipeline's guidance scale, size, module keys beyond the defaults)
+@functools.lru_cache(maxsize=None)
+def _pipeline(path: str, t5: bool = True):
+    """The diffusers pipeline a saved tiny model's model_index.json names (the reference), loaded once."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline_class_name(path))
+    pipe = cls.from_pretrained(path, **({} if t5 else dict(text_encoder_3=None, tokenizer_3=None)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone(path: str, t5: bool = True) -> Backbone:
+    """Our backbone of a saved tiny model through the registry, loaded once (float32; its users do not cast it)."""
+    return resolve_backbone(path) if t5 else PretrainedFlowBackbone(path, t5=False)
+
+
+def _chain(bb: Backbone, dtype=torch.float32, steps: int = 2, size=(16, 16)) -> torch.Tensor:
+    """x_0 of the model's own sampler on its own grid from fixed noise, guidance scale 3 (a ControlNet: a fixed
+    random control image; LCM: fixed per-step noises)."""
+    gen = torch.Generator().manual_seed(0)
+    control = torch.rand(1, 3, *size, generator=gen) if bb.controlnet is not None else None
+    eps = bb.denoiser(bb.encode_prompts([PROMPT], size), bb.encode_negative("", size), 3.0, control_image=control)
+    x = torch.randn((1, *bb.latent_shape(*size)), generator=gen).to(dtype)
+    lcm = bb.default_sampler == "lcm"
+    noises = [torch.randn(x.shape, generator=gen).to(dtype) for _ in range(steps - 1)] if lcm else None
+    with torch.no_grad():
+        return sample(eps, x, bb.schedule(steps, "model", size), sampler=bb.default_sampler, noises=noises)[0]
+
+
+# -- the family contract ------------------------------------------------------------------------------------------
+
+def test_every_registered_pipeline_class_has_a_tiny_model(models):
+    """A family that registers a pipeline class inherits the contract through its tiny model (``TINY_MODEL_OF``):
+    none may be missing or be of another class, and every tiny model is one the registry serves (none falls through
+    to the default loader)."""
+    assert list(F.TINY_MODEL_OF) == list(REGISTRY)
+    assert all(pipeline_class_name(models[name]) == cls for cls, name in F.TINY_MODEL_OF.items())
+    assert all(pipeline_class_name(models[name]) in REGISTRY for name in F.TINY_MODELS)
+
+
+@pytest.mark.parametrize("name", list(F.TINY_MODELS))
+def test_a_saved_model_loads_back_through_the_registry(models, name):
+    """save_pretrained, then the module's ``model: <path>`` shortcut: the class REGISTRY names for the model's
+    pipeline, frozen, in float32, every component with exactly the weights diffusers' own from_pretrained reads."""
+    path = models[name]
+    bb = resolve_backbone(path)
+    assert type(bb) is REGISTRY[pipeline_class_name(path)] and isinstance(bb, Backbone)
+    assert bb.dtype == torch.float32 and not any(p.requires_grad for p in bb.parameters())
+    bb.train()
+    assert not bb.training and not bb.unet.training
+    bb.check_sampler(bb.default_sampler)  # its default is one it runs
+    assert bb.default_sampler in bb.samplers and bb.supports_cuda_graphs is not isinstance(bb, FlowBackbone)
+    assert bb.latent_shape(None)[1:] == (bb.default_size // bb.vae_scale_factor,) * 2
+    pipe = _pipeline(path)
+    net = pipe.transformer if isinstance(bb, FlowBackbone) else pipe.unet
+    for part, theirs in (("unet", net), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder),
+                         ("controlnet", getattr(pipe, "controlnet", None))):
+        ours = getattr(bb, part)
+        assert (ours is None) == (theirs is None), part
+        if ours is not None:
+            a, b = ours.state_dict(), theirs.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+# (tiny model, steps, the pipeline's guidance scale, (height, width), module keys beyond the defaults; ``t5``: the
+# backbone's option). UNet families: DDIM on the model's grid is the pipelines' DDIM / Euler; the Turbo models with
+# no sampler or grid given run their own (DDIM = Euler on the trailing grid), no CFG. Flow families: SD3 with batched
+# CFG and without; FLUX.1-dev's guidance embedding with its resolution-dependent shift; FLUX.1-schnell unshifted
 PARITY = {
-    "sd-ddim": ("sd", "StableDiffusionPipeline", 4, 7.5, (16, 16), dict(sampler="ddim", timestep_grid="model")),
-    # Turbo: no sampler or grid given: the model's own (DDIM = Euler on its trailing grid); no CFG
-    "turbo-sd-1step": ("sd-turbo", "StableDiffusionPipeline", 1, 0.0, (16, 16), {}),
-    "turbo-sd-4steps": ("sd-turbo", "StableDiffusionPipeline", 4, 0.0, (16, 16), {}),
-    "sdxl-ddim-nonsquare": ("sdxl-ddim", "StableDiffusionXLPipeline", 4, 5.0, (16, 32),
-                            dict(sampler="ddim", timestep_grid="model")),
-    "sdxl-euler-leading": ("sdxl", "StableDiffusionXLPipeline", 4, 5.0, (16, 16),
-                           dict(sampler="ddim", timestep_grid="model")),
-    "sdxl-turbo-1step": ("sdxl-turbo", "StableDiffusionXLPipeline", 1, 0.0, (16, 16), {}),
-    "controlnet-sd": ("controlnet-sd", "StableDiffusionControlNetPipeline", 4, 5.0, (16, 32),
-                      dict(sampler="ddim", timestep_grid="model")),
-    "controlnet-sdxl": ("controlnet-sdxl", "StableDiffusionXLControlNetPipeline", 4, 5.0, (16, 32),
-                        dict(sampler="ddim", timestep_grid="model")),
+    "sd-ddim": ("sd", 4, 7.5, (16, 16), dict(sampler="ddim", timestep_grid="model")),
+    "turbo-sd-1step": ("sd-turbo", 1, 0.0, (16, 16), {}),
+    "turbo-sd-4steps": ("sd-turbo", 4, 0.0, (16, 16), {}),
+    "sdxl-ddim-nonsquare": ("sdxl-ddim", 4, 5.0, (16, 32), dict(sampler="ddim", timestep_grid="model")),
+    "sdxl-euler-leading": ("sdxl", 4, 5.0, (16, 16), dict(sampler="ddim", timestep_grid="model")),
+    "sdxl-turbo-1step": ("sdxl-turbo", 1, 0.0, (16, 16), {}),
+    "controlnet-sd": ("controlnet-sd", 4, 5.0, (16, 32), dict(sampler="ddim", timestep_grid="model")),
+    "controlnet-sdxl": ("controlnet-sdxl", 4, 5.0, (16, 32), dict(sampler="ddim", timestep_grid="model")),
     # controlnet_scale is the pipeline's controlnet_conditioning_scale (the residuals' weight)
-    "controlnet-sd-scale": ("controlnet-sd", "StableDiffusionControlNetPipeline", 4, 5.0, (16, 32),
+    "controlnet-sd-scale": ("controlnet-sd", 4, 5.0, (16, 32),
                             dict(sampler="ddim", timestep_grid="model", controlnet_scale=0.4)),
+    "sd3-cfg-nonsquare": ("sd3", 4, 5.0, (16, 32), {}),
+    "sd3-unguided": ("sd3", 3, 1.0, (16, 16), {}),
+    "sd3-without-t5": ("sd3", 2, 4.0, (16, 16), dict(t5=False)),  # loaded without its T5 (zeros), as the pipeline can
+    "flux-dev-nonsquare": ("flux-dev", 4, 3.5, (32, 16), {}),
+    "flux-schnell-1step": ("flux-schnell", 1, 0.0, (16, 16), {}),
+    "flux-schnell-4steps": ("flux-schnell", 4, 0.0, (16, 32), {}),
 }
 
 
 @pytest.mark.parametrize("case", list(PARITY))
 def test_unguided_chain_equals_the_diffusers_pipeline(models, case):
-    import diffusers
-
-    family, cls, steps, g, (h, w), keys = PARITY[case]
-    control = "controlnet" in case
-    m = doodl(models[family], steps, g if g > 1 else 1.0, h, w,
+    """From the same initial noise, our chain (the module's latents, conditioning, model callable and schedule) ends
+    where the diffusers pipeline that the model's model_index.json names ends (``output_type="latent"``; FLUX's
+    latents come packed): DDIM for a UNet, Euler (``flow``) for a rectified-flow model."""
+    name, steps, g, (h, w), keys = PARITY[case]
+    keys = dict(keys)
+    t5 = keys.pop("t5", True)
+    bb = _backbone(models[name], t5)
+    flow, control = isinstance(bb, FlowBackbone), bb.controlnet is not None
+    # a UNet pipeline runs CFG only above scale 1 (the module: 1 = none); a flow model takes the scale as it is
+    m = doodl(bb, steps, g if g > 1 or flow else 1.0, h, w,
               control_images=[models["control_image"]] if control else None, **keys)
-    assert m.hparams.sampler == "ddim"
+    assert m.hparams.sampler == ("flow" if flow else "ddim")
+    assert m.latent_shape == (16 if flow else 4, h // 2, w // 2)
     x = m.latents.detach()[:, 0]
     with torch.no_grad():
-        ours = sample_ddim(m.denoiser([0]), x, m.schedule)
-    pipe = getattr(diffusers, cls).from_pretrained(models[family])
-    pipe.set_progress_bar_config(disable=True)
+        ours = (sample_flow if flow else sample_ddim)(m.chain.denoiser([0]), x, m.chain.schedule)
     extra = {"image": Image.open(models["control_image"])} if control else {}
     if "controlnet_scale" in keys:
         extra["controlnet_conditioning_scale"] = keys["controlnet_scale"]
-    ref = pipe(PROMPT, latents=x.clone(), num_inference_steps=steps, guidance_scale=g, height=h, width=w,
-               output_type="latent", **extra).images
-    assert ours.shape == ref.shape == (1, 4, h // 2, w // 2)
-    # float32, the pipeline's own schedulers (Euler's sigmas from float32 abar): relative to the latents' scale
+    if flow:
+        extra["max_sequence_length"] = m.backbone.max_sequence_length
+    flux = bb.family == "flux"
+    ref = _pipeline(models[name], t5)(PROMPT, latents=pack_latents(x) if flux else x.clone(), num_inference_steps=steps,
+                                      guidance_scale=g, height=h, width=w, output_type="latent", **extra).images
+    if flux:
+        ref = unpack_latents(ref, h // 2, w // 2)
+    assert ours.shape == ref.shape == (1, *m.latent_shape)
+    # float32, the pipelines' own schedulers (Euler's sigmas from float32 abar): relative to the latents' scale
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
     if control:  # the image matters: the ControlNet is really in the chain
-        blank = m.backbone.denoiser(m._cond, m._uncond, g, control_image=torch.zeros(1, 3, h, w))
-        assert (sample_ddim(blank, x, m.schedule) - ours).abs().max() > 1e-3
+        blank = m.backbone.denoiser(m.chain.cond, m.chain.uncond, g, control_image=torch.zeros(1, 3, h, w))
+        assert (sample_ddim(blank, x, m.chain.schedule) - ours).abs().max() > 1e-3
         if "controlnet_scale" in keys:  # and its scale: at scale 1 the chain is another one (parity could not pass)
-            one = m.backbone.denoiser(m._cond, m._uncond, g, control_image=m._control([0]), control_scale=1.0)
-            assert (sample_ddim(one, x, m.schedule) - ours).abs().max() > 100 * 1e-5 * ref.abs().max()
+            one = m.backbone.denoiser(m.chain.cond, m.chain.uncond, g, control_image=m.chain.control([0]), control_scale=1.0)
+            assert (sample_ddim(one, x, m.chain.schedule) - ours).abs().max() > 100 * 1e-5 * ref.abs().max()
 
+
+@pytest.mark.parametrize("name", list(F.TINY_MODEL_OF.values()))
+def test_the_model_runs_in_the_precisions_dtype_and_the_chain_in_the_latents(models, name):
+    """Cast to a dtype (what the precision plugin does), the model computes in it and the chain in the latents'
+    dtype: float64 throughout, or a bfloat16 model under float32 latents (the sampler's algebra stays float32)."""
+    bb = resolve_backbone(models[name]).to(torch.float64)
+    assert bb.dtype == torch.float64
+    x0 = _chain(bb, torch.float64)
+    assert x0.dtype == torch.float64 and torch.isfinite(x0).all() and bb.decode(x0).dtype == torch.float64
+    bb.to(torch.bfloat16)
+    assert bb.dtype == torch.bfloat16
+    x0 = _chain(bb)
+    assert x0.dtype == torch.float32 and torch.isfinite(x0).all()
+
+
+@pytest.mark.parametrize("name", list(F.TINY_MODEL_OF.values()))
+def test_the_chain_is_the_same_whatever_the_load(models, name):
+    """No hidden randomness in a family's loading or model call: two loads of a model give its chain bit for bit
+    (what resuming a run and splitting its items over processes rely on)."""
+    assert torch.equal(_chain(_backbone(models[name])), _chain(resolve_backbone(models[name])))
+
+
+# -- the UNet families' own cases ----------------------------------------------------------------------------------
 
 def test_lcm_chain_equals_the_diffusers_pipeline_given_its_noise(models):
     """LCM re-noises between steps: with the pipeline's own draws (one generator, in step order) as the fixed
@@ -125,19 +228,19 @@ def test_lcm_chain_equals_the_diffusers_pipeline_given_its_noise(models):
     import diffusers
 
     m = doodl(models["lcm"], 4, 8.5)
-    assert m.hparams.sampler == "lcm" and m.schedule.timesteps == (999, 759, 499, 259)
+    assert m.hparams.sampler == "lcm" and m.chain.schedule.timesteps == (999, 759, 499, 259)
     x = m.latents.detach()[:, 0]
     gen = torch.Generator().manual_seed(5)
     noises = [torch.randn(x.shape, generator=gen) for _ in range(3)]
     with torch.no_grad():
-        ours = sample_lcm(m.denoiser([0]), x, m.schedule, noises)
+        ours = sample_lcm(m.chain.denoiser([0]), x, m.chain.schedule, noises)
     pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(models["lcm"])
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(PROMPT, latents=x.clone(), num_inference_steps=4, guidance_scale=8.5, height=16, width=16,
                output_type="latent", generator=torch.Generator().manual_seed(5)).images
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
     # the module's own noises are fixed per (seed, step): the same chain every iteration
-    assert all(torch.equal(a, b) for a, b in zip(m.lcm_noises([0]), m.lcm_noises([0])))
+    assert all(torch.equal(a, b) for a, b in zip(m.chain.noises([0]), m.chain.noises([0])))
 
 
 def test_sdxl_conditioning_is_both_towers_pooled_projection_and_micro_conditioning(models):
@@ -243,8 +346,8 @@ def test_a_training_steps_evaluation_for_the_slow_fits(models, case):
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     pair = m.latents.detach()
     with torch.no_grad():
-        finals = sample(m.denoiser([0]), pair[:, 0], m.schedule, sampler=m.hparams.sampler,
-                        y=pair[:, 1] if pair.shape[1] == 2 else None, noises=m.lcm_noises([0]))
+        finals = sample(m.chain.denoiser([0]), pair[:, 0], m.chain.schedule, sampler=m.hparams.sampler,
+                        y=pair[:, 1] if pair.shape[1] == 2 else None, noises=m.chain.noises([0]))
         ref = m.backbone.decode(finals[0])
     assert ev.images.shape == (1, 3, 16, 16) and torch.allclose(ev.images, ref, atol=1e-5)
 

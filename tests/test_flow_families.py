@@ -1,5 +1,7 @@
 """SD3 / SD3.5 and FLUX.1 (rectified-flow transformers) behind the same module, CLI and guarantees as the UNet
-families: parity with diffusers' own pipelines, exact gradients, fits and resumes through ``cli.py``, bad input.
+families: their own cases (the pipelines' prompt encoding, exact gradients, fits and resumes through ``cli.py``, bad
+input). The family contract they inherit by being registered (the save / load round trip, parity with
+StableDiffusion3Pipeline / FluxPipeline, dtype, determinism) is in test_families.py.
 
 Every model is a tiny random pipeline in the released layout (transformer, CLIP towers, T5 with an offline
 tokenizer, 16-channel VAE with scaling and shift factor), saved with ``save_pretrained`` and loaded back through
@@ -17,14 +19,13 @@ import torch
 import yaml
 
 from cli import main, run_cli
-from doodl_lightning.backbone import Backbone, resolve_backbone
-from doodl_lightning.families.flow import FlowBackbone, PretrainedFlowBackbone
-from doodl_lightning.families.flux_layout import pack_latents, unpack_latents
+from doodl_lightning.backbone import Backbone
+from doodl_lightning.families import PretrainedFlowBackbone, resolve_backbone
 from doodl_lightning.guidance import SymmetryGuidance
 from doodl_lightning.module import DOODL
 from doodl_lightning.data import load_source_image
 from doodl_lightning.sampling import FlowSchedule, relative_error, sample, sample_flow, sample_flow_edict
-from doodl_lightning.testing import flow_models as FM
+from doodl_lightning.testing import families as F
 
 PROMPT = "a red circle"
 
@@ -34,13 +35,9 @@ def flow_models(tmp_path_factory):
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
-    tmp = tmp_path_factory.mktemp("flow_families")
-    return {
-        "sd3": FM.save_tiny_sd3_pipeline(tmp / "sd3"),
-        "flux-dev": FM.save_tiny_flux_pipeline(tmp / "flux_dev"),
-        "flux-schnell": FM.save_tiny_flux_pipeline(tmp / "flux_schnell", seed=7, schnell=True),
-        "tmp": tmp,
-    }
+    shared = tmp_path_factory.getbasetemp() / "tiny_families"  # built once per session (test_families too)
+    return {**{name: F.tiny_model(name, shared) for name in ("sd3", "flux-dev", "flux-schnell")},
+            "tmp": tmp_path_factory.mktemp("flow_families")}
 
 
 def doodl(path, steps, guidance_scale, height=16, width=16, **kw) -> DOODL:
@@ -65,41 +62,6 @@ def _pipeline(path, t5: bool = True):
 def _backbone(path, t5: bool = True) -> PretrainedFlowBackbone:
     """Our backbone of a saved tiny model, loaded once (float32; the modules that share it do not cast it)."""
     return PretrainedFlowBackbone(path, t5=t5)
-
-
-# (model, steps, guidance scale, (height, width)): SD3 with batched CFG and without; FLUX.1-dev's guidance
-# embedding with its resolution-dependent shift; FLUX.1-schnell unshifted, 1 and 4 steps
-PARITY = {
-    "sd3-cfg-nonsquare": ("sd3", 4, 5.0, (16, 32)),
-    "sd3-unguided": ("sd3", 3, 1.0, (16, 16)),
-    "sd3-without-t5": ("sd3", 2, 4.0, (16, 16)),  # loaded without its T5 (zeros), as the pipeline can
-    "flux-dev-nonsquare": ("flux-dev", 4, 3.5, (32, 16)),
-    "flux-schnell-1step": ("flux-schnell", 1, 0.0, (16, 16)),
-    "flux-schnell-4steps": ("flux-schnell", 4, 0.0, (16, 32)),
-}
-
-
-@pytest.mark.parametrize("case", list(PARITY))
-def test_sd3_flux_chain_equals_the_diffusers_pipeline(flow_models, case):
-    """From the same initial noise, our chain (the module's latents, conditioning, velocity and FlowSchedule) ends
-    where StableDiffusion3Pipeline / FluxPipeline end (``output_type="latent"``; FLUX's latents come packed)."""
-    family, steps, g, (h, w) = PARITY[case]
-    no_t5 = "without-t5" in case
-    m = doodl(_backbone(flow_models[family], t5=not no_t5), steps, g, h, w)
-    assert isinstance(m.backbone, FlowBackbone) and m.hparams.sampler == "flow"
-    assert m.latent_shape == (16, h // 2, w // 2)
-    x = m.latents.detach()[:, 0]
-    with torch.no_grad():
-        ours = sample_flow(m.denoiser([0]), x, m.schedule)
-    pipe = _pipeline(flow_models[family], t5=not no_t5)
-    flux = "flux" in family
-    ref = pipe(PROMPT, latents=pack_latents(x) if flux else x.clone(), num_inference_steps=steps, guidance_scale=g,
-               height=h, width=w, output_type="latent", max_sequence_length=m.backbone.max_sequence_length).images
-    if flux:
-        ref = unpack_latents(ref, h // 2, w // 2)
-    assert ours.shape == ref.shape == (1, 16, h // 2, w // 2)
-    # float32, the pipelines' own schedulers: relative to the latents' scale (it is in fact bit-exact)
-    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
 
 
 def test_sd3_flux_conditioning_is_the_pipelines_encode_prompt(flow_models):
@@ -194,10 +156,10 @@ def test_flux_opt_t_optimises_the_tail_of_the_same_chain(flow_models):
     they are the whole chain (FlowSchedule head / tail)."""
     full = doodl(_backbone(flow_models["flux-dev"]), 4, 3.5)
     part = doodl(_backbone(flow_models["flux-dev"]), 4, 3.5, opt_t=2)
-    assert len(part.schedule) == 2 and part.schedule.sigmas == full.schedule.sigmas[2:]
+    assert len(part.chain.schedule) == 2 and part.chain.schedule.sigmas == full.chain.schedule.sigmas[2:]
     with torch.no_grad():
-        a = sample_flow(full.denoiser([0]), full.latents[:, 0], full.schedule)
-        b = sample_flow(part.denoiser([0]), part.latents[:, 0], part.schedule)
+        a = sample_flow(full.chain.denoiser([0]), full.latents[:, 0], full.chain.schedule)
+        b = sample_flow(part.chain.denoiser([0]), part.latents[:, 0], part.chain.schedule)
     assert torch.equal(a, b)
     pair = doodl(_backbone(flow_models["sd3"]), 3, 3.0, sampler="flow_edict", opt_t=1)  # the coupled chain: a tied pair
     assert pair.latents.shape[1] == 2 and torch.equal(pair.latents[:, 0], pair.latents[:, 1])
@@ -211,11 +173,11 @@ def test_sd3_flow_edict_edits_a_source_image_from_its_exact_inversion(flow_model
     path = flow_models["tmp"] / "source.png"
     Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8")).save(path)
     m = doodl(_backbone(flow_models["sd3"]), 4, 3.0, sampler="flow_edict", source_image=str(path))
-    assert m.start.round_trip_error < 1e-4 and not m.start.renormalize
+    assert m.chain.start.round_trip_error < 1e-4 and not m.chain.start.renormalize
     x, y = m.latents[:, 0].detach(), m.latents[:, 1].detach()
     assert not torch.equal(x, y)  # an inverted pair is untied
     with torch.no_grad():
-        x0, _ = sample_flow_edict(m.denoiser([0]), x, y, m.schedule, m.hparams.mix_weight)
+        x0, _ = sample_flow_edict(m.chain.denoiser([0]), x, y, m.chain.schedule, m.hparams.mix_weight)
     gen = [torch.Generator().manual_seed(0)]  # the item's seed draws the posterior sample, as the module does
     z0 = m.backbone.encode_images(load_source_image(str(path), (16, 16)).float(), generators=gen)
     assert relative_error(x0, z0) < 1e-4
@@ -247,7 +209,7 @@ def test_sd3_flux_doodl_fit_through_the_cli_lowers_the_loss(flow_models, write_c
     keys = dict(keys)
     model = flow_models[family]
     if keys.pop("transformer_checkpointing", False):
-        model = {"class_path": "doodl_lightning.families.flow.PretrainedFlowBackbone",
+        model = {"class_path": "doodl_lightning.families.PretrainedFlowBackbone",
                  "init_args": {"path": model, "transformer_checkpointing": True, "max_sequence_length": 16}}
     out = flow_models["tmp"] / f"fit_{case}"
     cfg = flow_config(write_config, flow_models["tmp"] / f"{case}.yaml", model, out, 4, 2, **keys)
@@ -309,10 +271,10 @@ def test_sd3_flux_bad_input_is_one_line_and_writes_nothing(flow_models, write_co
         "unet-sampler-flow": (dict(model=tiny_pipeline_dir, sampler="flow"),
                               "error: sampler 'flow' is for rectified-flow models (SD3, FLUX); this is a diffusion UNet "
                               "model: use ddim, edict, lcm, or leave sampler unset"),
-        "flux-as-unet-class-path": (dict(model={"class_path": "doodl_lightning.backbone.PretrainedBackbone",
+        "flux-as-unet-class-path": (dict(model={"class_path": "doodl_lightning.families.PretrainedBackbone",
                                                 "init_args": {"path": flow_models["flux-dev"]}}),
                                     f"error: {flow_models['flux-dev']} is an SD3 / FLUX (rectified-flow transformer) "
-                                    "model: use doodl_lightning.families.flow.PretrainedFlowBackbone (or model: <path>)"),
+                                    "model: use doodl_lightning.families.PretrainedFlowBackbone (or model: <path>)"),
     }[case]
     model = keys.pop("model")
     cfg = write_config(tmp / f"bad_{case}.yaml", model, out, **keys)

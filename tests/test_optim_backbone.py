@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from doodl_lightning.backbone import Backbone, ModelNotFoundError
+from doodl_lightning.backbone import ModelNotFoundError
+from doodl_lightning.families import UNetBackbone, resolve_backbone
 from doodl_lightning.precision import frozen_dtype
 from doodl_lightning.optim import DOODLOptimizer, masked_step
 from doodl_lightning.testing.tiny import save_tiny_pipeline
@@ -117,7 +118,7 @@ def test_bad_optimizer_arguments(kw, match):
 
 def test_backbone_loads_a_saved_pipeline_frozen_and_in_dtype(tmp_path):
     path = save_tiny_pipeline(tmp_path / "pipe")
-    bb = Backbone.load(path, dtype=torch.bfloat16, vae_checkpointing=True)
+    bb = UNetBackbone.load(path, dtype=torch.bfloat16, vae_checkpointing=True)
     assert bb.dtype == torch.bfloat16 and not any(p.requires_grad for p in bb.parameters())
     bb.train()
     assert not bb.training and not bb.unet.training
@@ -128,17 +129,19 @@ def test_backbone_loads_a_saved_pipeline_frozen_and_in_dtype(tmp_path):
 
 
 def test_missing_models_fail_with_one_clear_line(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="not found"):
-        Backbone.load(str(tmp_path / "nowhere"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="model_index.json"):
-        Backbone.load(str(tmp_path / "empty"))
-    (tmp_path / "w.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="model_config"):
-        Backbone.load(str(tmp_path / "w.safetensors"))
+    # the class method and the module's shortcut (through the family registry) say the same
+    for load in (UNetBackbone.load, resolve_backbone):
+        with pytest.raises(ModelNotFoundError, match="not found"):
+            load(str(tmp_path / "nowhere"))
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(ModelNotFoundError, match="model_index.json"):
+            load(str(tmp_path / "empty"))
+        (tmp_path / "w.safetensors").write_bytes(b"")
+        with pytest.raises(ValueError, match="model_config"):
+            load(str(tmp_path / "w.safetensors"))
     # a hub id that is not in the local cache, offline: names the id and how to provide it
-    code = ("from doodl_lightning.backbone import Backbone\n"
-            "try:\n    Backbone.load('someorg/not-a-cached-model')\n"
+    code = ("from doodl_lightning.families import resolve_backbone\n"
+            "try:\n    resolve_backbone('someorg/not-a-cached-model')\n"
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout

@@ -96,7 +96,7 @@ def test_a_controlnet_retrained_at_the_same_path_is_refused(tmp_path, tiny_pipel
     import numpy as np
     from PIL import Image
 
-    from doodl_lightning.backbone import PretrainedBackbone
+    from doodl_lightning.families import PretrainedBackbone
     from doodl_lightning.testing.families import save_tiny_controlnet
 
     Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype("uint8")).save(tmp_path / "control.png")

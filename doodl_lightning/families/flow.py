@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, _load_pipeline
+from ..backbone import Backbone, ModelNotFoundError, load_pipeline, pipeline_class_name
 from ..conditioning import Conditioning
-from ..frozen import leave_out_of_checkpoints
 from ..precision import module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
 from .flux_layout import FluxVelocity
@@ -102,14 +101,14 @@ class FlowBackbone(Backbone):
     """
 
     samplers = FLOW_SAMPLER_NAMES
+    supports_cuda_graphs = False  # the graph replay (cuda_graphs.GraphedUNet) takes a UNet's call only
 
     def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, max_sequence_length: int | None = None,
                  text_encoder_device: str | None = None):
-        nn.Module.__init__(self)  # not Backbone's: no UNet
+        super().__init__()
         self.kind = flow_family(transformer)
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.controlnet = None
         encoders = [text_encoder, text_encoder_2] + ([text_encoder_3] if self.kind == "sd3" else [])
         tokenizers = [tokenizer, tokenizer_2] + ([tokenizer_3] if self.kind == "sd3" else [])
         for enc in encoders:
@@ -125,9 +124,7 @@ class FlowBackbone(Backbone):
         self.max_sequence_length = int(max_sequence_length)
         self.text_encoder_device = text_encoder_device
         self.force_zeros_for_empty_prompt = False
-        self.requires_grad_(False)
-        self.eval()
-        leave_out_of_checkpoints(self)
+        self.freeze()
 
     # -- what the module and the tools read -----------------------------------------------------------
     @property
@@ -322,24 +319,31 @@ class PretrainedFlowBackbone(FlowBackbone):
     encoders compute in it); ``max_sequence_length`` and ``text_encoder_device`` as ``FlowBackbone``.
     """
 
+    @classmethod
+    def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
+                   vae_checkpointing: bool = False, controlnet: str | None = None) -> "PretrainedFlowBackbone":
+        if controlnet is not None:
+            raise ValueError("controlnet is for the UNet families (SD-1.x/2.x, SDXL); this SD3 / FLUX model has none "
+                             "here: drop controlnet")
+        return cls(model, model_config=model_config, local_files_only=local_files_only,
+                   vae_checkpointing=vae_checkpointing)
+
     def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
                  transformer_checkpointing: bool = False, vae_checkpointing: bool = False, vae_tiling: bool = False,
                  max_sequence_length: int | None = None, text_encoder_device: str | None = None,
                  load_dtype: str | None = None, t5: bool = True):
-        from ..backbone import model_family
-
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if load_dtype is not None and load_dtype not in dtypes:
             raise ValueError(f"load_dtype must be one of {', '.join(dtypes)} or null, got {load_dtype!r}")
         extra = {"torch_dtype": dtypes[load_dtype]} if load_dtype else {}
         if not t5:
-            if model_family(path, model_config, local_files_only) == "flux":
+            if pipeline_class_name(path, model_config, local_files_only) == "FluxPipeline":
                 raise ValueError("t5: false is for SD3 (its T5 is optional); FLUX conditions on T5: drop t5")
             extra.update(text_encoder_3=None, tokenizer_3=None)
-        pipe = _load_pipeline(path, model_config, local_files_only, **extra)
+        pipe = load_pipeline(path, model_config, local_files_only, **extra)
         if getattr(pipe, "transformer", None) is None or getattr(pipe, "unet", None) is not None:
             raise ValueError(f"{path} is a {type(pipe).__name__}, not an SD3 / FLUX model: use "
-                             "doodl_lightning.backbone.PretrainedBackbone (or model: <path>)")
+                             "doodl_lightning.families.PretrainedBackbone (or model: <path>)")
         if getattr(pipe, "vae", None) is None:
             raise ModelNotFoundError(f"{path} has no vae: give the whole pipeline directory")
         kw = dict(text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,

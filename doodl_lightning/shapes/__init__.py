@@ -78,7 +78,7 @@ class ShapesWeights:
     # -- loaders -----------------------------------------------------------------------------------
     def backbone(self):
         """The diffusion model as the framework's ``Backbone`` (float32)."""
-        from ..backbone import PretrainedBackbone
+        from ..families import PretrainedBackbone
 
         return PretrainedBackbone(str(self.sd))
 

@@ -1,20 +1,27 @@
-"""Tiny random pipelines of every UNet family, saved with ``save_pretrained`` in the released layouts.
+"""Tiny random pipelines of every family, saved with ``save_pretrained`` in the released layouts.
 
 Each is what the real model's repository holds, at toy size: SD-1.x with a chosen scheduler (DDIM, or
 Euler on trailing timesteps as SD-Turbo ships), SDXL (two text towers, text_time micro-conditioning),
-LCM (a UNet with the guidance-scale embedding, LCMScheduler) and ControlNet pipelines. Loading them back
-goes through exactly the code path of a downloaded model.
+LCM (a UNet with the guidance-scale embedding, LCMScheduler) and ControlNet pipelines; SD3 and FLUX.1
+(``flow_models``). Loading them back goes through exactly the code path of a downloaded model.
+
+``TINY_MODELS`` names one of each family and variant, ``TINY_MODEL_OF`` the one for each pipeline class of
+``doodl_lightning.families.REGISTRY`` (the family contract of tests/test_families.py runs on those and checks that
+none is missing); ``tiny_model`` saves one once per process.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import architectures as A
+from . import flow_models as FM
+from .tiny import save_tiny_pipeline
 
-__all__ = ["SCHEDULERS", "save_tiny_controlnet", "save_tiny_lcm_pipeline", "save_tiny_sd_pipeline",
-           "save_tiny_sdxl_pipeline", "tiny_scheduler"]
+__all__ = ["SCHEDULERS", "TINY_MODELS", "TINY_MODEL_OF", "save_tiny_controlnet", "save_tiny_lcm_pipeline", "save_tiny_sd_pipeline",
+           "save_tiny_sdxl_pipeline", "tiny_model", "tiny_scheduler"]
 
 SCHEDULERS = ("ddim", "euler", "euler_trailing", "lcm")
 
@@ -105,3 +112,41 @@ def save_tiny_controlnet(path, base_unet, seed: int = 1) -> str:
     """A ControlNetModel directory for ``base_unet`` and the tiny VAE (loaded with ``controlnet: <path>``)."""
     A.build_controlnet(base_unet, seed=seed, vae_scale_factor=2).save_pretrained(str(path))
     return str(Path(path))
+
+
+# a tiny model of every family and variant, by name: (path) -> the saved directory
+TINY_MODELS: dict[str, Callable[[Path], str]] = {
+    "sd": save_tiny_pipeline,  # StableDiffusionPipeline, DDIM (tests/conftest.py's tiny_pipeline_dir)
+    "sd-turbo": lambda p: save_tiny_sd_pipeline(p, "euler_trailing"),
+    "sdxl": lambda p: save_tiny_sdxl_pipeline(p, "euler"),  # StableDiffusionXLPipeline
+    "sdxl-ddim": lambda p: save_tiny_sdxl_pipeline(p, "ddim"),
+    "sdxl-turbo": lambda p: save_tiny_sdxl_pipeline(p, "euler_trailing"),
+    "lcm": save_tiny_lcm_pipeline,  # LatentConsistencyModelPipeline
+    "controlnet-sd": lambda p: save_tiny_sd_pipeline(p, "ddim", controlnet=True),  # StableDiffusionControlNetPipeline
+    "controlnet-sdxl": lambda p: save_tiny_sdxl_pipeline(p, "ddim", controlnet=True),
+    "sd3": FM.save_tiny_sd3_pipeline,  # StableDiffusion3Pipeline
+    "flux-dev": FM.save_tiny_flux_pipeline,  # FluxPipeline
+    "flux-schnell": lambda p: FM.save_tiny_flux_pipeline(p, seed=7, schnell=True),
+}
+
+# the tiny model of each pipeline class doodl_lightning.families.REGISTRY serves (one line per registry line): the
+# family contract's cases run on these
+TINY_MODEL_OF: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "controlnet-sd",
+    "LatentConsistencyModelPipeline": "lcm",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLControlNetPipeline": "controlnet-sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux-dev",
+}
+
+_SAVED: dict[str, str] = {}
+
+
+def tiny_model(name: str, root: str | Path) -> str:
+    """``TINY_MODELS[name]`` saved under ``root`` the first time it is asked for in this process (test modules share
+    it through a session-wide ``root``); the directory is only read afterwards."""
+    if name not in _SAVED or not Path(_SAVED[name]).is_dir():
+        _SAVED[name] = TINY_MODELS[name](Path(root) / name.replace("-", "_"))
+    return _SAVED[name]

@@ -24,7 +24,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from doodl_lightning.backbone import Backbone  # noqa: E402
+from doodl_lightning.families import UNetBackbone as Backbone  # noqa: E402
 from doodl_lightning.data import Item, initial_noise  # noqa: E402
 from doodl_lightning.module import default_model  # noqa: E402
 from doodl_lightning.sampling import Schedule, edict_step, relative_error, sample_ddim, sample_edict  # noqa: E402

@@ -7,7 +7,7 @@
 The YAML (every key is checked against the code's signatures, as ``cli.py``'s configs are):
 
     model: the backbone: a hub id, diffusers directory or single file, or
-           {class_path: doodl_lightning.backbone.PretrainedBackbone, init_args: {...}}
+           {class_path: doodl_lightning.families.PretrainedBackbone, init_args: {...}}
     guidance: [guidance modules]       # what every method optimises or ranks by (weighted sum)
     metrics: [guidance modules]        # held out, never optimised: the first is the primary measure; each
                                        # item's measure is minus the module's loss (higher = better)
@@ -33,7 +33,7 @@ for p in (str(ROOT), str(Path(__file__).resolve().parent)):
 import torch  # noqa: E402
 from jsonargparse import ArgumentParser, ActionConfigFile  # noqa: E402
 
-from doodl_lightning.backbone import PretrainedBackbone, resolve_backbone  # noqa: E402
+from doodl_lightning.families import PretrainedBackbone, resolve_backbone  # noqa: E402
 from doodl_lightning.console import quiet_lightning  # noqa: E402
 from doodl_lightning.data import make_items  # noqa: E402
 from doodl_lightning.guidance.base import Guidance  # noqa: E402
