@@ -20,6 +20,7 @@ from .conditioning import Conditioning
 from .frozen import leave_out_of_checkpoints
 from .objective import decode_latents
 from .precision import at_least_float32, module_dtype, to_module_dtype
+from .sampling import SAMPLERS
 
 __all__ = ["WEIGHT_SUFFIXES", "Backbone", "ModelNotFoundError", "complete_weights", "hub_offline", "load_pipeline",
            "model_index", "naming_bad_weights", "pipeline_class_name"]
@@ -271,13 +272,19 @@ class Backbone(nn.Module, ABC):
     Every family sets ``vae`` (an AutoencoderKL; scaling and shift factor in its config), ``scheduler`` (the model's
     own), ``unet`` (the denoising network -- a transformer for the flow families -- which the compute meter hooks and
     the resume fingerprint reads), ``text_encoder`` and ``controlnet`` (None where it has none). Class attributes:
-    ``samplers`` (the sampler names the family runs) and ``supports_cuda_graphs`` (whether its denoising network may
+    ``schedule_type`` (the schedule its chain runs on: every registered sampler of that schedule type runs on the
+    family, ``samplers``) and ``supports_cuda_graphs`` (whether its denoising network may
     be replayed as a CUDA graph: the UNets yes, the flow transformers no). The shared parts (the VAE's scale factor,
     decoding, encoding images, staying frozen) are implemented here; a family implements the rest.
     """
 
-    samplers: tuple[str, ...] = ()
+    schedule_type: type | None = None
     supports_cuda_graphs: bool = False
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The registered samplers this family runs: those of its ``schedule_type`` (a new sampler needs no line here)."""
+        return tuple(name for name, s in SAMPLERS.items() if s.schedule_type is self.schedule_type)
 
     def __init__(self):
         super().__init__()

@@ -52,13 +52,18 @@ def test_chain_start_from_seeds_and_its_checks(tmp_path):
     assert ChainStart(10, "ddim", 0.93).noise(items, (4, 8, 8))[0].shape == (2, 1, 4, 8, 8)
     assert ChainStart(10, "ddim", 0.93).renormalize and ChainStart(10, "ddim", 0.93, renormalize_latents=False).renormalize is False
     with pytest.raises(ValueError, match=r"opt_t must be in \[1, steps=10\]"):
-        ChainStart(10, "edict", 0.93, opt_t=11)
+        ChainStart.check(10, "edict", opt_t=11)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ChainStart(10, "edict", 0.93, source_image=str(tmp_path / "nope.png"))
+        ChainStart.check(10, "edict", source_image=str(tmp_path / "nope.png"))
     img = tmp_path / "x.png"
     img.write_bytes(b"")
     with pytest.raises(ValueError, match="renormalize_latents must be off"):
-        ChainStart(10, "edict", 0.93, source_image=str(img), renormalize_latents=True)
+        ChainStart.check(10, "edict", source_image=str(img), renormalize_latents=True)
+    with pytest.raises(ValueError, match="editing a source_image needs sampler 'edict'"):
+        ChainStart.check(10, "ddim", source_image=str(img))
+    ChainStart.check(10, None, source_image=str(img))  # the model's sampler: checked once it is known
+    with pytest.raises(ValueError, match="editing a source_image needs sampler 'edict'"):
+        ChainStart.check_editable("lcm", str(img))
     assert ChainStart(10, "edict", 0.93, source_image=str(img)).renormalize is False
 
 

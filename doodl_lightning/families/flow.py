@@ -33,10 +33,9 @@ from ..precision import module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
 from .flux_layout import FluxVelocity
 
-__all__ = ["FLOW_FAMILIES", "FLOW_SAMPLER_NAMES", "FlowBackbone", "PretrainedFlowBackbone", "SD3Velocity", "flow_family"]
+__all__ = ["FLOW_FAMILIES", "FlowBackbone", "PretrainedFlowBackbone", "SD3Velocity", "flow_family"]
 
 FLOW_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-FLOW_SAMPLER_NAMES = ("flow", "flow_edict")
 
 
 def flow_family(transformer) -> str:
@@ -100,7 +99,7 @@ class FlowBackbone(Backbone):
     FLUX.1-schnell 256). ``text_encoder_device``: where prompts are encoded (default the transformer's device).
     """
 
-    samplers = FLOW_SAMPLER_NAMES
+    schedule_type = FlowSchedule  # the flow samplers: flow, flow_edict, and any registered later
     supports_cuda_graphs = False  # the graph replay (cuda_graphs.GraphedUNet) takes a UNet's call only
 
     def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -174,7 +173,7 @@ class FlowBackbone(Backbone):
     def check_sampler(self, sampler: str, grid: str | None = None) -> None:
         """One line for a sampler or ``timestep_grid`` a flow model cannot run (before any file is written)."""
         self._check_grid(grid)
-        if sampler not in FLOW_SAMPLER_NAMES:
+        if sampler not in self.samplers:
             raise ValueError(f"sampler {sampler!r} needs a diffusion (noise-prediction) model; {self.kind.upper()} is a "
                              "rectified-flow model: use sampler flow (Euler, its pipeline's) or flow_edict (exactly "
                              "invertible), or leave sampler unset")

@@ -42,7 +42,7 @@ class UNetBackbone(Backbone):
     UNet call. ``denoiser``: eps of a latent at a timestep, classifier-free guidance batched in one call.
     """
 
-    samplers = ("ddim", "edict", "lcm")  # the samplers of an eps / v-prediction UNet
+    schedule_type = Schedule  # the samplers of an eps / v-prediction UNet: ddim, edict, lcm, and any registered later
     supports_cuda_graphs = True  # a UNet call replays as a CUDA graph (cuda_graphs.GraphedUNet)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None,
