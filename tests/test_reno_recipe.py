@@ -360,7 +360,7 @@ def test_best_of_n_keeps_the_candidate_of_the_lowest_reward_loss(tmp_path, tiny_
                 "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"])
     m = cli.model
     hp = {k: v for k, v in m.hparams.items() if k not in ("model", "candidates") and not k.startswith("_")}
-    ref = DOODL(model=m.backbone, guidance=list(m.guidance), **hp).prepare("cpu")
+    ref = DOODL(model=m.backbone, guidance=list(m.guidance), renormalize_latents=False, **hp).prepare("cpu")
     rewards, totals = [], []
     for k in range(n):
         z = torch.stack([candidate_noise(it, k, ref.latent_shape) for it in ref.local_items])

@@ -16,6 +16,7 @@ import torch
 from doodl_lightning.guidance import CLIPTextGuidance, NoiseNormRegularizer, SymmetryGuidance
 from doodl_lightning.module import DOODL
 from doodl_lightning.resume import NOT_TRAJECTORY, mismatch, trajectory
+from doodl_lightning.search import NoiseSearch
 
 # DOODL settings that are NOT trajectory keys of their own, each with the reason (resume.py's NOT_TRAJECTORY,
 # plus the two module lists the trajectory describes member by member)
@@ -36,8 +37,15 @@ NOT_OWN_KEYS = {
 GUIDANCE_OWN = {"guidance", "metrics"}  # not in NOT_TRAJECTORY: save_hyperparameters leaves them out
 
 
+def settings(cls) -> list[str]:
+    """The YAML keys of a search method: its own ``__init__`` arguments and, through ``**kwargs``, NoiseSearch's."""
+    own = [p for p, v in inspect.signature(cls.__init__).parameters.items()
+           if p != "self" and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    return own + [p for p in inspect.signature(NoiseSearch.__init__).parameters if p != "self"]
+
+
 def doodl_settings() -> list[str]:
-    return [p for p in inspect.signature(DOODL.__init__).parameters if p != "self"]
+    return settings(DOODL)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +83,9 @@ def test_every_setting_of_a_search_built_on_doodl_is_a_trajectory_key(tiny_pipel
     from doodl_lightning.best_of_n import BestOfN
 
     m = BestOfN(candidates=3, model=tiny_pipeline_dir, prompts=["a red circle"], steps=2, guidance=[SymmetryGuidance()])
-    own = [p for p, v in inspect.signature(BestOfN.__init__).parameters.items()
-           if p != "self" and v.kind is not inspect.Parameter.VAR_KEYWORD]
+    own = settings(BestOfN)
     traj = trajectory(m)
-    missing = [p for p in own if p not in NOT_OWN_KEYS and traj.get(f"model.{p}") is None]
+    missing = [p for p in own if p not in NOT_OWN_KEYS and f"model.{p}" not in traj]
     assert own and not missing, f"settings a resume would not compare: {missing}"
     assert traj["model.candidates"] == 3
 
