@@ -36,7 +36,10 @@ def gap_items(n: int) -> tuple[list[str], list[int], list[int], list[str]]:
 def _trainer(iters: int, device: torch.device):
     import lightning
 
+    from callbacks import RenormalizeLatents  # DOODL's renormalize_latents, as cli.py adds it to every fit
+
     return lightning.Trainer(max_steps=iters, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             callbacks=[RenormalizeLatents()],
                              enable_model_summary=False, num_sanity_val_steps=0, devices=1,
                              accelerator="gpu" if device.type == "cuda" else "cpu")
 
