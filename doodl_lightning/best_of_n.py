@@ -5,8 +5,7 @@ import torch
 from torch import Tensor
 
 from .data import Item, initial_noise, step_generator
-from .lightning_compat import attached_trainer
-from .search import NoiseSearch
+from .selection import SelectionSearch
 
 
 def candidate_noise(item: Item, k: int, shape: tuple[int, ...]) -> Tensor:
@@ -17,7 +16,7 @@ def candidate_noise(item: Item, k: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(shape, generator=step_generator(item, k, stream=3), dtype=torch.float32)
 
 
-class BestOfN(NoiseSearch):
+class BestOfN(SelectionSearch):
     """Sample ``candidates`` initial noises per item, run the chain on each without gradient, keep the one with
     the lowest guidance loss (of the reward terms: a regulariser is left out, ``Evaluation.reward``). One training
     step = one candidate for every item, so ``results.jsonl`` (best loss, best step = the winning candidate), the
@@ -37,50 +36,17 @@ class BestOfN(NoiseSearch):
         if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
             raise ValueError("best-of-N samples whole chains from fresh noise: drop opt_t and source_image")
         super().__init__(**kwargs)
-        self.candidates = candidates
-
-    def setup(self, stage: str) -> None:
-        fresh = not self.local_items
-        super().setup(stage)
-        if fresh:  # the reward loss of the kept candidate (checkpointed: a resumed search keeps its best)
-            self.register_buffer("best_loss", torch.full((len(self.local_items),), float("inf"), dtype=torch.float64))
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        trainer = attached_trainer(self)
-        max_steps = trainer.max_steps if trainer is not None else -1
-        if 0 <= max_steps < self.candidates:
-            raise ValueError(f"trainer.max_steps ({max_steps}) is below model.candidates ({self.candidates}): "
-                             f"set --trainer.max_steps {self.candidates} or fewer candidates")
-
-    def configure_optimizers(self):
-        # nothing is back-propagated; stepping an optimiser with no gradients changes nothing but advances
-        # Lightning's step counter (global_step, checkpoints, max_steps) as it does for DOODL
-        return torch.optim.SGD([self.latents], lr=0.0)
+        self.candidates = self.rounds = candidates
 
     def candidate(self, k: int) -> Tensor:
         """Candidate ``k``'s latent pairs (N, P, C, h, w) of the local items, on the module's device."""
         z = torch.stack([candidate_noise(it, k, self.latent_shape) for it in self.local_items])
         return z.unsqueeze(1).repeat(1, self.chain.start.pair_size, 1, 1, 1).to(self.latents)
 
-    def loss_fn(self, idx: list[int], stream_step: int):
-        return super().loss_fn(idx, 0)  # one set of cutouts for every candidate
-
     def training_step(self, batch, batch_idx):
-        k = self.global_step
-        z = self.candidate(k)
+        z = self.candidate(self.global_step)
         with torch.no_grad():
             ev = self.evaluate_items(backward=False, latents=z)
-        # the reward loss (regularisers excluded), as ReNO's ``imageselect`` keeps its lowest ``total_reward_loss``
-        loss = ev.reward.detach().to(self.best_loss)
-        better = self.active & (loss < self.best_loss)
-        with torch.no_grad():
-            self.latents[better] = z[better]
-        self.best_loss[better] = loss[better]
-        self.stepped = self.active.clone()
-        self.optimizers().step()
-        self.last = ev
-        self.log_step(ev, None)
-        if k + 1 >= self.candidates:
-            self.trainer.should_stop = True
+        self.keep_better(ev.reward, z)
+        self.finish_step(ev)
         return None
