@@ -37,7 +37,7 @@ class RenormalizeLatents(Callback):
     @staticmethod
     def renormalize(pl_module) -> None:
         """Rescale the module's stepped rows to their items' norms of x_T (``optim.renormalize_latents``)."""
-        renormalize_latents(pl_module.latents, pl_module.initial_norm, pl_module.stepped)
+        renormalize_latents(*pl_module.renormalization())
 
     def _remove(self) -> None:
         for handle in self._handles:

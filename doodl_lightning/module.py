@@ -56,17 +56,21 @@ class DOODL(NoiseSearch):
                              "model.renormalize_latents: false")
 
     def configure_optimizers(self):
+        return self.update_of(self.latents, lambda r, k: step_generator(self.local_items[r], k, stream=2))
+
+    def update_of(self, latents, noise_generator):
+        """The configured update of ``latents`` (rows of pairs); ``noise_generator(row, k)``: the official
+        perturbation's generator of a row at update k (from a seed and k alone, so resumes and ranks repeat it)."""
         hp = self.hparams
         if hp.update_rule == "adam":
-            return PerItemAdam([self.latents], lr=hp.lr, max_grad_norm=hp.max_grad_norm, tied_latents=hp.tied_latents)
+            return PerItemAdam([latents], lr=hp.lr, max_grad_norm=hp.max_grad_norm, tied_latents=hp.tied_latents)
         if hp.update_rule == "sgd":
-            return PerItemSGD([self.latents], lr=hp.lr, momentum=hp.momentum, nesterov=hp.use_nesterov,
+            return PerItemSGD([latents], lr=hp.lr, momentum=hp.momentum, nesterov=hp.use_nesterov,
                               max_grad_norm=hp.max_grad_norm, tied_latents=hp.tied_latents)
-        opt = DOODLOptimizer([self.latents], grad_scale=hp.grad_scale, clip_grad_val=hp.clip_grad_val,
+        opt = DOODLOptimizer([latents], grad_scale=hp.grad_scale, clip_grad_val=hp.clip_grad_val,
                              use_momentum=hp.use_momentum, momentum=hp.momentum, use_nesterov=hp.use_nesterov,
                              perturb_grad_scale=hp.perturb_grad_scale, tied_latents=hp.tied_latents)
-        # the perturbation of item r at step k: from (seed, k) alone, so resumes and ranks repeat it
-        opt.noise_generator = lambda r, k: step_generator(self.local_items[r], k, stream=2)
+        opt.noise_generator = noise_generator
         return opt
 
     def training_step(self, batch, batch_idx):

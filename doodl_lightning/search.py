@@ -119,6 +119,11 @@ class NoiseSearch(ItemLogging, LightningModule):
         """Whether the latents are rescaled to the norm of x_T after every update (``callbacks.RenormalizeLatents``)."""
         return self.updates_latents and self.chain.start.renormalize
 
+    def renormalization(self):
+        """(latents, the norm each row is rescaled to, the rows stepped) that ``callbacks.RenormalizeLatents`` rescales
+        after an update: the latents themselves (a population method optimises other rows)."""
+        return self.latents, self.initial_norm, self.stepped
+
     def _apply(self, fn, recurse=True):  # the latents keep float32 under half precisions
         keep_optimised_dtypes(self, lambda: super(NoiseSearch, self)._apply(fn, recurse))
         return self

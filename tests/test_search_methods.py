@@ -153,3 +153,62 @@ def test_search_then_refine_is_best_of_k_then_doodl_from_the_winner(tiny_pipelin
         _trainer(K + iters, tmp_path / f"part{stop}").fit(resumed, ckpt_path=str(tmp_path / f"ck{stop}" / "last.ckpt"))
         assert torch.equal(resumed.latents, m.latents), f"resumed after step {stop}"
         assert torch.equal(resumed.best_loss, m.best_loss)
+
+
+# -- population DOODL --------------------------------------------------------------------------------------------
+def _population(pipe, **kw):
+    from doodl_lightning.population import PopulationDOODL
+
+    return PopulationDOODL(**{**dict(model=pipe, prompts=PROMPTS, seeds=[1, 2], steps=4, guidance_scale=3.0,
+                                     sampler="ddim", members=3, exchange_every=1, radius=0.5, grad_scale=20.0,
+                                     clip_grad_val=0.01, guidance=_guide()), **kw})
+
+
+def test_population_doodl_of_one_member_is_doodl(tiny_pipeline_dir, tmp_path):
+    from doodl_lightning.module import DOODL
+
+    pop = _population(tiny_pipeline_dir, members=1)
+    _trainer(3, tmp_path / "pop").fit(pop)
+    ref = DOODL(model=tiny_pipeline_dir, prompts=PROMPTS, seeds=[1, 2], steps=4, guidance_scale=3.0, sampler="ddim",
+                grad_scale=20.0, clip_grad_val=0.01, guidance=_guide())
+    _trainer(3, tmp_path / "ref").fit(ref)
+    assert torch.equal(pop.population, ref.latents)  # the same updates, perturbations and renormalisation
+    assert not torch.equal(pop.population, pop.latents)  # latents: the member as the last step showed it
+
+
+def test_population_doodl_replaces_the_worst_member_near_the_best(tiny_pipeline_dir, tmp_path):
+    """Step 0 evaluates best-of-N's first 3 candidates per item (the same reward losses as BestOfN), shows the best
+    one, updates every member, then restarts the worst member at neighbour(best member after its update, direction
+    of (seed, step 0, stream 7)) with its momentum cleared. A resume across an exchange ends bit-identical; compute
+    = members x (one chain + its checkpointed recomputation) per step."""
+    from doodl_lightning.best_of_n import BestOfN
+    from doodl_lightning.data import step_generator
+    from doodl_lightning.zero_order import neighbour
+
+    m = _population(tiny_pipeline_dir)
+    t = _trainer(1, tmp_path / "one")
+    t.fit(m)
+    bon = BestOfN(model=tiny_pipeline_dir, prompts=PROMPTS, seeds=[1, 2], steps=4, guidance_scale=3.0, sampler="ddim",
+                  candidates=3, guidance=_guide()).prepare("cpu")
+    cand = [bon.candidate(c) for c in range(3)]
+    losses = torch.stack([bon.evaluate_items(False, z, step=0).reward for z in cand], dim=1)  # (items, 3)
+    torch.testing.assert_close(m.member_losses.float(), losses.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.last.reward.float(), losses.min(1).values.float(), rtol=1e-5, atol=1e-6)
+    momentum = t.optimizers[0].state[m.population]["momentum_buffer"]
+    for j, it in enumerate(m.local_items):
+        best, worst = int(losses[j].argmin()), int(losses[j].argmax())
+        assert torch.equal(m.latents[j], cand[best][j])
+        d = torch.randn(m.latent_shape, generator=step_generator(it, 0, stream=7))
+        torch.testing.assert_close(m.population[3 * j + worst, 0], neighbour(m.population[3 * j + best, 0], d, 0.5),
+                                   rtol=0, atol=0)
+        assert not bool(momentum[3 * j + worst].any()) and bool(momentum[3 * j + best].any())
+    meter = next(c for c in t.callbacks if type(c).__name__ == "ComputeMeter").last
+    assert (meter["unet_evaluations_per_image"], meter["unet_backprop_per_image"]) == (3 * 2 * 4, 3 * 4)
+    full = _population(tiny_pipeline_dir)
+    _trainer(3, tmp_path / "full").fit(full)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, every_n_train_steps=1, save_top_k=0)
+    part = _population(tiny_pipeline_dir)
+    _trainer(3, tmp_path / "part", [ckpt, StopAfter(1)]).fit(part)
+    resumed = _population(tiny_pipeline_dir)
+    _trainer(3, tmp_path / "part").fit(resumed, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert torch.equal(resumed.population, full.population) and torch.equal(resumed.latents, full.latents)
