@@ -8,6 +8,7 @@ from .hps import HPSGuidance
 from .image_reward import ImageRewardGuidance
 from .noise_norm import NoiseNormRegularizer
 from .pickscore import PickScoreGuidance
+from .robust import ExpectationOverTransforms
 from .symmetry import SymmetryGuidance
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "ImageRewardGuidance",
     "SymmetryGuidance",
     "NoiseNormRegularizer",
+    "ExpectationOverTransforms",
     "spherical_dist_loss",
 ]
