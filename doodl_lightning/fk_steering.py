@@ -41,7 +41,8 @@ class FKSteering(SelectionSearch):
         if kwargs.get("sampler") not in (None, "ddim"):
             raise ValueError(f"FK steering runs a stochastic DDIM chain (eta): set model.sampler: ddim, not "
                              f"{kwargs['sampler']!r}")
-        super().__init__(**{**kwargs, "sampler": "ddim"})
+        kwargs["sampler"] = "ddim"
+        super().__init__(**kwargs)  # (written so: jsonargparse reads the keys of ``**kwargs`` from this call)
         if self.chain.start.pair_size != 1:
             raise ValueError("FK steering needs a one-latent DDIM chain")
         self.rounds = runs
