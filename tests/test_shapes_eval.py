@@ -75,7 +75,12 @@ def check_outputs(out: Path, variants=EXPERIMENTS) -> dict:
         assert not test_items & val_items and not set(e["task"]["seeds"]) & set(val["task"]["seeds"])
         # every method's knobs chosen on validation, and every validation run kept
         variant_keys = {"doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps"}
-        assert set(val["choices"]) == {"one_step", "best_of_n", "doodl_ddim"} | (variant_keys if name in variants else set())
+        search = {"fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot"}
+        assert set(val["choices"]) == {"one_step", "best_of_n", "doodl_ddim"} | search | (variant_keys if name in variants else set())
+        assert search <= set(keys := [r["key"] for r in e["rows"]]), keys
+        assert e["budgets"] and all(b["best"] in b["methods"] for b in e["budgets"])
+        for fig in (f"{name}_compute_seconds.png",):
+            assert (out / fig).is_file()
         assert any(k.startswith("doodl ddim") and "adam" in k for k in val["runs"])
         assert any(k.startswith("doodl ddim") and "sgd" in k for k in val["runs"])
         keys = [r["key"] for r in e["rows"]]
@@ -139,6 +144,57 @@ def test_tiny_run_freezes_validation_choices_and_writes_every_output(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and text.startswith("intro") and text.rstrip().endswith("rest")
     assert all(f"| {name}: " in text for name in EXPERIMENTS)
+
+
+def test_search_methods_curves_count_compute_and_keep_what_each_method_keeps(tiny_pipeline_dir):
+    """The protocol's runner of the search methods on the tiny model: after every step each curve point holds the
+    UNet evaluations spent so far (a CFG pair = 1, checkpoint recomputations included, as the core counts them), and
+    what each item shows: a selection method its best proposal so far (lowest guide loss), a gradient method the
+    latest iterate, search then refine the first until its K candidates are spent."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from compare import Runner, Task
+    from search_methods import METHODS, run_search
+
+    from doodl_lightning.families import resolve_backbone
+    from doodl_lightning.guidance import SymmetryGuidance
+
+    def verdict(images, items, reference=None):
+        score = [float(-(im - im.flip(-1)).abs().mean()) for im in images]  # a per-item measure to follow
+        return {"sym": score, "guide": score}, [s > -0.1 for s in score], [f"{s:.3f}" for s in score]
+
+    task = Task("t", "val", ["a red circle", "a blue square"], [0, 1], lambda n: SymmetryGuidance(), verdict, "sym",
+                "guide", [])
+    S = 2
+    runner = Runner(resolve_backbone(tiny_pipeline_dir, None, None, False, None), torch.device("cpu"), S)
+    settings = {"fk_steering": {"lmbda": 10.0, "particles": 2, "resample_every": 1, "resample_start": 0},
+                "zero_order": {"radius": 0.5, "neighbours": 2}, "search_refine": {"candidates": 2},
+                "population_doodl": {"members": 2, "exchange_every": 1}, "doodl_eot": {"samples": 2}}
+    chains, older = 6, 0
+    per_step = {"fk_steering": (2 * S, 0), "zero_order": (S, 0), "population_doodl": (2 * 2 * S, 2 * S),
+                "doodl_eot": (2 * S, S)}
+    for name, setting in settings.items():
+        rec = run_search(runner, task, name, 3.0, chains, setting, {"update_rule": "official", "step": 0.1})
+        steps = METHODS[name].steps(chains, setting)
+        assert len(rec["curve"]) == steps == rec["params"]["steps"]
+        for s, p in enumerate(rec["curve"]):
+            if name == "search_refine":
+                spent = (S * (s + 1), 0) if s < 2 else (S * 2 + 2 * S * (s - 1), S * (s - 1))
+            else:
+                spent = tuple(v * (s + 1) for v in per_step[name])
+            assert (p["unet_evaluations_per_image"], p["backprop_per_image"]) == spent, (name, s, p)
+        seen = [v["metrics"]["sym"] for v in rec["step_verdicts"]]
+        losses = rec["step_losses"]  # (steps, items): the guide loss of what each step showed
+        for s, pick in enumerate(rec["kept"]):
+            selecting = name in ("fk_steering", "zero_order") or (name == "search_refine" and s < 2)
+            for i, q in enumerate(pick):
+                if selecting:  # the first of the lowest losses so far
+                    assert q == min(range(s + 1), key=lambda r: (losses[r][i], r))
+                else:
+                    assert q == s
+                assert rec["curve"][s]["per_item"]["sym"][i] == seen[q][i]
+        if name in ("fk_steering", "zero_order"):
+            older += sum(q != s for s, pick in enumerate(rec["kept"]) for q in pick)
+    assert older, "no selection kept an earlier proposal: the test would not see a selection that keeps the latest"
 
 
 def test_sign_test_and_paired_interval():

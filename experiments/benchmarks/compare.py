@@ -287,6 +287,18 @@ class Plan:
     extras_items: int = 32                # test items of the subset variants (DOODL-EDICT, cutouts)
     paper_items: int = 16                 # test items of DOODL-EDICT at the paper's steps (5x the chain)
     val_extras_items: int = 16            # validation items of the subset variants (half that at the paper's steps)
+    # the search methods (``search_methods.py``): each runs n_max chain evaluations per image, its knob swept here
+    search: bool = True                   # run them at all (validation and test)
+    fk_lmbdas: tuple = (1.0, 10.0, 100.0)  # FK steering's lambda (the guide's loss scale differs per task)
+    fk_particles: int = 4
+    fk_resample_every: int = 2
+    zo_radii: tuple = (0.3, 1.0)          # zero-order search's neighbourhood
+    zo_neighbours: int = 4
+    refine_candidates: tuple = (4, 16)    # search then refine: best-of-K first
+    population_members: tuple = (2, 4)
+    population_exchange_every: int = 2
+    eot_samples: tuple = (4,)             # DOODL + EOT guide: transformed copies per image
+    budgets: tuple = (4, 16, 64)          # the budget table's budgets, in chains per image (x steps = UNet evaluations)
 
 
 def _point_mean(point: dict, task: Task) -> float:
@@ -394,6 +406,12 @@ def validate(runner: Runner, task: Task, plan: Plan, extras: bool = True) -> dic
             i, m = best_iteration(rec, t)
             log(f"  [{task.name}/val] {key:44s} best {m:.3f} after {i} iterations", flush=True)
             choices[key] = {"cfg": cfg, **upd, **kw2, "iters": i, "val_mean": m, "val_items": len(t.items)}
+    if plan.search:
+        from search_methods import validate_search
+
+        more, more_runs = validate_search(runner, task, plan, choices, log)
+        choices.update(more)
+        runs.update(more_runs)
     return {"choices": choices, "runs": runs}
 
 
@@ -404,12 +422,18 @@ def subset(task: Task, n_items: int) -> Task:
                 task.guide_metric, task.metrics, task.binary, task.info)
 
 
-TEST_METHODS = ("one_step", "best_of_n", "doodl_ddim", "doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps")
+SEARCH_METHODS = ("fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot")  # search_methods.py
+TEST_METHODS = ("one_step", "best_of_n", "doodl_ddim", "doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps",
+                *SEARCH_METHODS)
 
 
 def run_test(runner: Runner, task: Task, plan: Plan, choices: dict, method: str) -> dict:
     """One method on the test task with its frozen validation choices."""
     c = choices[method]
+    if method in SEARCH_METHODS:
+        from search_methods import run_search_test
+
+        return run_search_test(runner, task, choices, method)
     if method == "one_step":
         return runner.one_step(task, c["scale"], c["cfg"])
     if method == "best_of_n":
@@ -458,6 +482,18 @@ def save_test(out: Path, task: Task, method: str, rec: dict, meta: dict, n_examp
 
 
 # ------------------------------------------------------------------------------------------------ report
+METHOD_LABELS = {"best_of_n": "best-of-N", "doodl_ddim": "DOODL-DDIM", "one_step": "one-step guidance",
+                 "fk_steering": "FK steering", "zero_order": "zero-order search", "search_refine": "search then refine",
+                 "population_doodl": "population DOODL", "doodl_eot": "DOODL + EOT guide"}
+CURVE_NOTES = {"best_of_n": " (N = 1...)", "doodl_ddim": " (0, 1, ... it)"}
+
+
+def _budget_methods(summary: dict) -> list[str]:
+    """The methods of an experiment's budget table, in a fixed order."""
+    seen = {m for b in summary["budgets"] for m in b["methods"]}
+    return [m for m in METHOD_LABELS if m in seen]
+
+
 SUBSET_METHODS = {"doodl_edict": "DOODL-EDICT", "doodl_ddim_cutouts": "DOODL-DDIM + cutouts",
                   "doodl_edict_paper_steps": "DOODL-EDICT, paper's steps"}
 
@@ -522,9 +558,14 @@ def summarise(exp_dir: Path, targets: Callable | None = None) -> dict:
         {"unet": oc["unet_forward_per_image"], "backprop": oc["unet_backward_per_image"],
          "guidance": oc["guidance_evaluations_per_image"], "seconds": oc["seconds_per_image"]},
         f"grad_scale {one['params']['scale']:g}, CFG {one['params']['cfg']:g}", full=one["metrics"])
+    searches = {m: tests[m]["record"] for m in SEARCH_METHODS if m in tests}
+    equal = {m: (max(1, min(n_max, round(r["compute"]["unet_evaluations_per_image"] / steps))),
+                 max(1, min(n_max, round(r["compute"]["seconds_per_image"] / per_candidate_s))))
+             for m, r in searches.items()}
     reasons: dict[int, list[str]] = {}
     for n, why in ((4, "fixed"), (16, "fixed"), (n_evals, "DOODL's UNet evaluations"), (n_secs, "DOODL's seconds"),
-                   (n_max, "the largest")):
+                   (n_max, "the largest"), *[(ne, f"{m}'s UNet evaluations") for m, (ne, _) in equal.items()],
+                   *[(ns, f"{m}'s seconds") for m, (_, ns) in equal.items()]):
         if n <= n_max and why not in reasons.setdefault(n, []):
             reasons[n].append(why)
     for n in sorted(reasons):
@@ -545,6 +586,15 @@ def summarise(exp_dir: Path, targets: Callable | None = None) -> dict:
     for m, label in SUBSET_METHODS.items():
         if m in tests:
             doodl_row(m, label + " (test subset)", tests[m]["record"], _items_of(task, tests[m]["task"]))
+    from search_methods import METHODS as SEARCH
+
+    for m, rec in searches.items():
+        c, p = rec["compute"], rec["params"]
+        knob = SEARCH[m].knob
+        row(m, SEARCH[m].label, rec["metrics"][prim], rec["metrics"][guide],
+            {"unet": c["unet_evaluations_per_image"], "backprop": c["backprop_per_image"],
+             "guidance": c["guidance_per_image"], "seconds": c["seconds_per_image"]},
+            f"{knob} {p[knob]:g}, CFG {p['cfg']:g}, {rec['chosen_point'] + 1} of {p['steps']} steps", full=rec["metrics"])
     by = {r["key"]: r for r in rows}
     d_items = dd["metrics"][prim]
     pairs = {}
@@ -555,17 +605,71 @@ def summarise(exp_dir: Path, targets: Callable | None = None) -> dict:
         if m in by:
             idx = by[m]["item_index"]
             pairs[f"{m} - one_step (subset items)"] = paired(by[m]["per_item"], [one["metrics"][prim][i] for i in idx])
+    for m, (ne, ns) in equal.items():
+        for other in (f"best_of_{ne}", f"best_of_{ns}", "doodl_ddim"):
+            if f"{m} - {other}" not in pairs:
+                pairs[f"{m} - {other}"] = paired(by[m]["per_item"], by[other]["per_item"])
     summary = {"name": exp_dir.name, "task": task, "choices": val["choices"], "rows": rows, "paired": pairs,
                "n_equal_compute": {"unet_evaluations": n_evals, "seconds": n_secs, "n_max": n_max},
                "curves": {"best_of_n": [(p["unet_evaluations_per_image"], mean_ci(p["per_item"][prim])) for p in bon["curve"]],
                           "doodl_ddim": [(p["unet_evaluations_per_image"], mean_ci(p["per_item"][prim])) for p in dd["curve"]],
-                          "one_step": [(oc["unet_forward_per_image"], mean_ci(one["metrics"][prim]))]},
+                          "one_step": [(oc["unet_forward_per_image"], mean_ci(one["metrics"][prim]))],
+                          **{m: [(p["unet_evaluations_per_image"], mean_ci(p["per_item"][prim])) for p in r["curve"]]
+                             for m, r in searches.items()}},
+               "seconds_curves": {
+                   "best_of_n": [(round(per_candidate_s * p["n"], 4), mean_ci(p["per_item"][prim])) for p in bon["curve"]],
+                   "doodl_ddim": [(round(dd["compute"]["seconds_per_image"] * p["unet_evaluations_per_image"]
+                                         / dd["curve"][-1]["unet_evaluations_per_image"], 4), mean_ci(p["per_item"][prim]))
+                                  for p in dd["curve"]],
+                   "one_step": [(oc["seconds_per_image"], mean_ci(one["metrics"][prim]))],
+                   **{m: [(p["seconds_per_image"], mean_ci(p["per_item"][prim])) for p in r["curve"]]
+                      for m, r in searches.items()}},
+               "budgets": budget_rows(val, bon, dd, one, searches, prim, steps),
                "meta": {m: t["meta"] for m, t in tests.items()}, "val_meta": val.get("meta")}
     if targets is not None:
         summary["targets"] = targets(summary)
     for r in rows:
         r.pop("per_item")
     return summary
+
+
+def _best_point(curve: list, budget: float) -> int | None:
+    """The index of the best validation point ([UNet evaluations, mean] pairs) within ``budget`` (ties: cheaper)."""
+    within = [i for i, (u, _) in enumerate(curve) if u <= budget + 1e-6]
+    return max(within, key=lambda i: (curve[i][1], -i)) if within else None
+
+
+def budget_rows(val: dict, bon: dict, dd: dict, one: dict, searches: dict, prim: str, steps: int) -> list[dict]:
+    """"Which method at which budget": for each budget of UNet evaluations per image, each method's test result at
+    the point validation chose within that budget (best-of-N: N = budget / steps; DOODL: the best iteration of its
+    validation curve within it; the search methods: their ``budget_points``; one-step when it fits), the best
+    method, and its margin over best-of-N at that budget (paired over items)."""
+    plan = (val.get("meta") or {}).get("plan") or {}
+    out = []
+    for b in plan.get("budgets", (4, 16, 64)):
+        budget = b * steps
+        cands = {}
+        n = budget // steps
+        if 1 <= n <= len(bon["curve"]):
+            cands["best_of_n"] = (f"best-of-{n}", bon["curve"][n - 1]["per_item"][prim])
+        i = _best_point(val["choices"]["doodl_ddim"].get("iteration_curve", []), budget)
+        if i is not None and i < len(dd["curve"]):
+            cands["doodl_ddim"] = (f"DOODL-DDIM ({i} it)", dd["curve"][i]["per_item"][prim])
+        if one["compute"]["unet_forward_per_image"] <= budget:
+            cands["one_step"] = ("one-step guidance", one["metrics"][prim])
+        for m, rec in searches.items():
+            j = rec.get("budget_points", {}).get(f"{budget:g}")
+            if j is not None and j < len(rec["curve"]):
+                cands[m] = (f"{m.replace('_', ' ')} (step {j + 1})", rec["curve"][j]["per_item"][prim])
+        if not cands:
+            continue
+        stats = {k: {"label": lab, **mean_ci(v)} for k, (lab, v) in cands.items()}
+        best = max(stats, key=lambda k: stats[k]["mean"])
+        entry = {"budget": budget, "methods": stats, "best": best}
+        if "best_of_n" in cands and best != "best_of_n":
+            entry["best_minus_best_of_n"] = paired(cands[best][1], cands["best_of_n"][1])
+        out.append(entry)
+    return out
 
 
 def guide_label(label: str) -> str:
@@ -610,24 +714,40 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
         ch = s["choices"]
         md += ["", "Validation choices (frozen in `" + s["name"] + "/val.json` before the test run):", ""]
         md += [f"- {m}: " + ", ".join(f"{kk} {vv:g}" if isinstance(vv, float) else f"{kk} {vv}" for kk, vv in c.items()
-                                      if kk not in ("sweep", "official_step_sweep", "iteration_curve", "n_curve"))
+                                      if kk not in ("sweep", "official_step_sweep", "iteration_curve", "n_curve",
+                                                    "val_curve", "budget_points", "setting"))
                + (f"; sweep {c.get('sweep') or c.get('official_step_sweep')}" if c.get("sweep") or c.get("official_step_sweep") else "")
                for m, c in ch.items()]
         val_fig = _validation_curves(s, out / f"{s['name']}_validation.png", k, unit, label[t["primary"]],
                                      ymax.get(s["name"], 100.0 if t["binary"] else None))
         if val_fig:
             md += ["", val_fig, "", f"![{s['name']}: validation curves]({s['name']}_validation.png)"]
-        md += ["", f"![{s['name']}: evaluator against compute]({s['name']}_compute.png)", "",
-               f"![{s['name']}: test examples]({s['name']}_examples.png)", ""]
+        md += ["", f"![{s['name']}: evaluator against compute]({s['name']}_compute.png)", ""]
+        if s.get("seconds_curves"):
+            md += [f"![{s['name']}: evaluator against seconds]({s['name']}_compute_seconds.png)", ""]
+        md += [f"![{s['name']}: test examples]({s['name']}_examples.png)", ""]
         draw_examples(out / s["name"], out / f"{s['name']}_examples.png", s)
-        cur = s["curves"]
-        series = [{"label": "best-of-N (N = 1...)", "points": [(x, m["mean"] * k, m["ci95"][0] * k, m["ci95"][1] * k) for x, m in cur["best_of_n"]]},
-                  {"label": "DOODL-DDIM (0, 1, ... it)", "points": [(x, m["mean"] * k, m["ci95"][0] * k, m["ci95"][1] * k) for x, m in cur["doodl_ddim"]]},
-                  {"label": "one-step guidance", "marker": True, "points": [(x, m["mean"] * k, m["ci95"][0] * k, m["ci95"][1] * k) for x, m in cur["one_step"]]}]
-        draw_curves(series, out / f"{s['name']}_compute.png",
-                    f"{s['name']} (test, {t['items']} items): {label[t['primary']]}, mean and 95% CI",
-                    "UNet evaluations per image (log scale; backprop'd ones counted once)", label[t["primary"]] + unit,
-                    ymax.get(s["name"], 100.0 if t["binary"] else None))
+        if s.get("budgets"):
+            md += ["", "Which method at which budget (test; each method stopped where validation chose within the "
+                   "budget; margin over best-of-N at the same budget, paired over items):", "",
+                   "| UNet evals/img | " + " | ".join(METHOD_LABELS.get(m, m) for m in _budget_methods(s)) +
+                   " | best | best − best-of-N [95% CI], sign-test p |", "|---" * (len(_budget_methods(s)) + 3) + "|"]
+            for b in s["budgets"]:
+                cells = [(_num(b["methods"][m]["mean"], k) if m in b["methods"] else "-") for m in _budget_methods(s)]
+                d = b.get("best_minus_best_of_n")
+                margin = f"{_pct(d, k)}, p = {d['sign_test']['p_two_sided']:.2g}" if d else "-"
+                md.append(f"| {b['budget']:g} | " + " | ".join(cells) + f" | {METHOD_LABELS.get(b['best'], b['best'])} | {margin} |")
+        for kind, xlabel, suffix in (("curves", "UNet evaluations per image (log scale; backprop'd ones counted once)", ""),
+                                     ("seconds_curves", "seconds per image (log scale; this run's machine)", "_seconds")):
+            cur = s.get(kind)
+            if not cur:
+                continue
+            series = [{"label": METHOD_LABELS.get(m, m) + CURVE_NOTES.get(m, ""), "marker": m == "one_step",
+                       "points": [(x, v["mean"] * k, v["ci95"][0] * k, v["ci95"][1] * k) for x, v in pts]}
+                      for m, pts in cur.items()]
+            draw_curves(series, out / f"{s['name']}_compute{suffix}.png",
+                        f"{s['name']} (test, {t['items']} items): {label[t['primary']]}, mean and 95% CI",
+                        xlabel, label[t["primary"]] + unit, ymax.get(s["name"], 100.0 if t["binary"] else None))
     atomic_write_text(str(out / "results.md"), "\n".join(md) + "\n")
     save_json(out / "results.json", {"experiments": summaries})
 
@@ -669,7 +789,7 @@ def draw_examples(exp_dir: Path, path: Path, summary: dict) -> None:
         rec, cols = part["record"], part["example_items"]
         images = load_file(str(exp_dir / "test" / f"{m}_examples.safetensors"))["images"]
         label = {"one_step": "one-step", "best_of_n": f"best-of-{rec['params'].get('n_max')}",
-                 "doodl_ddim": "DOODL-DDIM"}.get(m, SUBSET_METHODS.get(m, m))
+                 "doodl_ddim": "DOODL-DDIM"}.get(m, SUBSET_METHODS.get(m, METHOD_LABELS.get(m, m)))
         if labels is None:  # the columns: the first method's example items (a full-test method)
             t = part["task"]
             keys = [tuple(k) for k in part["example_keys"]]
@@ -715,11 +835,40 @@ def readme_table(summaries: list[dict], source: str) -> str:
     return "\n".join(lines + ["", README_END])
 
 
-def update_readme(path: Path, table: str) -> None:
-    """Replace the generated block of ``path`` (between the markers) with ``table``."""
+BUDGET_BEGIN, BUDGET_END = "<!-- budget-table:begin (generated) -->", "<!-- budget-table:end -->"
+
+
+def readme_budget_table(summaries: list[dict], source: str) -> str:
+    """The README's "which method at which budget" table: per experiment and budget, the best method on test (each
+    method stopped where validation chose within the budget) and its margin over best-of-N at that budget."""
+    lines = [BUDGET_BEGIN, "",
+             f"Generated from [`{source}`]({source}) by `shapes_eval.py --stage report --readme README.md`.", "",
+             "| experiment: evaluator's measure | UNet evals per image | best method (setting) | its result [95% CI] | "
+             "best-of-N at that budget | best − best-of-N [paired 95% CI], sign-test p | methods compared |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        if "incomplete" in s or not s.get("budgets"):
+            continue
+        t = s["task"]
+        k = 100.0 if t["binary"] else 1.0
+        label = next(d["label"] for d in t["metrics"] if d["name"] == t["primary"])
+        for b in s["budgets"]:
+            best = b["methods"][b["best"]]
+            bon = b["methods"].get("best_of_n")
+            d = b.get("best_minus_best_of_n")
+            lines.append(f"| {s['name']}: {label}{', %' if t['binary'] else ''} | {b['budget']:g} | "
+                         f"{METHOD_LABELS.get(b['best'], b['best'])} ({best['label']}) | {_pct(best, k)} | "
+                         f"{_pct(bon, k) + ' (' + bon['label'] + ')' if bon else '-'} | "
+                         f"{(_pct(d, k) + ', p = ' + format(d['sign_test']['p_two_sided'], '.2g')) if d else '-'} | "
+                         f"{len(b['methods'])} |")
+    return "\n".join(lines + ["", BUDGET_END])
+
+
+def update_readme(path: Path, table: str, begin: str = README_BEGIN, end: str = README_END) -> None:
+    """Replace the generated block of ``path`` (between the markers ``begin`` ... ``end``) with ``table``."""
     text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{path} has no generated-table markers ({README_BEGIN} ... {README_END})")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
+    if begin not in text or end not in text:
+        raise ValueError(f"{path} has no generated-table markers ({begin} ... {end})")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     atomic_write_text(str(path), head + table + tail)

@@ -118,7 +118,7 @@ def draw_curves(series: list[dict], path: str | Path, title: str, xlabel: str, y
                 d.text((px(x) - 8, y1 + 6), f"{x:g}", fill=(0, 0, 0), font=fs)
     d.text(((x0 + x1) // 2 - 80, height - 22), xlabel, fill=(0, 0, 0), font=f)
     d.text((x0 + 4, y0 - 16), ylabel, fill=(60, 60, 60), font=fs)
-    colours = SERIES_COLOURS + [(204, 0, 0), (117, 80, 123)]
+    colours = SERIES_COLOURS + [(204, 0, 0), (117, 80, 123), (0, 150, 150), (160, 110, 0), (230, 90, 170)]
     for k, s in enumerate(series):
         c = colours[k % len(colours)]
         pts = [(px(x), py(m), py(lo), py(hi)) for x, m, lo, hi in s["points"] if x > 0]
