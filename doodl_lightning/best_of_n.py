@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_counts, check_fresh_noise
 from .data import Item, initial_noise, step_generator
 from .selection import SelectionSearch
 
@@ -31,10 +32,8 @@ class BestOfN(SelectionSearch):
     """
 
     def __init__(self, candidates: int = 16, **kwargs):
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
-        if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
-            raise ValueError("best-of-N samples whole chains from fresh noise: drop opt_t and source_image")
+        check_counts(candidates=candidates)
+        check_fresh_noise(kwargs, "best-of-N")
         super().__init__(**kwargs)
         self.candidates = self.rounds = candidates
 

@@ -14,3 +14,16 @@ def check_finite(**values) -> None:
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}: give a number (or leave it unset for "
                              "the default)")
+
+
+def check_counts(**values) -> None:
+    """``ValueError`` naming the first of ``values`` (``name=value``) that is not an integer >= 1 (a bool is not)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_fresh_noise(settings: dict, method: str) -> None:
+    """A search that samples whole chains from fresh noise cannot edit an image or optimise only a chain's tail."""
+    if settings.get("opt_t") is not None or settings.get("source_image") is not None:
+        raise ValueError(f"{method} samples whole chains from fresh noise: drop opt_t and source_image")

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .best_of_n import candidate_noise
+from .checks import check_counts, check_fresh_noise
 from .data import step_generator
 from .objective import Evaluation, concat_evaluations, reward_loss
 from .particles import FKResampler, check_fk, fk_sample, resampling_steps
@@ -34,10 +35,8 @@ class FKSteering(SelectionSearch):
                  resample_every: int = 5, resample_start: int = 5, resample_end: int | None = None,
                  adaptive_resampling: bool = False, runs: int = 1, **kwargs):
         check_fk(particles, potential, lmbda, eta, resample_every)
-        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-            raise ValueError(f"runs must be an integer >= 1, got {runs!r}")
-        if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
-            raise ValueError("FK steering samples whole chains from fresh noise: drop opt_t and source_image")
+        check_counts(runs=runs)
+        check_fresh_noise(kwargs, "FK steering")
         if kwargs.get("sampler") not in (None, "ddim"):
             raise ValueError(f"FK steering runs a stochastic DDIM chain (eta): set model.sampler: ddim, not "
                              f"{kwargs['sampler']!r}")

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .checks import check_counts
 from .sampling.schedule import Schedule
 
 POTENTIALS = ("diff", "max", "add", "rt")
@@ -31,8 +32,7 @@ POTENTIALS = ("diff", "max", "add", "rt")
 
 def check_fk(particles: int, potential: str, lmbda: float, eta: float, resample_every: int) -> None:
     """One-line errors for FK steering's settings, before any model loads."""
-    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-        raise ValueError(f"particles must be an integer >= 1, got {particles!r}")
+    check_counts(particles=particles, resample_every=resample_every)
     if potential not in POTENTIALS:
         raise ValueError(f"unknown potential {potential!r}; choose one of {', '.join(POTENTIALS)}")
     if not math.isfinite(lmbda) or lmbda < 0:
@@ -40,8 +40,6 @@ def check_fk(particles: int, potential: str, lmbda: float, eta: float, resample_
     if not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (1: DDPM-like, 0: deterministic DDIM, so resampled copies stay "
                          f"identical), got {eta!r}")
-    if isinstance(resample_every, bool) or not isinstance(resample_every, int) or resample_every < 1:
-        raise ValueError(f"resample_every must be an integer >= 1, got {resample_every!r}")
 
 
 def resampling_steps(steps: int, every: int, start: int, end: int | None) -> list[int]:

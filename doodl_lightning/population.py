@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 from .best_of_n import candidate_noise
+from .checks import check_counts, check_fresh_noise
 from .data import step_generator
 from .module import DOODL
 from .objective import Evaluation, concat_evaluations, reward_loss
 from .optim import masked_step
 from .precision import amp_unscale_cancelled
-from .zero_order import neighbour
+from .zero_order import check_radius, neighbour
 
 
 class PopulationDOODL(DOODL):
@@ -30,14 +31,9 @@ class PopulationDOODL(DOODL):
     """
 
     def __init__(self, members: int = 4, exchange_every: int = 2, radius: float = 0.5, **kwargs):
-        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
-            raise ValueError(f"members must be an integer >= 1, got {members!r}")
-        if isinstance(exchange_every, bool) or not isinstance(exchange_every, int) or exchange_every < 1:
-            raise ValueError(f"exchange_every must be an integer >= 1, got {exchange_every!r}")
-        if not radius > 0 or radius == float("inf"):
-            raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
-        if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
-            raise ValueError("population DOODL samples whole chains from fresh noise: drop opt_t and source_image")
+        check_counts(members=members, exchange_every=exchange_every)
+        check_radius(radius)
+        check_fresh_noise(kwargs, "population DOODL")
         super().__init__(**kwargs)
 
     def setup(self, stage: str) -> None:

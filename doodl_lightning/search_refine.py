@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .best_of_n import candidate_noise
+from .checks import check_counts, check_fresh_noise
 from .module import DOODL
 
 
@@ -20,10 +21,8 @@ class SearchThenRefine(DOODL):
     """
 
     def __init__(self, candidates: int = 8, **kwargs):
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
-        if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
-            raise ValueError("search then refine samples whole chains from fresh noise: drop opt_t and source_image")
+        check_counts(candidates=candidates)
+        check_fresh_noise(kwargs, "search then refine")
         super().__init__(**kwargs)
 
     def setup(self, stage: str) -> None:

@@ -7,7 +7,13 @@ import torch
 from torch import Tensor
 
 from .best_of_n import candidate_noise
+from .checks import check_counts, check_fresh_noise
 from .selection import SelectionSearch
+
+
+def check_radius(radius: float) -> None:
+    if not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"radius must be a finite number > 0 (the neighbourhood's size), got {radius!r}")
 
 
 def neighbour(pivot: Tensor, direction: Tensor, radius: float) -> Tensor:
@@ -33,12 +39,9 @@ class ZeroOrderSearch(SelectionSearch):
     """
 
     def __init__(self, neighbours: int = 4, radius: float = 0.5, **kwargs):
-        if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
-            raise ValueError(f"neighbours must be an integer >= 1, got {neighbours!r}")
-        if not math.isfinite(radius) or radius <= 0:
-            raise ValueError(f"radius must be a finite number > 0 (the neighbourhood's size), got {radius!r}")
-        if kwargs.get("opt_t") is not None or kwargs.get("source_image") is not None:
-            raise ValueError("zero-order search samples whole chains from noise: drop opt_t and source_image")
+        check_counts(neighbours=neighbours)
+        check_radius(radius)
+        check_fresh_noise(kwargs, "zero-order search")
         super().__init__(**kwargs)
 
     def setup(self, stage: str) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Callback
 
 from doodl_lightning.data import step_generator
 from doodl_lightning.particles import FKResampler, ddim_eta_step, resampling_steps
 from official_fk import FKD, fk_denoising_loop
+from test_noise_search import StopAfter
 
 
 def _rewards(steps: int, k: int, seed: int, scale: float = 0.3) -> torch.Tensor:
@@ -164,17 +164,6 @@ def test_fk_steering_without_resampling_is_best_of_k(tiny_pipeline_dir):
     winners = losses.argmin(0)
     for j in range(len(fk.local_items)):
         assert torch.equal(start[j], bon.candidate(int(winners[j]))[j, 0])
-
-
-class StopAfter(Callback):
-    """Ends the fit after ``steps`` steps, as a kill would."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
 
 
 def _trainer(steps: int, root, callbacks=()):

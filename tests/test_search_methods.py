@@ -7,7 +7,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from test_particles import StopAfter, _trainer
+from test_noise_search import StopAfter
+from test_particles import _trainer
 
 PROMPTS = ["a red circle", "a blue square"]
 

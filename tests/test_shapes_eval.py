@@ -241,7 +241,7 @@ def test_committed_results_hold_the_protocol_and_the_readme_table_is_generated_f
     """Issue 14's verification: >= 256 vocabulary test items, paired intervals, frozen validation choices, and
     the README's table equal to what the report stage generates from the committed results."""
     sys.path.insert(0, str(SCRIPT.parent))
-    from compare import readme_table
+    from compare import readme_budget_table, readme_table
 
     res = json.loads((COMMITTED / "results.json").read_text())
     by = {e["name"]: e for e in res["experiments"]}
@@ -263,5 +263,9 @@ def test_committed_results_hold_the_protocol_and_the_readme_table_is_generated_f
         bon = json.loads((COMMITTED / e["name"] / "test" / "best_of_n.json").read_text())["record"]
         assert bon["params"]["n_max"] >= 64 and len(bon["curve"]) == bon["params"]["n_max"]
         assert not set(val["task"]["seeds"]) & set(e["task"]["seeds"])
-    table = readme_table(res["experiments"], "experiments/benchmarks/results/shapes/heldout/results.md")
-    assert table in (ROOT / "README.md").read_text()
+    source = "experiments/benchmarks/results/shapes/heldout/results.md"
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table(res["experiments"], source) in readme
+    # the "which method at which budget" table too, read from the methods' test curves at validation's points
+    assert readme_budget_table(res["experiments"], source) in readme
+    assert all(e.get("budgets") for e in res["experiments"] if "incomplete" not in e)
