@@ -643,7 +643,8 @@ def budget_rows(val: dict, bon: dict, dd: dict, one: dict, searches: dict, prim:
     """"Which method at which budget": for each budget of UNet evaluations per image, each method's test result at
     the point validation chose within that budget (best-of-N: N = budget / steps; DOODL: the best iteration of its
     validation curve within it; the search methods: their ``budget_points``; one-step when it fits), the best
-    method, and its margin over best-of-N at that budget (paired over items)."""
+    method, and the best method other than best-of-N (``rival``) against best-of-N at that budget (paired over
+    items), ahead or behind."""
     plan = (val.get("meta") or {}).get("plan") or {}
     out = []
     for b in plan.get("budgets", (4, 16, 64)):
@@ -651,23 +652,26 @@ def budget_rows(val: dict, bon: dict, dd: dict, one: dict, searches: dict, prim:
         cands = {}
         n = budget // steps
         if 1 <= n <= len(bon["curve"]):
-            cands["best_of_n"] = (f"best-of-{n}", bon["curve"][n - 1]["per_item"][prim])
+            cands["best_of_n"] = (f"N = {n}", bon["curve"][n - 1]["per_item"][prim])
         i = _best_point(val["choices"]["doodl_ddim"].get("iteration_curve", []), budget)
         if i is not None and i < len(dd["curve"]):
-            cands["doodl_ddim"] = (f"DOODL-DDIM ({i} it)", dd["curve"][i]["per_item"][prim])
+            cands["doodl_ddim"] = (f"{i} it", dd["curve"][i]["per_item"][prim])
         if one["compute"]["unet_forward_per_image"] <= budget:
-            cands["one_step"] = ("one-step guidance", one["metrics"][prim])
+            cands["one_step"] = ("official", one["metrics"][prim])
         for m, rec in searches.items():
             j = rec.get("budget_points", {}).get(f"{budget:g}")
             if j is not None and j < len(rec["curve"]):
-                cands[m] = (f"{m.replace('_', ' ')} (step {j + 1})", rec["curve"][j]["per_item"][prim])
+                cands[m] = (f"{j + 1} steps", rec["curve"][j]["per_item"][prim])
         if not cands:
             continue
         stats = {k: {"label": lab, **mean_ci(v)} for k, (lab, v) in cands.items()}
         best = max(stats, key=lambda k: stats[k]["mean"])
         entry = {"budget": budget, "methods": stats, "best": best}
-        if "best_of_n" in cands and best != "best_of_n":
-            entry["best_minus_best_of_n"] = paired(cands[best][1], cands["best_of_n"][1])
+        others = [k for k in stats if k != "best_of_n"]
+        if "best_of_n" in cands and others:  # the best method that is not best-of-N, against it (ahead or behind)
+            rival = max(others, key=lambda k: stats[k]["mean"])
+            entry["rival"] = rival
+            entry["rival_minus_best_of_n"] = paired(cands[rival][1], cands["best_of_n"][1])
         out.append(entry)
     return out
 
@@ -731,11 +735,13 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
             md += ["", "Which method at which budget (test; each method stopped where validation chose within the "
                    "budget; margin over best-of-N at the same budget, paired over items):", "",
                    "| UNet evals/img | " + " | ".join(METHOD_LABELS.get(m, m) for m in _budget_methods(s)) +
-                   " | best | best − best-of-N [95% CI], sign-test p |", "|---" * (len(_budget_methods(s)) + 3) + "|"]
+                   " | best | best other than best-of-N − best-of-N [95% CI], sign-test p |",
+                   "|---" * (len(_budget_methods(s)) + 3) + "|"]
             for b in s["budgets"]:
                 cells = [(_num(b["methods"][m]["mean"], k) if m in b["methods"] else "-") for m in _budget_methods(s)]
-                d = b.get("best_minus_best_of_n")
-                margin = f"{_pct(d, k)}, p = {d['sign_test']['p_two_sided']:.2g}" if d else "-"
+                d = b.get("rival_minus_best_of_n")
+                margin = (f"{METHOD_LABELS.get(b['rival'], b['rival'])}: {_pct(d, k)}, p = "
+                          f"{d['sign_test']['p_two_sided']:.2g}") if d else "-"
                 md.append(f"| {b['budget']:g} | " + " | ".join(cells) + f" | {METHOD_LABELS.get(b['best'], b['best'])} | {margin} |")
         for kind, xlabel, suffix in (("curves", "UNet evaluations per image (log scale; backprop'd ones counted once)", ""),
                                      ("seconds_curves", "seconds per image (log scale; this run's machine)", "_seconds")):
@@ -843,8 +849,9 @@ def readme_budget_table(summaries: list[dict], source: str) -> str:
     method stopped where validation chose within the budget) and its margin over best-of-N at that budget."""
     lines = [BUDGET_BEGIN, "",
              f"Generated from [`{source}`]({source}) by `shapes_eval.py --stage report --readme README.md`.", "",
-             "| experiment: evaluator's measure | UNet evals per image | best method (setting) | its result [95% CI] | "
-             "best-of-N at that budget | best − best-of-N [paired 95% CI], sign-test p | methods compared |",
+             "| experiment: evaluator's measure | UNet evals per image | best method (its stopping point) | its result "
+             "[95% CI] | best-of-N at that budget | best other method − best-of-N [paired 95% CI], sign-test p | "
+             "methods compared |",
              "|---|---|---|---|---|---|---|"]
     for s in summaries:
         if "incomplete" in s or not s.get("budgets"):
@@ -855,12 +862,12 @@ def readme_budget_table(summaries: list[dict], source: str) -> str:
         for b in s["budgets"]:
             best = b["methods"][b["best"]]
             bon = b["methods"].get("best_of_n")
-            d = b.get("best_minus_best_of_n")
+            d = b.get("rival_minus_best_of_n")
+            rival = (f"{METHOD_LABELS.get(b['rival'], b['rival'])} ({b['methods'][b['rival']]['label']}): {_pct(d, k)}, "
+                     f"p = {d['sign_test']['p_two_sided']:.2g}") if d else "-"
             lines.append(f"| {s['name']}: {label}{', %' if t['binary'] else ''} | {b['budget']:g} | "
                          f"{METHOD_LABELS.get(b['best'], b['best'])} ({best['label']}) | {_pct(best, k)} | "
-                         f"{_pct(bon, k) + ' (' + bon['label'] + ')' if bon else '-'} | "
-                         f"{(_pct(d, k) + ', p = ' + format(d['sign_test']['p_two_sided'], '.2g')) if d else '-'} | "
-                         f"{len(b['methods'])} |")
+                         f"{_pct(bon, k) + ' (' + bon['label'] + ')' if bon else '-'} | {rival} | {len(b['methods'])} |")
     return "\n".join(lines + ["", BUDGET_END])
 
 
