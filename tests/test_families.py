@@ -352,6 +352,28 @@ def test_a_training_steps_evaluation_for_the_slow_fits(models, case):
     assert ev.images.shape == (1, 3, 16, 16) and torch.allclose(ev.images, ref, atol=1e-5)
 
 
+def test_sdxl_turbo_rank_items_are_conditioned_as_in_one_process(models):
+    """The default-suite twin of the two-process SDXL-Turbo test (``test_ddp`` runs two processes on SD): a rank's
+    items bound alone get exactly the rows of the one-process batch's conditioning, SDXL's added embeddings
+    (pooled text, size and crop ids) included, and the same initial noise; so they start and step alike."""
+    from doodl_lightning.data import shard
+    from doodl_lightning.guidance import SymmetryGuidance
+    from doodl_lightning.module import DOODL
+
+    m = DOODL(model=models["sdxl-turbo"], prompts=["a red circle", "a blue square"], seeds=[0, 1, 2], steps=1,
+              guidance_scale=1.0, guidance=[SymmetryGuidance()]).prepare("cpu")
+    whole, noise = m.chain.cond, m.latents.detach().clone()
+    assert whole.added, "SDXL's added conditioning is what this test is for"
+    for rank in (0, 1):
+        mine = shard(m.items, rank, 2)
+        rows = [m.items.index(it) for it in mine]
+        m.chain.bind(mine)
+        assert torch.equal(m.chain.cond.hidden, whole.hidden[rows])
+        assert all(torch.equal(m.chain.cond.added[k], v[rows]) for k, v in whole.added.items())
+        assert torch.equal(m.chain.start.noise(mine, m.latent_shape)[0], noise[rows])
+
+
+@pytest.mark.slow  # fast twin: test_sdxl_turbo_rank_items_are_conditioned_as_in_one_process
 def test_sdxl_turbo_two_processes_equal_one_process(models, write_config):
     """DDP over seeds for a new family: every item ends exactly where a one-process run leaves it."""
     tmp = models["tmp"]
