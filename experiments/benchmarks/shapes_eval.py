@@ -85,10 +85,12 @@ MODES = {
     "full": dict(vocab=((16, 16), (8, 4)), other=((8, 12), (4, 6)), aesthetic=((12, 8), (6, 4)),
                  variants=("vocab", "aesthetic"), plan=Plan()),
     "quick": dict(vocab=((4, 2), (4, 1)), other=((2, 2), (2, 1)), aesthetic=((2, 2), (2, 1)), variants=("vocab",),
+                  search=("vocab",),
                   plan=Plan(steps=5, cfgs=(2.5,), scales=(0.3, 3.0), doodl_steps=(0.1,), iters=3, iters_max=5,
                             n_max=8, val_n_max=None, paper_steps=10, num_cuts=2, extras_items=4, paper_items=2,
-                            val_extras_items=2, fk_lmbdas=(1.0, 10.0), fk_particles=2, zo_radii=(0.5,),
-                            refine_candidates=(2,), population_members=(2,), eot_samples=(2,), budgets=(2, 8))),
+                            val_extras_items=2, fk_particles=2, zo_radii=(0.5,),
+                            refine_candidates=(2,), population_members=(2,), eot_samples=(2,), budgets=(2, 8),
+                            fk_lmbdas=(10.0,))),
     "tiny": dict(vocab=((2, 2), (2, 1)), other=((1, 2), (1, 1)), aesthetic=((1, 2), (1, 1)),
                  plan=Plan(steps=2, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.1,), adam_lrs=(0.03,),
                            sgd_lrs=(1.0,), iters=2, iters_max=3, n_max=4, val_n_max=None, paper_steps=4, num_cuts=2,
@@ -555,7 +557,9 @@ def main(argv=None) -> int:
             log(f"== {name} validation: {len(task.prompts)} prompts x {len(task.seeds)} seeds", flush=True)
             t = time.time()
             # the subset variants (EDICT, cutouts, EDICT at the paper's steps): where the mode and --no-variants allow
-            v = validate(runner, task, plan, extras=not a.no_variants and name in mode.get("variants", EXPERIMENTS))
+            # the search methods: where the mode runs them (--quick: vocabulary only, to stay within its minutes)
+            p = Plan(**{**plan.__dict__, "search": plan.search and name in mode.get("search", EXPERIMENTS)})
+            v = validate(runner, task, p, extras=not a.no_variants and name in mode.get("variants", EXPERIMENTS))
             save_json(exp_dir / "val.json", {"task": task_info(task), "meta": {**meta(), "seconds": round(time.time() - t, 1)}, **v})
         if a.stage in ("test", "all"):
             if not (exp_dir / "val.json").is_file():
