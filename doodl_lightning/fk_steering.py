@@ -95,8 +95,8 @@ class FKSteering(SelectionSearch):
                                     self.reward(rows), resampler, self.at, hp.eta, noise,
                                     [step_generator(it, r, stream=6) for it in items])
         ev = self.score(final, rows)
-        best = ev.reward.view(len(idx), k).argmin(dim=1)  # the best final particle of each item
-        pick = torch.arange(len(idx)) * k + best.cpu()
+        best = ev.reward.view(len(idx), k).argmin(dim=1).cpu()  # the best final particle of each item
+        pick = torch.arange(len(idx)) * k + best
         chosen = Evaluation(ev.total[pick], {n: v[pick] for n, v in ev.terms.items()}, ev.images[pick],
                             metrics={n: v[pick] for n, v in ev.metrics.items()}, reward=ev.reward[pick])
         start = x_T.view(len(idx), k, *x_T.shape[1:])[torch.arange(len(idx)), ancestor[torch.arange(len(idx)), best]]
