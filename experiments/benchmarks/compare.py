@@ -698,14 +698,18 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
                f"Test: {t['items']} items ({len(t['prompts'])} prompts x {len(t['seeds'])} seeds); validation on "
                "other seeds and other prompts (or other targets), every choice below frozen before the test run.", "",
                f"| method | setting | items | {label[t['primary']]}{unit} [95% CI] | {guide_label(label[t['guide_metric']])}{unit} "
-               "| other evaluator measures | UNet evals/img (backprop'd) | guidance evals/img | s/img |",
-               "|---|---|---|---|---|---|---|---|---|"]
+               "| guide − evaluator (points) | other evaluator measures | UNet evals/img (backprop'd) | guidance evals/img "
+               "| s/img |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             other = ", ".join(f"{label.get(m, m)} {_num(v, 100.0 if d['percent'] else 1.0)}"
                               for m, v in r["other"].items() for d in t["metrics"] if d["name"] == m)
             c = r["compute"]
+            # how far the guide's verdict runs ahead of the evaluator's (rates only: the same units); a method that
+            # fools its guide shows a large gap
+            gap = f"{(r['guide']['mean'] - r['primary']['mean']) * 100:+.1f}" if t["binary"] else "-"
             md.append(f"| {r['label']} | {r['setting']} | {r['items']} | {_pct(r['primary'], k)} | "
-                      f"{_num(r['guide']['mean'], k)} | {other or '-'} | {c['unet']:g} ({c['backprop']:g}) | "
+                      f"{_num(r['guide']['mean'], k)} | {gap} | {other or '-'} | {c['unet']:g} ({c['backprop']:g}) | "
                       f"{c['guidance']:g} | {c['seconds']:.3f} |")
         md += ["", "Paired differences over items (mean [95% paired bootstrap CI]; exact two-sided sign test):", "",
                "| difference | mean [95% CI] | first better / second better / ties | sign-test p |", "|---|---|---|---|"]
