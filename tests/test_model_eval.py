@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,3 +70,21 @@ def test_tiny_model_comparison_from_yaml(tmp_path, tiny_pipeline_dir, tiny_clip)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(path), "--out", str(tmp_path / "o2")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "val and test share 1 (prompt, seed) items" in proc.stderr
+
+
+def test_the_runner_samples_on_the_plans_grid(tmp_path):
+    """``Plan.timestep_grid`` reaches every method's chain: null is the model's own grid (a trailing one-step model
+    such as SD-Turbo starts at t = 999), "official" the official DOODL grid (one step: t = 0, no image), so the
+    SD-Turbo comparison config runs on the grid its model was distilled for."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from compare import Plan, Runner, Task
+
+    from doodl_lightning.families import resolve_backbone
+    from doodl_lightning.guidance import SymmetryGuidance
+    from doodl_lightning.testing.families import tiny_model
+
+    backbone = resolve_backbone(tiny_model("sd-turbo", tmp_path), None, None, False, None)
+    task = Task("t", "val", ["a circle"], [0], lambda n: SymmetryGuidance(), None, "m", "m", [])
+    own = Runner(backbone, torch.device("cpu"), 1, Plan(timestep_grid=None).timestep_grid).module(task)
+    assert own.chain.schedule.timesteps == (999,)
+    assert Runner(backbone, torch.device("cpu"), 1).module(task).chain.schedule.timesteps == (0,)

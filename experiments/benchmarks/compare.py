@@ -77,8 +77,8 @@ class Trajectory(Callback):
 class Runner:
     """Runs the methods on tasks with one shared backbone (loaded once) on one device."""
 
-    def __init__(self, backbone, device: torch.device, steps: int):
-        self.backbone, self.device, self.steps = backbone, device, steps
+    def __init__(self, backbone, device: torch.device, steps: int, grid: str | None = "official"):
+        self.backbone, self.device, self.steps, self.grid = backbone, device, steps, grid
         self.counter = UNetCounter(backbone.unet)
         self.references: dict[tuple, torch.Tensor] = {}  # (task, split, cfg) -> unguided images
 
@@ -86,7 +86,7 @@ class Runner:
         kw.setdefault("sampler", "ddim")
         kw.setdefault("steps", self.steps)
         return cls(model=self.backbone, prompts=task.prompts, seeds=task.seeds, guidance=[task.guidance(num_cuts)],
-                   timestep_grid="official", mix_weight=0.93, **kw)
+                   timestep_grid=self.grid, mix_weight=0.93, **kw)
 
     def _fit(self, module, steps: int, callbacks):
         import lightning
@@ -271,6 +271,8 @@ class Plan:
     """What is swept on validation and what runs on test. Sizes come from the mode (``shapes_eval.MODES``)."""
 
     steps: int = 10                       # sampler steps of every method (DDIM; EDICT at the same steps)
+    timestep_grid: str | None = "official"  # the time grid of every method; null: the model's own (SD-Turbo's trailing)
+    variants: bool = True                 # DOODL-EDICT, cutouts and EDICT at the paper's steps (off for 1-step models)
     cfgs: tuple = (2.5, 7.5)              # classifier-free guidance scales tried for every method
     scales: tuple = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)  # one-step grad_scale
     doodl_steps: tuple = (0.03, 0.1, 0.3)  # official update: per-iteration bound on each element's move
@@ -396,7 +398,7 @@ def validate(runner: Runner, task: Task, plan: Plan, extras: bool = True) -> dic
 
     # the variants that go to test with DDIM's update: EDICT (same steps), cutouts; iterations from their own
     # curves, run as far as DDIM's chosen count (at least the sweep's)
-    if extras:
+    if extras and plan.variants:
         sub, small = subset(task, plan.val_extras_items), subset(task, max(1, plan.val_extras_items // 2))
         for key, kw2, t in (("doodl_edict", dict(sampler="edict"), sub),
                             ("doodl_ddim_cutouts", dict(num_cuts=plan.num_cuts), sub),

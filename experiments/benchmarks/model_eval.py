@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     exp_dir = out / init.name
     if init.stage != "report":
         backbone = resolve_backbone(init.model, None, None, False) if isinstance(init.model, str) else init.model
-        runner = Runner(backbone.to(device), device, plan.steps)
+        runner = Runner(backbone.to(device), device, plan.steps, plan.timestep_grid)
         if init.stage in ("val", "all"):
             task = build_task(init.name, "val", init.val, init.guidance, init.metrics, device)
             save_json(exp_dir / "val.json", {"task": task_info(task), "meta": meta(), **validate(runner, task, plan)})
