@@ -6,6 +6,14 @@ calls ``doodl_lightning.testing.tiny.save_tiny_pipeline`` itself.
 """
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): two workers on two cores, one thread each -- with torch's default of one
+    # thread per core each worker would oversubscribe the CPU. Set before torch is imported, so every process a test
+    # starts inherits the same count (bitwise comparisons of in-process and subprocess results need it).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from pathlib import Path
 from typing import NamedTuple
 
