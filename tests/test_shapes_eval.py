@@ -75,7 +75,7 @@ def check_outputs(out: Path, variants=EXPERIMENTS, searched=EXPERIMENTS) -> dict
         assert not test_items & val_items and not set(e["task"]["seeds"]) & set(val["task"]["seeds"])
         # every method's knobs chosen on validation, and every validation run kept
         variant_keys = {"doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps"}
-        search = {"fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot"}
+        search = {"fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot", "doodl_margin"}
         if name not in searched:
             search = set()
         assert set(val["choices"]) == {"one_step", "best_of_n", "doodl_ddim"} | search | (variant_keys if name in variants else set())
@@ -197,6 +197,44 @@ def test_search_methods_curves_count_compute_and_keep_what_each_method_keeps(tin
         if name in ("fk_steering", "zero_order"):
             older += sum(q != s for s, pick in enumerate(rec["kept"]) for q in pick)
     assert older, "no selection kept an earlier proposal: the test would not see a selection that keeps the latest"
+
+
+def test_margin_stop_freezes_each_item_once_its_guide_loss_reaches_the_threshold(tiny_pipeline_dir):
+    """DOODL + margin stop in the protocol: an item whose guide loss reaches ``stop_at`` stops (its update at that
+    step already made, so from the next step it shows one image); until then it is DOODL's run, step for step; with
+    no item ever stopping it is DOODL; the fit ends when every item has stopped, its compute counted to there."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from compare import Runner, Task
+    from search_methods import run_search
+
+    from doodl_lightning.families import resolve_backbone
+    from doodl_lightning.guidance import SymmetryGuidance
+
+    def verdict(images, items, reference=None):
+        score = [float(-(im - im.flip(-1)).abs().mean()) for im in images]
+        return {"sym": score, "guide": score}, [s > -0.1 for s in score], [f"{s:.3f}" for s in score]
+
+    task = Task("t", "val", ["a red circle", "a blue square"], [0], lambda n: SymmetryGuidance(), verdict, "sym",
+                "guide", [])
+    runner = Runner(resolve_backbone(tiny_pipeline_dir, None, None, False, None), torch.device("cpu"), 2)
+    update = {"update_rule": "official", "step": 0.1}
+    never = run_search(runner, task, "doodl_margin", 3.0, 10, {"stop_at": -1e9}, update)
+    free = never["step_losses"]  # (5 steps, 2 items): DOODL's own run
+    assert len(free) == 5 and all(q == [s] * 2 for s, q in enumerate(never["kept"]))
+    stop_at = free[1][0]  # item 0 reaches it by step 1
+    rec = run_search(runner, task, "doodl_margin", 3.0, 10, {"stop_at": stop_at}, update)
+    losses = rec["step_losses"]
+    for i in range(2):
+        hit = next((s for s, row in enumerate(losses) if row[i] <= stop_at), None)
+        last = len(losses) if hit is None else hit + 1
+        n = min(last + 1, len(losses))
+        assert [row[i] for row in losses[:n]] == [row[i] for row in free[:n]]  # DOODL until it stops
+        assert all(row[i] == losses[last][i] for row in losses[last:]), (i, hit)  # then frozen
+    assert losses[0][0] > stop_at and any(row[0] <= stop_at for row in losses[:2])
+    stopped_all = all(any(row[i] <= stop_at for row in losses) for i in range(2))
+    assert len(losses) == (min(max(next(s for s, r in enumerate(losses) if r[i] <= stop_at) for i in range(2)) + 1, 5)
+                           if stopped_all else 5)
+    assert [p["unet_evaluations_per_image"] for p in rec["curve"]] == [2 * 2 * (s + 1) for s in range(len(losses))]
 
 
 def test_sign_test_and_paired_interval():

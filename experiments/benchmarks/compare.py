@@ -300,6 +300,7 @@ class Plan:
     population_members: tuple = (2, 4)
     population_exchange_every: int = 2
     eot_samples: tuple = (4,)             # DOODL + EOT guide: transformed copies per image
+    margin_stops: tuple = (0.1, 0.5)      # DOODL + margin stop: guide-loss thresholds (classifier: -log p*, p* 0.9 / 0.6)
     budgets: tuple = (4, 16, 64)          # the budget table's budgets, in chains per image (x steps = UNet evaluations)
 
 
@@ -424,7 +425,7 @@ def subset(task: Task, n_items: int) -> Task:
                 task.guide_metric, task.metrics, task.binary, task.info)
 
 
-SEARCH_METHODS = ("fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot")  # search_methods.py
+SEARCH_METHODS = ("fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot", "doodl_margin")  # search_methods.py
 TEST_METHODS = ("one_step", "best_of_n", "doodl_ddim", "doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps",
                 *SEARCH_METHODS)
 
@@ -486,7 +487,8 @@ def save_test(out: Path, task: Task, method: str, rec: dict, meta: dict, n_examp
 # ------------------------------------------------------------------------------------------------ report
 METHOD_LABELS = {"best_of_n": "best-of-N", "doodl_ddim": "DOODL-DDIM", "one_step": "one-step guidance",
                  "fk_steering": "FK steering", "zero_order": "zero-order search", "search_refine": "search then refine",
-                 "population_doodl": "population DOODL", "doodl_eot": "DOODL + EOT guide"}
+                 "population_doodl": "population DOODL", "doodl_eot": "DOODL + EOT guide",
+                 "doodl_margin": "DOODL + margin stop"}
 CURVE_NOTES = {"best_of_n": " (N = 1...)", "doodl_ddim": " (0, 1, ... it)"}
 
 

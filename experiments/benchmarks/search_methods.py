@@ -1,5 +1,6 @@
 """The test-time search methods of issue 27 in the comparison protocol: FK steering, zero-order search, search then
-refine, population DOODL and DOODL with an expectation-over-transformations guide, each run through its
+refine, population DOODL, DOODL with an expectation-over-transformations guide and DOODL stopped per item on its
+guide's own margin (``ItemEarlyStopping(stop_at)``), each run through its
 LightningModule with a per-step record of what it shows and what it has spent (UNet evaluations, back-propagated
 ones, seconds), so every method has a curve of the evaluator's verdict against compute in both units.
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from lightning.pytorch import Callback
 
+from callbacks import ItemEarlyStopping
 from doodl_lightning.fk_steering import FKSteering
 from doodl_lightning.guidance import ExpectationOverTransforms
 from doodl_lightning.module import DOODL
@@ -74,6 +76,9 @@ METHODS = {
     "search_refine": Method("search then refine", SearchThenRefine, "doodl_ddim", "candidates", "refine_candidates", True),
     "population_doodl": Method("population DOODL", PopulationDOODL, "doodl_ddim", "members", "population_members", True),
     "doodl_eot": Method("DOODL + EOT guide", DOODL, "doodl_ddim", "samples", "eot_samples", True),
+    # an item stops (its latents frozen) once its guide loss is <= stop_at: for the classifier guide stop_at = -log p*
+    # stops at p(target) >= p*, before further steps drive the guide's confidence past what the image supports
+    "doodl_margin": Method("DOODL + margin stop", DOODL, "doodl_ddim", "stop_at", "margin_stops", True),
 }
 
 
@@ -120,6 +125,7 @@ def run_search(runner, task, name: str, cfg: float, chains: int, setting: dict, 
         kw["runs"] = steps  # one FK run per step, each item keeping its best result
     if method.gradient:
         kw.update(_update_kwargs(update))
+    kw.pop("stop_at", None)  # doodl_margin's knob is its callback's
     if name == "doodl_eot":
         samples = kw.pop("samples")
         module = runner.module(task, guidance_scale=cfg, **kw)
@@ -127,8 +133,11 @@ def run_search(runner, task, name: str, cfg: float, chains: int, setting: dict, 
     else:
         module = runner.module(task, cls=method.cls, guidance_scale=cfg, **kw)
     log = StepLog(runner.counter, 2 if cfg not in (0.0, 1.0) else 1, len(task.items))
+    callbacks = [log]
+    if name == "doodl_margin":  # patience beyond the run: only the margin stops an item (the fit ends when all have)
+        callbacks.append(ItemEarlyStopping(patience=steps + 1, stop_at=setting["stop_at"]))
     runner.counter.reset()
-    runner._fit(module, steps, [log])
+    runner._fit(module, steps, callbacks)
     ref = runner.reference(task, cfg)
     verdicts = [runner._verdicts(task, im, ref) for im in log.images]
     losses = torch.stack(log.losses)  # (steps, items)

@@ -89,18 +89,19 @@ MODES = {
                   plan=Plan(steps=5, cfgs=(2.5,), scales=(0.3, 3.0), doodl_steps=(0.1,), iters=3, iters_max=5,
                             n_max=8, val_n_max=None, paper_steps=10, num_cuts=2, extras_items=4, paper_items=2,
                             val_extras_items=2, fk_particles=2, zo_radii=(0.5,),
-                            refine_candidates=(2,), population_members=(2,), eot_samples=(2,), budgets=(2, 8),
+                            refine_candidates=(2,), population_members=(2,), eot_samples=(2,), margin_stops=(0.5,),
+                            budgets=(2, 8),
                             fk_lmbdas=(10.0,))),
     "tiny": dict(vocab=((2, 2), (2, 1)), other=((1, 2), (1, 1)), aesthetic=((1, 2), (1, 1)),
                  plan=Plan(steps=2, cfgs=(2.5,), scales=(1.0, 10.0, 100.0), doodl_steps=(0.1,), adam_lrs=(0.03,),
                            sgd_lrs=(1.0,), iters=2, iters_max=3, n_max=4, val_n_max=None, paper_steps=4, num_cuts=2,
                            extras_items=2, paper_items=2, val_extras_items=1, fk_lmbdas=(10.0,), fk_particles=2,
                            zo_radii=(0.5,), refine_candidates=(2,), population_members=(2,), eot_samples=(2,),
-                           budgets=(2, 4))),
+                           margin_stops=(0.5,), budgets=(2, 4))),
 }
 # the test parts a parallel run (--jobs) schedules per experiment, heaviest first
 TEST_PARTS = (("doodl_ddim",), ("best_of_n", "one_step"), ("doodl_edict_paper_steps",), ("doodl_edict", "doodl_ddim_cutouts"),
-              ("fk_steering", "zero_order"), ("search_refine",), ("population_doodl", "doodl_eot"))
+              ("fk_steering", "zero_order"), ("search_refine",), ("population_doodl", "doodl_eot"), ("doodl_margin",))
 VARIANTS = ("doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps")
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
 VAL_SEED_OFFSET = 5_000  # validation seeds: SEED_BASE + 5000 + i; test seeds: SEED_BASE + i
