@@ -2,6 +2,7 @@
 from .aesthetic import AestheticGuidance
 from .augment import Cutouts
 from .base import Guidance
+from .blackbox import BlackBoxReward
 from .classifier import ClassifierGuidance
 from .clip import CLIPGuidance, CLIPImageGuidance, CLIPTextGuidance, spherical_dist_loss
 from .hps import HPSGuidance
@@ -25,5 +26,6 @@ __all__ = [
     "SymmetryGuidance",
     "NoiseNormRegularizer",
     "ExpectationOverTransforms",
+    "BlackBoxReward",
     "spherical_dist_loss",
 ]
