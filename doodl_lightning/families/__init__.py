@@ -4,6 +4,8 @@
                  ``PretrainedBackbone`` (``controlnet``: loading a ``ControlNetModel``, checking it fits its base).
 ``flow``         SD3 / SD3.5 and FLUX.1, rectified-flow transformers: ``FlowBackbone``, ``PretrainedFlowBackbone``
                  (``flux_layout``: FLUX's 2x2 latent packing, position ids and velocity call).
+``qwen_image``   Qwen-Image (MMDiT flow transformer, Qwen2.5-VL text, true CFG with norm rescaling, video-style VAE):
+                 ``QwenImageBackbone``, ``PretrainedQwenImageBackbone``.
 
 ``REGISTRY`` maps the pipeline class a model's model_index.json names (``_class_name``) to the backbone class that
 loads it, as diffusers' ``AUTO_TEXT2IMAGE_PIPELINES_MAPPING`` maps names to pipelines; ``resolve_backbone`` (the
@@ -19,9 +21,11 @@ from collections import OrderedDict
 
 from ..backbone import Backbone, pipeline_class_name
 from .flow import FlowBackbone, PretrainedFlowBackbone
+from .qwen_image import PretrainedQwenImageBackbone, QwenImageBackbone
 from .sd import PretrainedBackbone, UNetBackbone
 
 __all__ = ["DEFAULT_BACKBONE", "REGISTRY", "FlowBackbone", "PretrainedBackbone", "PretrainedFlowBackbone", "UNetBackbone",
+           "PretrainedQwenImageBackbone", "QwenImageBackbone",
            "backbone_class", "resolve_backbone"]
 
 # model_index.json's _class_name -> the backbone class that loads such a model
@@ -33,6 +37,7 @@ REGISTRY: OrderedDict[str, type[Backbone]] = OrderedDict([
     ("StableDiffusionXLControlNetPipeline", PretrainedBackbone),
     ("StableDiffusion3Pipeline", PretrainedFlowBackbone),
     ("FluxPipeline", PretrainedFlowBackbone),
+    ("QwenImagePipeline", PretrainedQwenImageBackbone),
 ])
 # any other (or an unreadable) model: read as a UNet pipeline by its components; its loader says what is wrong
 DEFAULT_BACKBONE: type[Backbone] = PretrainedBackbone

@@ -18,6 +18,7 @@ import torch
 
 from . import architectures as A
 from . import flow_models as FM
+from .qwen_image_models import save_tiny_qwen_image_pipeline
 from .tiny import save_tiny_pipeline
 
 __all__ = ["SCHEDULERS", "TINY_MODELS", "TINY_MODEL_OF", "save_tiny_controlnet", "save_tiny_lcm_pipeline", "save_tiny_sd_pipeline",
@@ -127,6 +128,7 @@ TINY_MODELS: dict[str, Callable[[Path], str]] = {
     "sd3": FM.save_tiny_sd3_pipeline,  # StableDiffusion3Pipeline
     "flux-dev": FM.save_tiny_flux_pipeline,  # FluxPipeline
     "flux-schnell": lambda p: FM.save_tiny_flux_pipeline(p, seed=7, schnell=True),
+    "qwen-image": save_tiny_qwen_image_pipeline,  # QwenImagePipeline
 }
 
 # the tiny model of each pipeline class doodl_lightning.families.REGISTRY serves (one line per registry line): the
@@ -139,6 +141,7 @@ TINY_MODEL_OF: dict[str, str] = {
     "StableDiffusionXLControlNetPipeline": "controlnet-sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux-dev",
+    "QwenImagePipeline": "qwen-image",
 }
 
 _SAVED: dict[str, str] = {}
