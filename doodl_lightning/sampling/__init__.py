@@ -11,6 +11,8 @@ from .flow import (FLOW_BACKPROPS, FlowEuler, FlowSchedule, Velocity, flow_euler
                    sample_flow, sample_flow_differentiable)
 from .flow_edict import (FlowEDICT, flow_edict_invert, flow_edict_step, flow_edict_step_inverse, sample_flow_edict,
                          sample_flow_edict_differentiable)
+from .scm import SCM, sample_scm, scm_step  # noqa: F401 - registers the sampler
+from .flow_dpm import FlowDPM, sample_flow_dpm  # noqa: F401 - registers the sampler
 from .backprop import sample
 from .chains import cotangent_scaled
 from .denoiser import Control, Denoiser, Eps, check_guidance_scale
