@@ -6,6 +6,8 @@
                  (``flux_layout``: FLUX's 2x2 latent packing, position ids and velocity call).
 ``qwen_image``   Qwen-Image (MMDiT flow transformer, Qwen2.5-VL text, true CFG with norm rescaling, video-style VAE):
                  ``QwenImageBackbone``, ``PretrainedQwenImageBackbone``.
+``sana``         SANA (flow, DPM-Solver, true CFG) and SANA-Sprint (sCM 1-4 steps, guidance embedding), Gemma-2 text with
+                 the complex human instruction, DC-AE: ``SanaBackbone``, ``SanaSprintBackbone`` (+ ``Pretrained*``).
 
 ``REGISTRY`` maps the pipeline class a model's model_index.json names (``_class_name``) to the backbone class that
 loads it, as diffusers' ``AUTO_TEXT2IMAGE_PIPELINES_MAPPING`` maps names to pipelines; ``resolve_backbone`` (the
@@ -22,10 +24,12 @@ from collections import OrderedDict
 from ..backbone import Backbone, pipeline_class_name
 from .flow import FlowBackbone, PretrainedFlowBackbone
 from .qwen_image import PretrainedQwenImageBackbone, QwenImageBackbone
+from .sana import PretrainedSanaBackbone, PretrainedSanaSprintBackbone, SanaBackbone, SanaSprintBackbone
 from .sd import PretrainedBackbone, UNetBackbone
 
 __all__ = ["DEFAULT_BACKBONE", "REGISTRY", "FlowBackbone", "PretrainedBackbone", "PretrainedFlowBackbone", "UNetBackbone",
            "PretrainedQwenImageBackbone", "QwenImageBackbone",
+           "PretrainedSanaBackbone", "PretrainedSanaSprintBackbone", "SanaBackbone", "SanaSprintBackbone",
            "backbone_class", "resolve_backbone"]
 
 # model_index.json's _class_name -> the backbone class that loads such a model
@@ -38,6 +42,8 @@ REGISTRY: OrderedDict[str, type[Backbone]] = OrderedDict([
     ("StableDiffusion3Pipeline", PretrainedFlowBackbone),
     ("FluxPipeline", PretrainedFlowBackbone),
     ("QwenImagePipeline", PretrainedQwenImageBackbone),
+    ("SanaPipeline", PretrainedSanaBackbone),
+    ("SanaSprintPipeline", PretrainedSanaSprintBackbone),
 ])
 # any other (or an unreadable) model: read as a UNet pipeline by its components; its loader says what is wrong
 DEFAULT_BACKBONE: type[Backbone] = PretrainedBackbone

@@ -19,6 +19,7 @@ import torch
 from . import architectures as A
 from . import flow_models as FM
 from .qwen_image_models import save_tiny_qwen_image_pipeline
+from .sana_models import save_tiny_sana_pipeline, save_tiny_sana_sprint_pipeline
 from .tiny import save_tiny_pipeline
 
 __all__ = ["SCHEDULERS", "TINY_MODELS", "TINY_MODEL_OF", "save_tiny_controlnet", "save_tiny_lcm_pipeline", "save_tiny_sd_pipeline",
@@ -129,6 +130,8 @@ TINY_MODELS: dict[str, Callable[[Path], str]] = {
     "flux-dev": FM.save_tiny_flux_pipeline,  # FluxPipeline
     "flux-schnell": lambda p: FM.save_tiny_flux_pipeline(p, seed=7, schnell=True),
     "qwen-image": save_tiny_qwen_image_pipeline,  # QwenImagePipeline
+    "sana": save_tiny_sana_pipeline,  # SanaPipeline (DPM-Solver++ on flow sigmas, true CFG)
+    "sana-sprint": save_tiny_sana_sprint_pipeline,  # SanaSprintPipeline (SCM, guidance embedding)
 }
 
 # the tiny model of each pipeline class doodl_lightning.families.REGISTRY serves (one line per registry line): the
@@ -142,6 +145,8 @@ TINY_MODEL_OF: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux-dev",
     "QwenImagePipeline": "qwen-image",
+    "SanaPipeline": "sana",
+    "SanaSprintPipeline": "sana-sprint",
 }
 
 _SAVED: dict[str, str] = {}
