@@ -4,6 +4,8 @@
                  ``PretrainedBackbone`` (``controlnet``: loading a ``ControlNetModel``, checking it fits its base).
 ``flow``         SD3 / SD3.5 and FLUX.1, rectified-flow transformers: ``FlowBackbone``, ``PretrainedFlowBackbone``
                  (``flux_layout``: FLUX's 2x2 latent packing, position ids and velocity call).
+``flux2``        FLUX.2 klein (distilled 4-step, or base with CFG; Qwen3 text, patchified batch-norm latents):
+                 ``Flux2Backbone``, ``PretrainedFlux2Backbone``.
 ``qwen_image``   Qwen-Image (MMDiT flow transformer, Qwen2.5-VL text, true CFG with norm rescaling, video-style VAE):
                  ``QwenImageBackbone``, ``PretrainedQwenImageBackbone``.
 ``sana``         SANA (flow, DPM-Solver, true CFG) and SANA-Sprint (sCM 1-4 steps, guidance embedding), Gemma-2 text with
@@ -23,11 +25,13 @@ from collections import OrderedDict
 
 from ..backbone import Backbone, pipeline_class_name
 from .flow import FlowBackbone, PretrainedFlowBackbone
+from .flux2 import Flux2Backbone, PretrainedFlux2Backbone
 from .qwen_image import PretrainedQwenImageBackbone, QwenImageBackbone
 from .sana import PretrainedSanaBackbone, PretrainedSanaSprintBackbone, SanaBackbone, SanaSprintBackbone
 from .sd import PretrainedBackbone, UNetBackbone
 
 __all__ = ["DEFAULT_BACKBONE", "REGISTRY", "FlowBackbone", "PretrainedBackbone", "PretrainedFlowBackbone", "UNetBackbone",
+           "Flux2Backbone", "PretrainedFlux2Backbone",
            "PretrainedQwenImageBackbone", "QwenImageBackbone",
            "PretrainedSanaBackbone", "PretrainedSanaSprintBackbone", "SanaBackbone", "SanaSprintBackbone",
            "backbone_class", "resolve_backbone"]
@@ -41,6 +45,7 @@ REGISTRY: OrderedDict[str, type[Backbone]] = OrderedDict([
     ("StableDiffusionXLControlNetPipeline", PretrainedBackbone),
     ("StableDiffusion3Pipeline", PretrainedFlowBackbone),
     ("FluxPipeline", PretrainedFlowBackbone),
+    ("Flux2KleinPipeline", PretrainedFlux2Backbone),
     ("QwenImagePipeline", PretrainedQwenImageBackbone),
     ("SanaPipeline", PretrainedSanaBackbone),
     ("SanaSprintPipeline", PretrainedSanaSprintBackbone),

@@ -18,6 +18,7 @@ import torch
 
 from . import architectures as A
 from . import flow_models as FM
+from .flux2_models import save_tiny_flux2_klein_pipeline
 from .qwen_image_models import save_tiny_qwen_image_pipeline
 from .sana_models import save_tiny_sana_pipeline, save_tiny_sana_sprint_pipeline
 from .tiny import save_tiny_pipeline
@@ -129,6 +130,7 @@ TINY_MODELS: dict[str, Callable[[Path], str]] = {
     "sd3": FM.save_tiny_sd3_pipeline,  # StableDiffusion3Pipeline
     "flux-dev": FM.save_tiny_flux_pipeline,  # FluxPipeline
     "flux-schnell": lambda p: FM.save_tiny_flux_pipeline(p, seed=7, schnell=True),
+    "flux2-klein": save_tiny_flux2_klein_pipeline,  # Flux2KleinPipeline (distilled: no CFG)
     "qwen-image": save_tiny_qwen_image_pipeline,  # QwenImagePipeline
     "sana": save_tiny_sana_pipeline,  # SanaPipeline (DPM-Solver++ on flow sigmas, true CFG)
     "sana-sprint": save_tiny_sana_sprint_pipeline,  # SanaSprintPipeline (SCM, guidance embedding)
@@ -144,6 +146,7 @@ TINY_MODEL_OF: dict[str, str] = {
     "StableDiffusionXLControlNetPipeline": "controlnet-sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux-dev",
+    "Flux2KleinPipeline": "flux2-klein",
     "QwenImagePipeline": "qwen-image",
     "SanaPipeline": "sana",
     "SanaSprintPipeline": "sana-sprint",
