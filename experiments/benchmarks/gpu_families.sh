@@ -4,16 +4,18 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # Few-step families and real-size guidance on one GPU, at most 8 minutes in all (TOTAL=470 s).
 # Random weights from the real configs (doodl_lightning/testing/architectures.py; the guidance models at their
-# released sizes, see iterations.py), bf16 frozen models, float32 latents. In priority order (a record that no
-# longer fits is skipped, not started):
+# released sizes, see iterations.py), bf16 frozen models, float32 latents. In priority order, the most-asked first
+# (a record that no longer fits is skipped, not started):
 #   1  iterations.py sd-turbo 512, 1 step, 50 iterations, CLIP ViT-L-14          -> issue 16: <= 5 s, peak <= 8 GiB
-#   2  iterations.py sd-turbo 512, 1 step, 50 iterations, the 4-reward ensemble   -> issue 17: <= 8 s/image, <= 12 GiB
-#   3  backprop.py SDXL 1024, 50 DDIM steps, checkpoint, --floor, VAE checkpointing -> issue 16: <= 1.25x floor, <= 16 GiB
-#   4  iterations.py record 1 with VAE-decoder checkpointing (what it saves of the peak)
-#   5  backprop.py SDXL-Turbo 512 at 1 and 4 steps, --floor
-#   6  backprop.py SD-Turbo 512 + ControlNet, 1 step, --floor
-#   7  iterations.py record 1 with the UNet as CUDA graphs (what they buy)
-#   8  iterations.py record 1 with 4 images at once (throughput)
+#   2  backprop.py FLUX.1-schnell 1024 at 1 and 4 steps, flow, --floor             -> issue 18: 1 step <= 1.3x floor, <= 60 GiB
+#   3  backprop.py SD3.5-medium 1024, 28 steps, CFG 7, flow, --floor               -> issue 18: <= 1.25x floor
+#   4  iterations.py sd-turbo 512, 1 step, 50 iterations, the 4-reward ensemble   -> issue 17: <= 8 s/image, <= 12 GiB
+#   5  backprop.py SDXL 1024, 50 DDIM steps, checkpoint, --floor, VAE checkpointing -> issue 16: <= 1.25x floor, <= 16 GiB
+#   6  iterations.py record 1 with VAE-decoder checkpointing (what it saves of the peak)
+#   7  backprop.py SDXL-Turbo 512 at 1 and 4 steps, --floor
+#   8  backprop.py SD-Turbo 512 + ControlNet, 1 step, --floor
+#   9  iterations.py record 1 with the UNet as CUDA graphs (what they buy)
+#  10  iterations.py record 1 with 4 images at once (throughput)
 # Run from the repository root on the device machine, the wheels the image lacks carried in .whl/ (diffusers,
 # open_clip_torch, ftfy, wcwidth):
 #   bash experiments/benchmarks/gpu_families.sh     (writes $OUT/families.json, bp_*.json, families.log, gpu.txt)
@@ -22,7 +24,8 @@ fi
 # (re)written when it ends (iterations.py: a 'started' record first, replaced by the result). Summary last.
 # CPU check of this script's logic (not a measurement):
 #   PY=.venv/bin/python ITER_ARGS="--tiny --device cpu --dtype float32" \
-#   BP_ARGS="--device cpu --sd-config tiny-sdxl --resolution 32 --dtype float32" OUT=/tmp/famcheck bash ...
+#   BP_ARGS="--device cpu --sd-config tiny-sdxl --resolution 32 --dtype float32" \
+#   FLOW_ARGS="--device cpu --sd-config tiny-flux-schnell --resolution 32 --dtype float32" OUT=/tmp/famcheck bash ...
 set -u
 OUT=${OUT:-/tmp/doodl-bench}
 mkdir -p "$OUT"
@@ -34,6 +37,7 @@ ITER=experiments/benchmarks/iterations.py
 BP=experiments/benchmarks/backprop.py
 ITER_ARGS=${ITER_ARGS:-}
 BP_ARGS=${BP_ARGS:-}
+FLOW_ARGS=${FLOW_ARGS:-}   # the flow-model rows' overrides (the CPU check: a tiny flow model)
 WEIGHTS=${WEIGHTS:-/tmp/doodl-rand-weights}   # the reward models' random files (reused by a rerun on this machine)
 LOG="$OUT/families.log"
 JSON="$OUT/families.json"
@@ -70,7 +74,13 @@ ITER_RUN="$PY $ITER --device cuda --dtype bfloat16 --weights-dir $WEIGHTS --json
 BP_RUN="$PY $BP --device cuda --dtype bfloat16 --samplers ddim --backprops checkpoint --floor --grad-reference none"
 TURBO="--sd-config sd-turbo --resolution 512 --steps 1 --iterations 50"
 
+FLOW_RUN="$PY $BP --device cuda --dtype bfloat16 --samplers flow --backprops checkpoint --floor --grad-reference none"
+
 run issue16_clip_vit_l 100 45 $ITER_RUN $TURBO --guidance clip-vit-l $ITER_ARGS
+run flux_schnell_1024_floor 130 70 $FLOW_RUN --sd-config flux-schnell --resolution 1024 --steps 1 4 --vae-checkpointing \
+  --repeats 2 --warmup 1 --record-budget 30 --json "$OUT/bp_flux_schnell.json" $FLOW_ARGS
+run sd35_medium_1024_floor 120 70 $FLOW_RUN --sd-config sd35-medium --resolution 1024 --steps 28 --guidance-scale 7.0 \
+  --vae-checkpointing --repeats 1 --warmup 1 --record-budget 40 --json "$OUT/bp_sd35_medium.json" $FLOW_ARGS
 run issue17_reward_ensemble 200 90 $ITER_RUN $TURBO --guidance reward-ensemble --vae-checkpointing $ITER_ARGS
 run issue16_sdxl_1024_floor 150 80 $BP_RUN --sd-config sdxl --resolution 1024 --steps 50 --vae-checkpointing \
   --repeats 2 --warmup 1 --record-budget 45 --json "$OUT/bp_sdxl.json" $BP_ARGS
