@@ -1,4 +1,5 @@
-"""The official non-optimising baselines (``latent_traversal=False``): guidance added to eps at every step."""
+"""The official non-optimising baselines (``latent_traversal=False``): guidance added to eps at every step (to the
+velocity of every Euler step on a rectified-flow model, SD3 / FLUX: the one-step baseline's counterpart)."""
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,8 @@ from torch import Tensor
 
 from .checks import check_finite
 from .objective import Evaluation, concat_evaluations, evaluate
-from .sampling import GuidedEps, OneStepGradient
+from .sampling import FlowSchedule, GuidedEps, OneStepGradient
+from .sampling.one_step import FlowOneStepGradient, GuidedVelocity
 
 ESTIMATES = ("one_step", "chain")
 
@@ -28,6 +30,11 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
 
     The module's sampler, steps, grid, CFG scale and guidance are used; ``Evaluation.images`` are the
     first latent's images. Cutouts are fresh at every guidance call (one generator stream per call).
+
+    On a rectified-flow model (samplers ``flow`` / ``flow_edict``) only ``one_step`` exists: x0_hat = x - sigma v
+    from the negative prompt's velocity (``FlowBackbone.unconditional_velocity``), its loss's gradient added to the
+    velocity as sigma * grad (``FlowOneStepGradient``, ``GuidedVelocity``).
+
     The sampling starts at x_T and guides every step: ``opt_t`` and ``source_image`` are refused (see the
     fidelity narrative, "Baselines and the result image").
     """
@@ -36,9 +43,14 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     check_finite(grad_scale=grad_scale)
     if grad_scale < 0:
         raise ValueError(f"grad_scale must be >= 0, got {grad_scale}")
-    if doodl.hparams.sampler not in ("ddim", "edict"):
-        raise ValueError(f"guided sampling (the official baselines) guides eps on the DDIM / EDICT chains; sampler "
-                         f"{doodl.hparams.sampler!r} has no such baseline here: use sampler ddim or edict")
+    flow = doodl.chain.sampler.schedule_type is FlowSchedule  # a rectified-flow chain (SD3 / FLUX)
+    if doodl.chain.name not in (("flow", "flow_edict") if flow else ("ddim", "edict")):
+        raise ValueError(f"guided sampling (the official baselines) guides eps on the DDIM / EDICT chains (the velocity "
+                         f"on the flow / flow_edict ones); sampler {doodl.chain.name!r} has no such baseline here: use "
+                         f"sampler {'flow' if flow else 'ddim or edict'}")
+    if flow and estimate != "one_step":
+        raise ValueError(f"estimate {estimate!r} is the official EDICT cond_fn of the DDIM / EDICT chains; a "
+                         "rectified-flow model (SD3 / FLUX) has the one-step baseline: use estimate one_step")
     if doodl.chain.start.opt_t is not None:
         # the official baseline reads opt_t only when editing; ours would guide a tail the user did not ask for
         raise ValueError("guided sampling guides every step from x_T (the official baseline ignores opt_t without a "
@@ -59,12 +71,17 @@ def guided_sampling(doodl, grad_scale: float, estimate: str = "one_step") -> Eva
     for idx in doodl.chain.chunks():
         z = doodl.latents[idx].detach()
         loss_fn = lambda: doodl.loss_fn(idx, next(calls))  # noqa: E731 - a fresh cutout stream per call
-        if estimate == "one_step":
+        if flow:
+            velocity_uncond = doodl.backbone.unconditional_velocity(chain.uncond, chain.config.guidance_scale)
+            grad = FlowOneStepGradient(velocity_uncond, lambda z: loss_fn()(doodl.backbone.decode(z))[0],
+                                       chain.schedule, grad_scale)
+        elif estimate == "one_step":
             grad = OneStepGradient(chain.denoiser(idx, guidance_scale=0.0, device=z.device),
                                    lambda z: loss_fn()(doodl.backbone.decode(z))[0], chain.schedule, grad_scale)
         else:
             grad = _chain_gradient(doodl, idx, loss_fn, grad_scale)
-        final = chain.sample(z, idx, eps=GuidedEps(chain.denoiser(idx, device=z.device), grad, chain.schedule))
+        guide = GuidedVelocity if flow else GuidedEps
+        final = chain.sample(z, idx, eps=guide(chain.denoiser(idx, device=z.device), grad, chain.schedule))
         images = doodl.backbone.decode(final)
         total, terms = doodl.loss_fn(idx, 0)(images)
         outs.append(Evaluation(total, terms, images))

@@ -9,10 +9,13 @@ them unchanged; what differs is behind it:
   Euler step) samplers over a ``FlowSchedule`` -- the grid the pipeline builds (SD3: the scheduler's shift;
   FLUX: sigmas linspace(1, 1/n, n), shifted by mu from the image's token count for FLUX.1-dev).
 - SD3: CLIP-L and CLIP-G (penultimate states, zero-padded to T5's width, then T5's tokens: the joint sequence;
-  pooled = the two CLIP projections concatenated), optional T5; classifier-free guidance batched in one call.
+  pooled = the two CLIP projections concatenated), optional T5; classifier-free guidance batched in one call;
+  optional skip-layer guidance (``skip_guidance_layers``: one more transformer call with those blocks skipped,
+  inside a window of the steps, as StableDiffusion3Pipeline).
 - FLUX.1: CLIP pooled + T5; the module's latents stay (N, 16, h, w) and are packed into 2x2-patch tokens
   inside the velocity call; FLUX.1-dev's guidance is an embedding (``guidance_scale``), FLUX.1-schnell has none.
-  Neither runs true CFG (the negative prompt is unused).
+  True CFG (``true_cfg_scale`` > 1, FluxPipeline's) adds the negative prompt's velocity, batched in the same call;
+  at the default 1 the negative prompt is unused.
 - Decoding: ``vae.decode(latents / scaling_factor + shift_factor)`` (``objective.decode_latents``).
 
 Text encoders (T5-XXL alone is 4.7 B parameters) are not submodules: moving or casting the backbone (Lightning's
@@ -23,17 +26,20 @@ and the encoders hold no accelerator memory while the latents are optimised.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..backbone import Backbone, ModelNotFoundError, load_pipeline, pipeline_class_name
 from ..conditioning import Conditioning
+from ..checks import check_finite
 from ..precision import module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
 from .flux_layout import FluxVelocity
 
-__all__ = ["FLOW_FAMILIES", "FlowBackbone", "PretrainedFlowBackbone", "SD3Velocity", "flow_family"]
+__all__ = ["FLOW_FAMILIES", "FlowBackbone", "PretrainedFlowBackbone", "SD3Velocity", "SkipLayerGuidance", "flow_family"]
 
 FLOW_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
@@ -47,6 +53,41 @@ def flow_family(transformer) -> str:
                      "SD3Transformer2DModel (SD3 / SD3.5) or a FluxTransformer2DModel (FLUX.1)")
 
 
+@dataclass(frozen=True)
+class SkipLayerGuidance:
+    """StableDiffusion3Pipeline's skip-layer guidance (SLG, the SD3.5 recipe after STG, Hyung et al. 2024): at the
+    steps i of an n-step chain with n * start < i < n * stop, one more transformer call on the conditional rows with
+    the joint blocks ``layers`` skipped, and v <- v + scale (v_cond - v_skip) after CFG. The pipeline's names:
+    ``skip_guidance_layers``, ``skip_layer_guidance_scale`` (2.8), ``_start`` (0.01), ``_stop`` (0.2)."""
+
+    layers: tuple[int, ...]
+    scale: float = 2.8
+    start: float = 0.01
+    stop: float = 0.2
+
+    def __post_init__(self):
+        check_finite(skip_layer_guidance_scale=self.scale, skip_layer_guidance_start=self.start,
+                     skip_layer_guidance_stop=self.stop)
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"skip_guidance_layers must be distinct block indices, got {list(self.layers)}: give e.g. "
+                             "[7, 8, 9] (SD3.5 Medium's), or null for no skip-layer guidance")
+        if not 0.0 <= self.start < self.stop <= 1.0:
+            raise ValueError(f"skip-layer guidance needs 0 <= skip_layer_guidance_start < skip_layer_guidance_stop <= 1 "
+                             f"(fractions of the steps), got {self.start} and {self.stop}")
+
+    def check_layers(self, num_layers: int) -> None:
+        """One line when a skipped block is not one of the transformer's ``num_layers`` joint blocks."""
+        bad = [i for i in self.layers if isinstance(i, bool) or not (isinstance(i, int) and 0 <= i < num_layers)]
+        if bad:
+            raise ValueError(f"skip_guidance_layers {bad} out of range: this SD3 transformer has {num_layers} joint "
+                             f"blocks, numbered 0 to {num_layers - 1}")
+
+    def window(self, schedule: FlowSchedule) -> frozenset:
+        """The timesteps of ``schedule`` (the whole chain) at which the pipeline runs the skip-layer call."""
+        n = len(schedule)  # the pipeline's num_inference_steps; i its loop index over the same timesteps
+        return frozenset(t for i, t in enumerate(schedule.timesteps) if n * self.start < i < n * self.stop)
+
+
 class SD3Velocity:
     """v(x, t) of an ``SD3Transformer2DModel`` as StableDiffusion3Pipeline calls it, classifier-free guidance
     (Ho & Salimans 2022) batched into ONE call: rows (uncond, cond), v = v_u + s (v_c - v_u).
@@ -55,25 +96,40 @@ class SD3Velocity:
     ["pooled_projections"]``. s = 1: the conditional call only; s = 0: the unconditional only (as ``Denoiser``).
     Latents may be float32 while the transformer runs in half precision: inputs are cast to its dtype, v is
     widened back (the guidance combination in float32 or wider).
+
+    ``skip``: skip-layer guidance, applied where the pipeline applies it (with CFG, s > 1) at the timesteps of
+    ``grid["active"]`` -- the window of the grid the backbone built last (``FlowBackbone.schedule``), read at call
+    time, since the chain may build its grid after its model callable.
     """
 
-    def __init__(self, transformer, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float):
+    def __init__(self, transformer, cond: Conditioning, uncond: Conditioning | None, guidance_scale: float,
+                 skip: SkipLayerGuidance | None = None, grid: dict | None = None):
         check_guidance_scale(guidance_scale)
         if guidance_scale not in (0.0, 1.0) and (cond is None or uncond is None):
             raise ValueError(f"guidance_scale={guidance_scale} needs both cond and uncond embeddings")
         self.transformer, self.cond, self.uncond = transformer, cond, uncond
         self.guidance_scale = float(guidance_scale)
+        self.skip, self.grid = (skip, grid if grid is not None else {}) if guidance_scale > 1 else (None, None)
         self.dtype = module_dtype(transformer, torch.float32)
         self.calls = 0
 
-    def _call(self, x: Tensor, t: float, ctx: Conditioning) -> Tensor:
+    def _call(self, x: Tensor, t: float, ctx: Conditioning, **kw) -> Tensor:
         self.calls += 1
         # the pipeline: timestep = t.expand(B), t the scheduler's float32 timestep
         timestep = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
         # hidden states positionally: a forward hook (the compute meter) sees the rows evaluated
         return self.transformer(x, encoder_hidden_states=ctx.hidden.to(x.device, self.dtype),
                                 pooled_projections=ctx.added["pooled_projections"].to(x.device, self.dtype),
-                                timestep=timestep, return_dict=False)[0]
+                                timestep=timestep, return_dict=False, **kw)[0]
+
+    def _skipping(self, t: float) -> bool:
+        if self.skip is None:
+            return False
+        if t not in self.grid.get("timesteps", ()):
+            # a window is a set of step indices of one grid; a timestep off the last grid built has none
+            raise RuntimeError(f"timestep {t} is not on the grid this SD3 backbone built last: skip-layer guidance's "
+                               "window is that grid's steps; build the grid (backbone.schedule) of the chain you run")
+        return t in self.grid["active"]
 
     def __call__(self, x: Tensor, t: float) -> Tensor:
         n, s = x.shape[0], self.guidance_scale
@@ -85,7 +141,12 @@ class SD3Velocity:
             return self._call(xin, t, self.uncond.expand(n)).to(wide)
         ctx = Conditioning.cat([self.uncond.expand(n), self.cond.expand(n)])
         v_uncond, v_cond = self._call(torch.cat([xin, xin]), t, ctx).to(wide).chunk(2)
-        return v_uncond + s * (v_cond - v_uncond)
+        v = v_uncond + s * (v_cond - v_uncond)
+        if self._skipping(t):
+            # the pipeline's extra call: the conditional rows alone, the chosen joint blocks skipped
+            v_skip = self._call(xin, t, self.cond.expand(n), skip_layers=list(self.skip.layers)).to(wide)
+            v = v + (v_cond - v_skip) * self.skip.scale
+        return v
 
 
 class FlowBackbone(Backbone):
@@ -97,14 +158,24 @@ class FlowBackbone(Backbone):
     projection) and optional ``text_encoder_3`` (T5); FLUX ``text_encoder`` (CLIP) and ``text_encoder_2`` (T5),
     each with its tokenizer. ``max_sequence_length``: T5 tokens (default the pipeline's: SD3 256, FLUX.1-dev 512,
     FLUX.1-schnell 256). ``text_encoder_device``: where prompts are encoded (default the transformer's device).
+
+    Guidance options of the pipelines, with their names and defaults: ``true_cfg_scale`` (FLUX only, FluxPipeline's
+    true CFG: 1 = off; above 1 the negative prompt's velocity v_n is added, v = v_n + s (v_c - v_n), the guidance
+    embedding given to both); ``skip_guidance_layers`` (SD3 only, with ``skip_layer_guidance_scale`` / ``_start`` /
+    ``_stop``: ``SkipLayerGuidance``, active with CFG, guidance_scale > 1, as in StableDiffusion3Pipeline).
     """
 
     schedule_type = FlowSchedule  # the flow samplers: flow, flow_edict, and any registered later
     supports_cuda_graphs = False  # the graph replay (cuda_graphs.GraphedUNet) takes a UNet's call only
+    # the guidance options off, for families built on this class that set their own state instead of calling __init__
+    true_cfg_scale: float = 1.0
+    skip_layer_guidance: SkipLayerGuidance | None = None
 
     def __init__(self, transformer, vae, scheduler, text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, max_sequence_length: int | None = None,
-                 text_encoder_device: str | None = None):
+                 text_encoder_device: str | None = None, true_cfg_scale: float = 1.0,
+                 skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
         super().__init__()
         self.kind = flow_family(transformer)
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
@@ -123,7 +194,31 @@ class FlowBackbone(Backbone):
         self.max_sequence_length = int(max_sequence_length)
         self.text_encoder_device = text_encoder_device
         self.force_zeros_for_empty_prompt = False
+        self.true_cfg_scale = self._check_true_cfg(true_cfg_scale)
+        self.skip_layer_guidance = self._check_skip_layers(skip_guidance_layers, skip_layer_guidance_scale,
+                                                           skip_layer_guidance_start, skip_layer_guidance_stop)
+        self._grid: dict = {}  # the last grid built: its timesteps and skip-layer window (read by SD3Velocity)
         self.freeze()
+
+    def _check_true_cfg(self, scale: float) -> float:
+        check_finite(true_cfg_scale=scale)
+        if scale != 1.0 and self.kind != "flux":
+            raise ValueError(f"true_cfg_scale is FluxPipeline's (FLUX.1); {self.kind.upper()} runs classifier-free "
+                             "guidance with guidance_scale: drop true_cfg_scale")
+        if scale < 1.0:
+            raise ValueError(f"true_cfg_scale must be >= 1 (1 = off, as FluxPipeline; above 1 the negative prompt's "
+                             f"velocity guides), got {scale}")
+        return float(scale)
+
+    def _check_skip_layers(self, layers, scale: float, start: float, stop: float) -> SkipLayerGuidance | None:
+        if layers is None:
+            return None
+        if self.kind != "sd3":
+            raise ValueError(f"skip_guidance_layers is StableDiffusion3Pipeline's (SD3 / SD3.5); {self.kind.upper()} has "
+                             "no skip-layer guidance: drop skip_guidance_layers")
+        slg = SkipLayerGuidance(tuple(layers), float(scale), float(start), float(stop))
+        slg.check_layers(self.transformer.config.num_layers)
+        return slg
 
     # -- what the module and the tools read -----------------------------------------------------------
     @property
@@ -167,8 +262,11 @@ class FlowBackbone(Backbone):
         return "flow"
 
     def rows_per_evaluation(self, guidance_scale: float) -> int:
-        """SD3: 2 with CFG batched, 1 at scale 0 or 1; FLUX: always 1 (guidance is an embedding, or none)."""
-        return 1 if self.kind == "flux" or guidance_scale in (0.0, 1.0) else 2
+        """SD3: 2 with CFG batched, 1 at scale 0 or 1 (skip-layer guidance's extra call counts as more evaluations);
+        FLUX: 1 (guidance is an embedding, or none), 2 with true CFG batched."""
+        if self.kind == "flux":
+            return 2 if self.true_cfg_scale > 1 else 1
+        return 1 if guidance_scale in (0.0, 1.0) else 2
 
     def check_sampler(self, sampler: str, grid: str | None = None) -> None:
         """One line for a sampler or ``timestep_grid`` a flow model cannot run (before any file is written)."""
@@ -187,8 +285,13 @@ class FlowBackbone(Backbone):
         f = self.vae_scale_factor
         tokens = (h // f // self.patch) * (w // f // self.patch)
         if self.kind == "sd3":
-            return FlowSchedule.from_scheduler(self.scheduler, steps, image_seq_len=tokens)
-        return FlowSchedule.flux(self.scheduler, steps, image_seq_len=tokens)
+            schedule = FlowSchedule.from_scheduler(self.scheduler, steps, image_seq_len=tokens)
+        else:
+            schedule = FlowSchedule.flux(self.scheduler, steps, image_seq_len=tokens)
+        if self.skip_layer_guidance is not None:  # in place: velocities built before the grid read it when called
+            self._grid.update(timesteps=frozenset(schedule.timesteps),
+                              active=self.skip_layer_guidance.window(schedule))
+        return schedule
 
     def _check_grid(self, grid: str | None) -> None:
         if grid not in (None, "model"):
@@ -283,16 +386,17 @@ class FlowBackbone(Backbone):
 
     @torch.no_grad()
     def encode_negative(self, prompt: str, size: tuple[int, int] | None = None) -> Conditioning:
-        """SD3's unconditional input of CFG: the negative prompt encoded ("" too, as its pipeline). FLUX runs no CFG:
-        the encoding is returned but unused."""
+        """SD3's unconditional input of CFG: the negative prompt encoded ("" too, as its pipeline). FLUX: true CFG's
+        negative prompt (unused at ``true_cfg_scale`` 1)."""
         return self.encode_prompts([prompt], size)
 
     # -- the model callable --------------------------------------------------------------------------------
     def denoiser(self, cond: Tensor | Conditioning, uncond: Tensor | Conditioning | None, guidance_scale: float,
                  control_image: Tensor | None = None, control_scale: float = 1.0):
         """v(x, t) of the items conditioned on ``cond`` (the flow samplers' model callable). SD3: CFG with
-        ``uncond`` at ``guidance_scale``, batched; FLUX.1-dev: ``guidance_scale`` is the guidance embedding's value
-        (its pipeline's default 3.5), FLUX.1-schnell ignores it; latents packed inside the call."""
+        ``uncond`` at ``guidance_scale``, batched (and skip-layer guidance if configured); FLUX.1-dev:
+        ``guidance_scale`` is the guidance embedding's value (its pipeline's default 3.5), FLUX.1-schnell ignores it;
+        FLUX true CFG with ``uncond`` at the backbone's ``true_cfg_scale``; latents packed inside the call."""
         if control_image is not None:
             raise ValueError("control_images given but SD3/FLUX models have no ControlNet here: drop control_images")
         self.offload_text_encoders()
@@ -300,9 +404,32 @@ class FlowBackbone(Backbone):
         if cond is None or "pooled_projections" not in cond.added:
             raise ValueError(f"{self.kind.upper()} needs this backbone's encode_prompts conditioning (pooled projections)")
         if self.kind == "sd3":
-            return SD3Velocity(self.transformer, cond, uncond, guidance_scale)
+            return SD3Velocity(self.transformer, cond, uncond, guidance_scale, self.skip_layer_guidance, self._grid)
         check_guidance_scale(guidance_scale)
-        return FluxVelocity(self.transformer, cond.hidden, cond.added["pooled_projections"], guidance_scale)
+        negative = {}
+        if self.true_cfg_scale > 1:
+            if uncond is None or "pooled_projections" not in uncond.added:
+                raise ValueError("true_cfg_scale > 1 needs the negative prompt's encode_negative conditioning as uncond")
+            negative = dict(negative_prompt_embeds=uncond.hidden,
+                            negative_pooled_prompt_embeds=uncond.added["pooled_projections"],
+                            true_cfg_scale=self.true_cfg_scale)
+        return FluxVelocity(self.transformer, cond.hidden, cond.added["pooled_projections"], guidance_scale, **negative)
+
+    def unconditional_velocity(self, uncond: Conditioning, guidance_scale: float):
+        """v(x, t) of the negative prompt alone (broadcast to any batch): SD3 CFG's unconditional branch, FLUX true
+        CFG's negative branch at the guidance embedding ``guidance_scale``. The official one-step baseline's
+        estimate comes from the unconditional prediction (``sampling.one_step``)."""
+        self.offload_text_encoders()
+        uncond = Conditioning.of(uncond)
+        if uncond is None or "pooled_projections" not in uncond.added:
+            raise ValueError(f"{self.kind.upper()} needs this backbone's encode_negative conditioning (pooled projections)")
+        if self.kind == "sd3":
+            return SD3Velocity(self.transformer, None, uncond, 0.0)
+        if self.kind != "flux":  # a family built on this class answers for its own unconditional branch
+            raise ValueError(f"{self.kind} has no unconditional velocity here: the one-step baseline needs one "
+                             "(override unconditional_velocity for this family)")
+        check_guidance_scale(guidance_scale)
+        return FluxVelocity(self.transformer, uncond.hidden, uncond.added["pooled_projections"], guidance_scale)
 
 
 class PretrainedFlowBackbone(FlowBackbone):
@@ -315,7 +442,8 @@ class PretrainedFlowBackbone(FlowBackbone):
     families; ``t5: false`` (SD3 only) loads the model without its T5 encoder, whose tokens are then zeros, as
     StableDiffusion3Pipeline with ``text_encoder_3=None`` (4.7 B parameters fewer; FLUX needs its T5); ``load_dtype`` (``bfloat16``, ``float16``, ``float32``): the dtype the weights are read in (FLUX.1's
     12 B parameters are 48 GB in float32; the run's precision casts the transformer and VAE anyway, and the text
-    encoders compute in it); ``max_sequence_length`` and ``text_encoder_device`` as ``FlowBackbone``.
+    encoders compute in it); ``max_sequence_length``, ``text_encoder_device``, ``true_cfg_scale`` (FLUX) and the
+    ``skip_guidance_layers`` / ``skip_layer_guidance_*`` keys (SD3) as ``FlowBackbone``.
     """
 
     @classmethod
@@ -330,7 +458,9 @@ class PretrainedFlowBackbone(FlowBackbone):
     def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
                  transformer_checkpointing: bool = False, vae_checkpointing: bool = False, vae_tiling: bool = False,
                  max_sequence_length: int | None = None, text_encoder_device: str | None = None,
-                 load_dtype: str | None = None, t5: bool = True):
+                 load_dtype: str | None = None, t5: bool = True, true_cfg_scale: float = 1.0,
+                 skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if load_dtype is not None and load_dtype not in dtypes:
             raise ValueError(f"load_dtype must be one of {', '.join(dtypes)} or null, got {load_dtype!r}")
@@ -350,7 +480,10 @@ class PretrainedFlowBackbone(FlowBackbone):
         if flow_family(pipe.transformer) == "sd3":
             kw.update(text_encoder_3=pipe.text_encoder_3, tokenizer_3=pipe.tokenizer_3)
         super().__init__(pipe.transformer, pipe.vae, pipe.scheduler, max_sequence_length=max_sequence_length,
-                         text_encoder_device=text_encoder_device, **kw)
+                         text_encoder_device=text_encoder_device, true_cfg_scale=true_cfg_scale,
+                         skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
+                         skip_layer_guidance_start=skip_layer_guidance_start,
+                         skip_layer_guidance_stop=skip_layer_guidance_stop, **kw)
         if transformer_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         if vae_checkpointing:
