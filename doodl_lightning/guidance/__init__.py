@@ -6,7 +6,9 @@ from .blackbox import BlackBoxReward
 from .classifier import ClassifierGuidance
 from .clip import CLIPGuidance, CLIPImageGuidance, CLIPTextGuidance, spherical_dist_loss
 from .hps import HPSGuidance
+from .hpsv3 import HPSv3Guidance
 from .image_reward import ImageRewardGuidance
+from .mps import MPSGuidance
 from .noise_norm import NoiseNormRegularizer
 from .pickscore import PickScoreGuidance
 from .robust import ExpectationOverTransforms
@@ -21,6 +23,8 @@ __all__ = [
     "AestheticGuidance",
     "ClassifierGuidance",
     "HPSGuidance",
+    "HPSv3Guidance",
+    "MPSGuidance",
     "PickScoreGuidance",
     "ImageRewardGuidance",
     "SymmetryGuidance",
