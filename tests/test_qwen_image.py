@@ -113,7 +113,8 @@ PARITY = {
 def test_qwen_image_chain_equals_the_diffusers_pipeline(qwen, case):
     """From the same initial noise, our chain (the module's latents, conditioning, velocity and schedule) ends where
     QwenImagePipeline ends (``output_type="latent"``, packed), and our decode is its image (``output_type="pt"``).
-    With CFG, the same chain without the pipeline's norm rescaling ends elsewhere: the rescaling is really tested."""
+    With CFG, the negative prompt's velocity alone (``unconditional_velocity``) is the pipeline's unguided chain of the
+    negative prompt, and plain CFG without the pipeline's norm rescaling ends elsewhere: the rescaling is really tested."""
     g, negative, steps, (h, w) = PARITY[case]
     bb, pipe = _backbone(qwen["path"]), _pipeline(qwen["path"])
     m = DOODL(model=bb, prompts=[PROMPT], seeds=[0], steps=steps, guidance_scale=g, negative_prompt=negative or "",
@@ -129,9 +130,16 @@ def test_qwen_image_chain_equals_the_diffusers_pipeline(qwen, case):
     ref_image = pipe(PROMPT, latents=pack_latents(x), output_type="pt", **kw).images
     assert ours.shape == ref.shape and (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
     assert image.shape == ref_image.shape == (1, 3, h, w) and (image - ref_image).abs().max() <= 1e-5
-    if g > 1:  # plain CFG from two unguided velocities: another chain
+    if g > 1:
+        # the negative prompt's velocity alone (the one-step baseline's branch) is the pipeline's unguided chain of it
+        v_n = bb.unconditional_velocity(m.chain.uncond, g)
+        with torch.no_grad():
+            neg = sample_flow(v_n, x, m.chain.schedule)
+        kw.update(negative_prompt=None, true_cfg_scale=1.0)
+        ref_neg = unpack_latents(pipe(negative, latents=pack_latents(x), output_type="latent", **kw).images, h // 2, w // 2)
+        assert (neg - ref_neg).abs().max() <= 1e-5 * ref_neg.abs().max()
+        # plain CFG of the two unguided velocities, without the norm rescaling: another chain
         v_c = bb.denoiser(m.chain.cond, None, 1.0)
-        v_n = bb.denoiser(m.chain.uncond, None, 1.0)
         with torch.no_grad():
             plain = sample_flow(lambda z, t: v_n(z, t) + g * (v_c(z, t) - v_n(z, t)), x, m.chain.schedule)
         assert (plain - ref).abs().max() > 1e-3 * ref.abs().max()

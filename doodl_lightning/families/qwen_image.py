@@ -249,6 +249,16 @@ class QwenImageBackbone(FlowBackbone):
             raise ValueError("Qwen-Image needs this backbone's encode_prompts conditioning (text states with their mask)")
         return QwenImageVelocity(self.transformer, cond, uncond, guidance_scale)
 
+    def unconditional_velocity(self, uncond: Tensor | Conditioning, guidance_scale: float) -> QwenImageVelocity:
+        """v(x, t) of the negative prompt alone (broadcast to any batch): true CFG's negative branch, what the one-step
+        baseline's estimate comes from (``guidance_scale`` only checked: Qwen-Image has no guidance embedding)."""
+        check_guidance_scale(guidance_scale)
+        self.offload_text_encoders()
+        uncond = Conditioning.of(uncond)
+        if uncond is None or MASK not in uncond.added:
+            raise ValueError("Qwen-Image needs this backbone's encode_negative conditioning (text states with their mask)")
+        return QwenImageVelocity(self.transformer, uncond, None, 1.0)
+
     # -- the VAE -----------------------------------------------------------------------------------------
     def _latent_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """(latents_mean, 1 / latents_std) as (1, 16, 1, 1), computed as the pipeline does (float32), in ``like``'s dtype."""
