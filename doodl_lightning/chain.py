@@ -21,6 +21,7 @@ from .backbone import Backbone
 from .checks import check_finite
 from .conditioning import Conditioning
 from .data import Item, load_control_image, step_generator
+from .families.controlnet import controlnet_count
 from .objective import Evaluation, LossFn, evaluate
 from .sampling import (Sampler, Schedule, check_guidance_scale, check_mix_weight, check_sampler, check_steps,
                        get_sampler)
@@ -47,8 +48,8 @@ class ChainConfig:
     """Classifier-free guidance scale (1 = conditional only, 0 = unconditional only)."""
     negative_prompt: str = ""
     """The unconditional prompt of classifier-free guidance."""
-    controlnet_scale: float = 1.0
-    """The scale of a ControlNet's residuals."""
+    controlnet_scale: float | list[float] = 1.0
+    """The scale of a ControlNet's residuals (several ControlNets: one scale per net, or one for all)."""
     micro_batch: int | None = None
     """Items per chain evaluation (null: all of a process's items at once)."""
     opt_t: int | None = None
@@ -77,7 +78,9 @@ class ChainConfig:
         check_steps(self.steps, self.timestep_grid)
         check_mix_weight(self.mix_weight)
         check_guidance_scale(self.guidance_scale)
-        check_finite(controlnet_scale=self.controlnet_scale, drift_tolerance=self.drift_tolerance)
+        scales = self.controlnet_scale if isinstance(self.controlnet_scale, (list, tuple)) else [self.controlnet_scale]
+        check_finite(**{f"controlnet_scale[{i}]" if len(scales) > 1 else "controlnet_scale": s for i, s in enumerate(scales)},
+                     drift_tolerance=self.drift_tolerance)
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or null, got {self.micro_batch}")
         ChainStart.check(self.steps, self.sampler, self.opt_t, self.source_image, self.renormalize_latents)
@@ -101,8 +104,8 @@ class Chain:
         backbone.check_sampler(name, config.timestep_grid)  # e.g. ddim on a flow model (SD3 / FLUX): one line, now
         if config.cuda_graphs and not getattr(backbone, "supports_cuda_graphs", True):
             raise ValueError("cuda_graphs replays a UNet; this model is a flow transformer (SD3 / FLUX): drop cuda_graphs")
-        if name == "lcm" and config.opt_t is not None:
-            raise ValueError("opt_t needs a DDIM-like sampler (ddim or edict); the LCM sampler re-noises between "
+        if self.sampler.renoises and config.opt_t is not None:
+            raise ValueError(f"opt_t needs a DDIM-like sampler (ddim or edict); the {name} sampler re-noises between "
                              "steps: drop opt_t or set sampler: ddim")
         self.start = ChainStart(config.steps, name, config.mix_weight, config.opt_t, config.source_image,
                                 config.tied_latents, config.renormalize_latents)
@@ -121,7 +124,14 @@ class Chain:
         return self.sampler.name
 
     def _load_control_images(self, paths: list[str] | None) -> Tensor | None:
-        """The ControlNet's conditioning image of each prompt (P, 3, H, W) in [0, 1], or None."""
+        """The ControlNet's conditioning image of each prompt (P, 3, H, W) in [0, 1], or None; K ControlNets:
+        (P, K, 3, H, W), from K paths (one per net, for every prompt) or K per prompt (prompt by prompt)."""
+        nets, scales = controlnet_count(self.backbone.controlnet), self.config.controlnet_scale
+        if nets and isinstance(scales, (list, tuple)) and len(scales) != nets:
+            raise ValueError(f"{len(scales)} controlnet_scale values for {nets} ControlNet{'s' if nets > 1 else ''}: "
+                             "give one scale per ControlNet, or one number for all")
+        if nets > 1:
+            return self._load_several_control_images(paths, nets)
         if paths is None:
             if self.backbone.controlnet is not None:
                 raise ValueError("the model has a ControlNet but no control_images were given: add model.control_images: "
@@ -135,6 +145,17 @@ class Chain:
         h, w = self.image_size
         images = torch.cat([load_control_image(p, (w, h)) for p in paths])
         return images.expand(len(self.prompts), -1, -1, -1) if len(paths) == 1 else images
+
+    def _load_several_control_images(self, paths: list[str] | None, nets: int) -> Tensor:
+        """Several ControlNets' images (P, K, 3, H, W): one per net (in the nets' order), or one per net per prompt."""
+        p = len(self.prompts)
+        if paths is None or len(paths) not in (nets, nets * p):
+            got = 0 if paths is None else len(paths)
+            raise ValueError(f"{got} control_images for {nets} ControlNets: give one image per ControlNet (in the "
+                             f"controlnet list's order){f', or {nets * p}: one per ControlNet for each of the {p} prompts' if p > 1 else ''}")
+        h, w = self.image_size
+        images = torch.cat([load_control_image(q, (w, h)) for q in paths]).view(-1, nets, 3, h, w)
+        return images.expand(p, -1, -1, -1, -1) if len(paths) == nets else images
 
     # -- this process's items ----------------------------------------------------------------------
     def bind(self, items: list[Item]) -> None:
@@ -191,9 +212,10 @@ class Chain:
         return eps
 
     def noises(self, idx: list[int], device=None) -> list[Tensor] | None:
-        """The noise the LCM sampler adds after each step but the last, per item from (seed, step) alone: fixed
-        across iterations, so the chain is a deterministic function of x_T (None for the other samplers)."""
-        if self.name != "lcm":
+        """The noise a re-noising sampler (LCM, SANA-Sprint's sCM) adds after each step but the last, per item from
+        (seed, step) alone: fixed across iterations, so the chain is a deterministic function of x_T (None for the
+        other samplers)."""
+        if not self.sampler.renoises:
             return None
         items = [self.items[i] for i in idx]
         return [torch.stack([torch.randn(self.latent_shape, generator=step_generator(it, k, stream=4)) for it in items])

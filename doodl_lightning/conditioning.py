@@ -15,7 +15,9 @@ class Conditioning:
     ``hidden``: the cross-attention context (N, L, D) (SD-1.x/2.x: the text encoder's last hidden state;
     SDXL: the penultimate hidden states of both text encoders, concatenated). ``added``: the UNet's
     ``added_cond_kwargs`` (SDXL: ``text_embeds`` (N, D2), the second encoder's pooled projection, and
-    ``time_ids`` (N, 6), the micro-conditioning original size, crop and target size). Indexing, ``cat`` and
+    ``time_ids`` (N, 6), the micro-conditioning original size, crop and target size; with an IP-Adapter,
+    ``image_embeds`` (N, 1, D) or (N, 1, L, D), the reference image's embedding, one image per row, as diffusers'
+    ``prepare_ip_adapter_image_embeds`` shapes each adapter's). Indexing, ``cat`` and
     ``expand`` act on every tensor at once, so a batch of items is sliced like one tensor.
     """
 
@@ -52,6 +54,12 @@ class Conditioning:
             raise ValueError("cannot concatenate conditionings of different model families")
         return Conditioning(torch.cat([p.hidden for p in parts]),
                             {k: torch.cat([p.added[k] for p in parts]) for k in parts[0].added})
+
+    def with_added(self, **tensors: Tensor) -> "Conditioning":
+        """This conditioning with more added embeddings (one row, expanded as a view, or one per row)."""
+        n = len(self)
+        more = {k: v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v for k, v in tensors.items()}
+        return Conditioning(self.hidden, {**self.added, **more})
 
     def to(self, *args, **kwargs) -> "Conditioning":
         return Conditioning(self.hidden.to(*args, **kwargs), {k: v.to(*args, **kwargs) for k, v in self.added.items()})

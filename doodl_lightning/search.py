@@ -17,6 +17,7 @@ from .backbone import Backbone
 from .chain import Chain, ChainConfig
 from .data import Item, make_items, shard, step_generator
 from .families import resolve_backbone
+from .families.ip_adapter import check_ip_adapter
 from .guidance.base import Guidance
 from .item_logs import ItemLogging
 from .lightning_compat import attached_trainer
@@ -48,7 +49,10 @@ class NoiseSearch(ItemLogging, LightningModule):
         sampler, backprop, steps, timestep_grid, mix_weight, guidance_scale, negative_prompt, micro_batch,
             drift_tolerance, cuda_graphs, opt_t, source_image: the chain (``chain.ChainConfig``'s attribute docstrings).
         resolution (a square) or height and width: the image size. controlnet, control_images, controlnet_scale:
-            a ControlNet and its conditioning image (one for all items, or one per prompt).
+            a ControlNet and its conditioning image (one for all items, or one per prompt); a list of ControlNets:
+            one image and one scale per net (or per net and prompt), the residuals summed.
+        ip_adapter, ip_adapter_image, ip_adapter_scale: an IP-Adapter weights file (its image_encoder/ beside it),
+            the reference image every item is conditioned on, and the adapter's scale (``families.ip_adapter``).
     """
 
     updates_latents = False  # a method that steps the latents with an optimiser (DOODL) says True
@@ -72,9 +76,9 @@ class NoiseSearch(ItemLogging, LightningModule):
         resolution: int | None = None,
         height: int | None = None,
         width: int | None = None,
-        controlnet: str | None = None,
+        controlnet: str | list[str] | None = None,
         control_images: list[str] | None = None,
-        controlnet_scale: float = 1.0,
+        controlnet_scale: float | list[float] = 1.0,
         micro_batch: int | None = None,
         opt_t: int | None = None,
         source_image: str | None = None,
@@ -82,6 +86,9 @@ class NoiseSearch(ItemLogging, LightningModule):
         vae_checkpointing: bool = False,
         cuda_graphs: bool = False,
         local_files_only: bool | None = None,
+        ip_adapter: str | None = None,
+        ip_adapter_image: str | None = None,
+        ip_adapter_scale: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["guidance", "metrics", "model"])
@@ -94,8 +101,22 @@ class NoiseSearch(ItemLogging, LightningModule):
         self.items: list[Item] = make_items(prompts, seeds if seeds is not None else [0], prompt_file)
         self.guidance = nn.ModuleList(guidance)
         self.metrics = nn.ModuleList(metrics or [])  # held out: measured on the images, never optimised
+        ip = ip_adapter is not None or ip_adapter_image is not None
+        if ip:  # checked before any model loads
+            if not isinstance(model or "", str):
+                raise ValueError("ip_adapter and ip_adapter_image go with model: <path or id>; for a Backbone object set "
+                                 "them in its own init_args")
+            if cuda_graphs:
+                raise ValueError("cuda_graphs replays a UNet called with text only; an IP-Adapter adds image "
+                                 "embeddings: drop cuda_graphs")
+            check_ip_adapter(ip_adapter, ip_adapter_image, ip_adapter_scale)
         self.backbone = resolve_backbone(model or default_model(), model_config, local_files_only, vae_checkpointing,
                                          controlnet)
+        if ip:  # onto the pipeline the shortcut loaded
+            if not hasattr(self.backbone, "load_ip_adapter"):
+                raise ValueError(f"ip_adapter is for the UNet families (SD-1.x/2.x, SDXL); this is a {self.backbone.family} "
+                                 "model: drop ip_adapter and ip_adapter_image")
+            self.backbone.load_ip_adapter(ip_adapter, ip_adapter_image, ip_adapter_scale)
         self.chain = Chain(config, self.backbone, self.items, (height or resolution, width or resolution),
                            control_images)
         self.hparams.sampler = self.chain.name  # the model's own when null: recorded in hparams and checkpoints

@@ -1,5 +1,6 @@
-"""ControlNet (Zhang et al. 2023) for the UNet families: loading a ``ControlNetModel`` and checking it was made for
-the base model it is given to. The residuals enter each UNet call in ``sampling.Control``."""
+"""ControlNet (Zhang et al. 2023) for the UNet families: loading a ``ControlNetModel`` (or several, as diffusers'
+``MultiControlNetModel``: one control image and one scale per net, the residuals summed) and checking each was made
+for the base model it is given to. The residuals enter each UNet call in ``sampling.Control``."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from ..backbone import WEIGHT_SUFFIXES, ModelNotFoundError, complete_weights, hub_offline, naming_bad_weights
 
-__all__ = ["check_controlnet", "load_controlnet"]
+__all__ = ["check_controlnet", "controlnet_count", "controlnet_nets", "load_controlnet", "load_controlnets", "several_controlnets"]
 
 
 def load_controlnet(path: str):
@@ -32,8 +33,44 @@ def load_controlnet(path: str):
                                      f"internet run `huggingface-cli download {path} --local-dir DIR` and pass DIR") from None
 
 
+def several_controlnets(nets):
+    """Several ControlNets (a list of ``ControlNetModel``s, or diffusers' ``MultiControlNetModel``) as one
+    ``MultiControlNetModel``, as diffusers' ControlNet pipelines wrap a list; one net (or None) unchanged."""
+    from diffusers import MultiControlNetModel
+
+    if isinstance(nets, (list, tuple)):
+        if not nets:
+            raise ValueError("controlnet is an empty list: give one ControlNet, or a list of them")
+        return nets[0] if len(nets) == 1 else MultiControlNetModel(list(nets))
+    return nets
+
+
+def load_controlnets(paths: str | list[str]):
+    """The ``controlnet:`` key: one path or hub id (a ``ControlNetModel``), or a list of them (a ``MultiControlNetModel``
+    of the nets in that order: the order of ``control_images`` and of a list of ``controlnet_scale``)."""
+    return several_controlnets([load_controlnet(p) for p in paths]) if isinstance(paths, (list, tuple)) \
+        else load_controlnet(paths)
+
+
+def controlnet_nets(controlnet) -> list:
+    """The ControlNetModels of a model's ``controlnet`` (one, the nets of a MultiControlNetModel, none for None)."""
+    if controlnet is None:
+        return []
+    return list(controlnet.nets) if type(controlnet).__name__ == "MultiControlNetModel" else [controlnet]
+
+
+def controlnet_count(controlnet) -> int:
+    """How many ControlNets a model's ``controlnet`` holds (0 for None): one control image and one scale each."""
+    return len(controlnet_nets(controlnet))
+
+
 def check_controlnet(controlnet, unet, vae_scale_factor: int) -> None:
-    """One line when a ControlNet was made for another base model than this UNet (and its VAE)."""
+    """One line when a ControlNet (each of several) was made for another base model than this UNet (and its VAE)."""
+    nets = controlnet_nets(controlnet)
+    if len(nets) > 1:
+        for net in nets:
+            check_controlnet(net, unet, vae_scale_factor)
+        return
     c, u = controlnet.config, unet.config
 
     def norm(v):

@@ -1,4 +1,4 @@
-"""eps(x_t, t) of a diffusers UNet (+ ControlNet), classifier-free guidance batched into one call."""
+"""eps(x_t, t) of a diffusers UNet (+ ControlNets, + an IP-Adapter), classifier-free guidance batched into one call."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,17 +20,35 @@ def check_guidance_scale(guidance_scale: float) -> None:
         raise ValueError(f"guidance_scale must be >= 0 (1 = conditional only, 0 = unconditional only), got {guidance_scale}")
 
 
+# added-conditioning keys the UNet takes as a list of one tensor per IP-Adapter (diffusers' ``image_embeds``), and
+# which the ControlNets never see (the pipelines give them the text conditioning only)
+LISTED_ADDED = ("image_embeds",)
+
+
 @dataclass
 class Control:
-    """A ControlNet's input to every UNet call: the model, one conditioning image per item (N, 3, H, W) in
-    [0, 1] at the output size (as diffusers' control-image processor makes it), and the residuals' scale."""
+    """ControlNets' input to every UNet call: the model, one conditioning image per item (N, 3, H, W) in [0, 1] at
+    the output size (as diffusers' control-image processor makes it), and the residuals' scale. Several nets
+    (diffusers' ``MultiControlNetModel``): images (N, K, 3, H, W), one per net, and one scale per net (or one for
+    all), the residuals summed as ``MultiControlNetModel`` sums them."""
 
     controlnet: torch.nn.Module
     image: Tensor
-    scale: float = 1.0
+    scale: float | list[float] = 1.0
 
     def __getitem__(self, idx) -> "Control":
         return Control(self.controlnet, self.image[idx], self.scale)
+
+    @property
+    def several(self) -> bool:
+        return type(self.controlnet).__name__ == "MultiControlNetModel"
+
+    def inputs(self, image: Tensor) -> tuple[Tensor | list[Tensor], float | list[float]]:
+        """(controlnet_cond, conditioning_scale) as the net takes them: for several nets a list of each, per net."""
+        if not self.several:  # one net: its one scale (a list of one from a config is the same)
+            return image, float(self.scale[0] if isinstance(self.scale, (list, tuple)) else self.scale)
+        scales = self.scale if isinstance(self.scale, (list, tuple)) else [self.scale] * len(self.controlnet.nets)
+        return list(image.unbind(1)), [float(s) for s in scales]
 
 
 class Denoiser:
@@ -40,7 +58,9 @@ class Denoiser:
     ``uncond``, as hidden-state tensors or ``Conditioning``s with a family's added embeddings, e.g. SDXL's)
     or ``UNet2DModel`` (unconditional: no embeddings, guidance_scale 1). ``control`` adds a ControlNet's
     residuals to every call (the same image for the conditional and unconditional halves, as diffusers'
-    pipelines do); ``timestep_cond`` is an LCM UNet's guidance-scale embedding. The latents may be
+    pipelines do); ``timestep_cond`` is an LCM UNet's guidance-scale embedding. An IP-Adapter's image embeddings
+    ride in the conditioning's ``added["image_embeds"]`` (the negative image's in ``uncond``), handed to the UNet
+    as ``added_cond_kwargs["image_embeds"] = [embeds]``, as diffusers' pipelines do. The latents may be
     float32 while the UNet runs in half precision: inputs are cast to the UNet's dtype and eps is cast
     back, so the sampler's linear algebra stays in the latents' dtype.
     """
@@ -79,16 +99,18 @@ class Denoiser:
         if context is None:
             return self.unet(x, t).sample[:, : x.shape[1]]
         kwargs = {"encoder_hidden_states": context.hidden.to(x.device, self.dtype)}
-        if context.added:
-            kwargs["added_cond_kwargs"] = {k: v.to(x.device, self.dtype) for k, v in context.added.items()}
+        added = {k: v.to(x.device, self.dtype) for k, v in context.added.items()}
+        if added:
+            kwargs["added_cond_kwargs"] = {k: [v] if k in LISTED_ADDED else v for k, v in added.items()}
         if self.timestep_cond is not None:
             kwargs["timestep_cond"] = self.timestep_cond.to(x.device, self.dtype).expand(x.shape[0], -1)
         if self.control is not None:
             net = self.control.controlnet
             cdtype = module_dtype(net, torch.float32)
+            cond, scale = self.control.inputs(control_image.to(x.device, cdtype))
             down, mid = net(x.to(cdtype), t, encoder_hidden_states=kwargs["encoder_hidden_states"].to(cdtype),
-                            controlnet_cond=control_image.to(x.device, cdtype), conditioning_scale=self.control.scale,
-                            added_cond_kwargs={k: v.to(cdtype) for k, v in kwargs.get("added_cond_kwargs", {}).items()}
+                            controlnet_cond=cond, conditioning_scale=scale,
+                            added_cond_kwargs={k: v.to(cdtype) for k, v in added.items() if k not in LISTED_ADDED}
                             or None, return_dict=False)
             kwargs["down_block_additional_residuals"] = [r.to(self.dtype) for r in down]
             kwargs["mid_block_additional_residual"] = mid.to(self.dtype)
