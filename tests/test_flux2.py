@@ -156,8 +156,9 @@ def test_flux2_klein_chain_equals_the_diffusers_pipeline(flux2_models, case):
 
 def test_flux2_klein_base_cfg_and_encoding_images_are_the_pipelines(flux2_models):
     """CFG matters on klein base (scale 4 is another chain than scale 1, so the parity above could not pass by
-    ignoring it) and is ignored by the distilled klein; ``encode_images`` (the editing start) is the pipeline's
-    _encode_vae_image (posterior mode, patchified, normalised) and ``decode`` inverts the normalisation."""
+    ignoring it) and is ignored by the distilled klein; the negative prompt's velocity alone is the pipeline's chain
+    of the negative prompt; ``encode_images`` (the editing start) is the pipeline's _encode_vae_image (posterior mode,
+    patchified, normalised) and ``vae_latents`` inverts the normalisation."""
     base, klein = _backbone(flux2_models["klein-base"]), _backbone(flux2_models["klein"])
     x = torch.randn((1, *base.latent_shape(16)), generator=torch.Generator().manual_seed(1))
     for bb, differs in ((base, True), (klein, False)):
@@ -166,8 +167,15 @@ def test_flux2_klein_base_cfg_and_encoding_images_are_the_pipelines(flux2_models
         with torch.no_grad():
             a, b = (sample_flow(bb.denoiser(cond, uncond, s), x, schedule) for s in (4.0, 1.0))
         assert (not torch.equal(a, b)) is differs
-    images = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(2)) * 2 - 1
+    # the negative prompt's velocity alone (the flow one-step baseline's estimate) is the pipeline's chain of that prompt
     pipe = _pipeline(flux2_models["klein-base"])
+    with torch.no_grad():
+        ours = sample_flow(base.unconditional_velocity(base.encode_negative(""), 4.0), x, base.schedule(2, size=(16, 16)))
+    ref = pipe(prompt="", latents=x.clone(), num_inference_steps=2, guidance_scale=1.0, height=16, width=16,
+               output_type="latent").images
+    ours = base.vae_latents(ours)  # the pipeline's output_type="latent": denormalised, un-patchified
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max(), (ours - ref).abs().max()
+    images = torch.rand((2, 3, 16, 16), generator=torch.Generator().manual_seed(2)) * 2 - 1
     with torch.no_grad():
         ref = pipe._encode_vae_image(images, generator=None)
         z = base.encode_images(images)

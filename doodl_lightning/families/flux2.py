@@ -263,6 +263,18 @@ class Flux2Backbone(FlowBackbone):
         return Flux2Velocity(self.transformer, cond.hidden, uncond.hidden if cfg and uncond is not None else None,
                              guidance_scale, cfg)
 
+    def unconditional_velocity(self, uncond: Tensor | Conditioning, guidance_scale: float) -> Flux2Velocity:
+        """v(x, t) of the negative prompt alone (broadcast to any batch): klein base's unconditional CFG branch (on
+        distilled klein, the negative prompt's conditional call), what the one-step baseline's estimate comes from
+        (``guidance_scale`` only checked: FLUX.2 has no guidance embedding)."""
+        check_guidance_scale(guidance_scale)
+        self.offload_text_encoders()
+        uncond = Conditioning.of(uncond)
+        width = self.transformer.config.joint_attention_dim
+        if uncond is None or uncond.added or uncond.hidden.shape[-1] != width:
+            raise ValueError(f"FLUX.2 needs this backbone's encode_negative conditioning ((1, L, {width}) Qwen3 states)")
+        return Flux2Velocity(self.transformer, uncond.hidden, None, 1.0, cfg=False)
+
     # -- the VAE -----------------------------------------------------------------------------------------
     def _bn(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """The VAE's batch-norm mean and std (1, 128, 1, 1) in ``like``'s dtype (at least float32)."""
