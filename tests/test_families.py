@@ -422,7 +422,7 @@ def test_bad_family_input_is_one_line_and_writes_nothing(models, write_config, c
                                    "error: width 18 gives 9-pixel latents, which the UNet's 1 down-samplings cannot "
                                    "halve evenly: use a multiple of 4"),
         "turbo-opt-t-lcm": (dict(model=models["lcm"], opt_t=1),
-                            "error: opt_t needs a DDIM-like sampler (ddim or edict); the LCM sampler re-noises between "
+                            "error: opt_t needs a DDIM-like sampler (ddim or edict); the lcm sampler re-noises between "
                             "steps: drop opt_t or set sampler: ddim"),
     }[case]
     model = keys.pop("model")

@@ -61,6 +61,7 @@ class LCM(Sampler):
     function of x_T); one latent; not invertible."""
 
     name, schedule_type, paper = "lcm", Schedule, "Luo et al. 2023, LCM, Algorithm 1"
+    renoises = True
 
     def sample(self, model, x, schedule, *, y=None, mix_weight=0.93, noises=None):
         return (sample_lcm(model, x, schedule, noises),)

@@ -25,6 +25,8 @@ class Sampler:
         name: its YAML name. schedule_type: the schedule it runs on (``Schedule`` or ``FlowSchedule``).
         latents: 1, or 2 for a coupled pair (x, y) (EDICT). invertible: exactly invertible, so the ``reversible``
         gradient and editing (inverting a source image) are available. paper: the algorithm it implements.
+        renoises: it adds fresh noise between steps (consistency samplers): the chain hands it ``noises`` fixed per
+        (seed, step), so the chain stays a deterministic function of x_T, as its pipeline's with those draws.
     """
 
     name: ClassVar[str]
@@ -32,6 +34,7 @@ class Sampler:
     latents: ClassVar[int] = 1
     invertible: ClassVar[bool] = False
     paper: ClassVar[str] = ""
+    renoises: ClassVar[bool] = False
 
     def sample(self, model: Callable, x: Tensor, schedule, *, y: Tensor | None = None, mix_weight: float = 0.93,
                noises: list[Tensor] | None = None) -> tuple[Tensor, ...]:

@@ -81,6 +81,7 @@ class SCM(Sampler):
 
     name, schedule_type = "scm", FlowSchedule
     paper = "Lu & Song 2024, sCM (TrigFlow multistep sampling); Chen et al. 2025, SANA-Sprint"
+    renoises = True
 
     def sample(self, model, x, schedule, *, y=None, mix_weight=0.93, noises=None):
         return (sample_scm(model, x, schedule, noises),)
