@@ -8,10 +8,8 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import official_hpsv3
@@ -149,9 +147,10 @@ def test_hpsv3_equals_the_reference_at_its_input_size(hpsv3, hpsv3_files):
 
 
 def test_hpsv3_resizes_as_the_reference_for_generated_sizes(hpsv3, hpsv3_files):
-    """A 64 x 48 image is enlarged to smart_resize's 532 x 392 (its ceil rounding may pass 256 * 28 * 28): PIL resizes the uint8
-    image and rounds to uint8, ours stays float, hence pixel differences of about 1/255 (0.02 in normalised units
-    bounds them); measured score difference 2e-4, tolerance 2e-3, while different images move the score by 3e-2."""
+    """A 64 x 48 image is enlarged to smart_resize's 532 x 392 (its ceil rounding may pass 256 * 28 * 28): PIL
+    resizes the uint8 image and rounds to uint8, ours stays float, hence pixel differences of about 1/255 (0.02 in
+    normalised units bounds them); measured score difference 2e-4, tolerance 2e-3, while different images move the
+    score by 3e-2."""
     arrays = [smooth_uint8(64, 48, seed=2)]
     batch = official_hpsv3.prepare_batch(hpsv3_files["processor"], pil(arrays), PROMPTS[:1])
     x = to_unit(arrays)
@@ -265,30 +264,37 @@ def mps_files(tmp_path_factory):
     and MPS's weights as its pickled model converts to a state dict (model.* + cross_model.*, with the
     position_ids buffers transformers 4.27 saved), in safetensors."""
     from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from doodl_lightning.shapes.tokenizer import build_clip_tokenizer
+    from doodl_lightning.shapes.tokenizer import _tokenizer_from_merges
 
     folder = tmp_path_factory.mktemp("mps")
     processor = folder / "CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # CLIP's byte-level BPE with a single merge: text is spelt byte by byte (the condition fills the 77 tokens),
+    # 515 ids with <|endoftext|> the largest, as in CLIP's own vocabulary; built in a fraction of the full one's time
+    tokenizer = _tokenizer_from_merges([("t", "h")], str(processor), 77)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
         projection_dim=MPS_CROSS["dim"], logit_scale_init_value=math.log(50.0),
     )
     config.save_pretrained(str(processor))
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(processor))
-    build_clip_tokenizer().save_pretrained(str(processor))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor.save_pretrained(str(processor))
     ref = official_mps.MPSModel(CLIPModel(config), **MPS_CROSS).eval()
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
     state["model.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     state["model.vision_model.embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
     save_file(state, str(folder / "MPS_overall.safetensors"))
-    return {"processor": processor, "checkpoint": folder / "MPS_overall.safetensors", "ref": ref, "state": state}
+    # the reference's own processor and tokenizer (PIL image path), loaded back from the folder once
+    reference = (CLIPImageProcessorPil.from_pretrained(str(processor)), AutoTokenizer.from_pretrained(str(processor)))
+    return {"processor": processor, "checkpoint": folder / "MPS_overall.safetensors", "ref": ref, "state": state,
+            "reference": reference}
 
 
 @pytest.fixture(scope="module")
@@ -297,11 +303,7 @@ def mps(mps_files):
 
 
 def _reference_mps(mps_files, arrays, prompts, threshold=0.3):
-    from transformers import AutoTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    clip_processor = CLIPImageProcessorPil.from_pretrained(str(mps_files["processor"]))
-    tokenizer = AutoTokenizer.from_pretrained(str(mps_files["processor"]))
+    clip_processor, tokenizer = mps_files["reference"]
     return torch.stack([official_mps.infer_one_sample(image, prompt, mps_files["ref"], clip_processor, tokenizer,
                                                       threshold=threshold)[0]
                         for image, prompt in zip(pil(arrays), prompts)])
@@ -312,12 +314,12 @@ def test_mps_condition_is_the_reference_condition(mps):
     assert mps.condition_threshold == 0.3 and mps.max_length == 77
 
 
-@pytest.mark.parametrize("threshold", [0.3, 0.9])
+@pytest.mark.parametrize("threshold", [0.3, 0.5])
 def test_mps_equals_the_reference_infer_one_sample(mps, mps_files, threshold):
     """At the model's input size the processor's resize and crop are identities on both sides: agreement to float32
     rounding (1e-4 on a logit_scale 50 score). The tiny CLIP's normalised prompt-condition similarities lie in
-    [0.37, 1], so the evaluations' 0.3 keeps every prompt token; 0.9 keeps some and drops others, exercising the
-    masked cross-attention."""
+    [0.23, 1], so the evaluations' 0.3 keeps all but a token or two; 0.5 drops a third to half of each prompt's
+    tokens, exercising the masked cross-attention on every item."""
     if threshold != 0.3:
         mps = MPSGuidance(checkpoint=str(mps_files["checkpoint"]), processor=str(mps_files["processor"]),
                           condition_threshold=threshold)
@@ -327,7 +329,7 @@ def test_mps_equals_the_reference_infer_one_sample(mps, mps_files, threshold):
     with torch.no_grad():
         _, _, mask = mps.prompt_side(PROMPTS)
         kept = torch.isfinite(mask).sum(-1)
-        assert (kept == 77).all() if threshold == 0.3 else ((kept > 0) & (kept < 77)).all()
+        assert (kept > 0).all() and (threshold == 0.3 or (kept < 77).all())
         ours = mps.score(x, PROMPTS)
         assert torch.allclose(ours, expected, atol=1e-4)
         assert torch.allclose(mps(x, PROMPTS), -expected, atol=1e-4)
@@ -372,7 +374,7 @@ def test_mps_bad_files_fail_in_one_line(mps_files, tmp_path):
     one_line_error(e)
     # the released file is a pickled nn.Module: refused, never run, with the conversion named
     marker = tmp_path / "pwned"
-    with pytest.raises(ValueError, match="arbitrary pickled objects are refused.*is a pickled model: convert it once") as e:
+    with pytest.raises(ValueError, match="objects are refused.*is a pickled model: convert it once") as e:
         MPSGuidance(checkpoint=write_evil(tmp_path / "MPS_overall_checkpoint.pth", marker), processor=proc)
     one_line_error(e)
     assert not marker.exists()

@@ -2,7 +2,6 @@
 reward head that reads the hidden state of an added ``<|Reward|>`` token (MizzenAI/HPSv3, ``hpsv3.inference``)."""
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,8 +17,6 @@ from .pickscore import bicubic_resize, need_prompts
 from ..precision import at_least_float32
 
 __all__ = ["HPSv3Guidance", "map_hpsv3_keys", "smart_resize", "patchify", "HPSV3_INSTRUCTION", "HPSV3_REWARD_PROMPT"]
-
-log = logging.getLogger(__name__)
 
 # The reference's prompt (hpsv3/dataset/data_collator_qwen.py, INSTRUCTION + prompt_with_special_token), verbatim:
 # its trailing spaces are part of the tokens the model was trained on.
@@ -290,8 +287,8 @@ class HPSv3Guidance(Guidance):
         # The reference resizes the embeddings to the tokenizer after adding <|Reward|>: the file has that many rows.
         if len(self.tokenizer) > embed.shape[0]:
             raise ValueError(f"HPSv3 checkpoint {path} has {embed.shape[0]} token embeddings but the tokenizer of "
-                             f"{folder} has {len(self.tokenizer)} tokens with {REWARD_TOKEN}: use Qwen2-VL-7B-Instruct's "
-                             "tokenizer")
+                             f"{folder} has {len(self.tokenizer)} tokens with {REWARD_TOKEN}: use "
+                             "Qwen2-VL-7B-Instruct's tokenizer")
         config.text_config.vocab_size = int(embed.shape[0])
         config._attn_implementation = "sdpa"  # as the reference without flash-attention
         for sub in (config.text_config, config.vision_config):

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .augment import normalize
 from .base import Guidance
 from .loading import load_into, load_state_dict_file, one_line
-from .pickscore import _RESAMPLE, _size_entry, bicubic_resize, center_crop, need_prompts, resize_shortest_side
+from .pickscore import bicubic_resize, center_crop, need_prompts, resize_shortest_side
 from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["MPSGuidance", "MPSCrossModel", "map_mps_keys", "MPS_CONDITION"]
@@ -35,6 +35,8 @@ _CROSS_KEYS = {
     "1.fn.attn_out.weight": "attend_image.attn_out.weight", "1.fn.ff_out.1.weight": "attend_image.ff_out.weight",
 }
 _CROSS_KEY = re.compile(r"cross_model\.layers\.(\d+)\.(.+)")
+# PIL resample codes a CLIP processor config stores -> F.interpolate modes (antialiased: PIL's kernels)
+RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
 # transformers 4.x saved CLIP's position_ids as persistent buffers; they are arange and rebuilt by the model
 _STALE = ("model.text_model.embeddings.position_ids", "model.vision_model.embeddings.position_ids")
 
@@ -166,6 +168,19 @@ class MPSCrossModel(nn.Module):
         return image
 
 
+def processor_size(size, owner: str, what: str) -> int | tuple[int, int]:
+    """A CLIP processor's ``size`` / ``crop_size`` -> an int (shortest edge) or (h, w); one-line error otherwise."""
+    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
+    if isinstance(size, int):
+        return (size, size) if what == "crop_size" else size
+    if get("shortest_edge") and not get("longest_edge"):
+        return int(get("shortest_edge"))
+    if get("height") and get("width"):
+        return int(get("height")), int(get("width"))
+    raise ValueError(f"{owner}: unsupported image processor {what} {size!r} (expected {{'shortest_edge': s}} or "
+                     "{'height': h, 'width': w})")
+
+
 def _require_dir(path: str | None, what: str) -> Path:
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -256,12 +271,12 @@ class MPSGuidance(Guidance):
 
     def _configure_pixels(self, cfg, folder: Path) -> None:
         owner = f"MPS processor {folder}"
-        self.resize = _size_entry(cfg.size, owner, "size") if getattr(cfg, "do_resize", True) else None
-        self.crop = _size_entry(cfg.crop_size, owner, "crop_size") if getattr(cfg, "do_center_crop", True) else None
+        self.resize = processor_size(cfg.size, owner, "size") if getattr(cfg, "do_resize", True) else None
+        self.crop = processor_size(cfg.crop_size, owner, "crop_size") if getattr(cfg, "do_center_crop", True) else None
         resample = int(getattr(cfg, "resample", 3) or 3)
-        if resample not in _RESAMPLE:
+        if resample not in RESAMPLE_MODES:
             raise ValueError(f"{owner}: unsupported resample {resample} (bilinear 2 or bicubic 3)")
-        self.resample = _RESAMPLE[resample]
+        self.resample = RESAMPLE_MODES[resample]
         self.mean = tuple(float(v) for v in cfg.image_mean)
         self.std = tuple(float(v) for v in cfg.image_std)
         size = int(self.clip.config.vision_config.image_size)
@@ -302,7 +317,8 @@ class MPSGuidance(Guidance):
             best = best / best.amax(dim=-1, keepdim=True)
             mask = torch.zeros_like(best).masked_fill(~(best > self.condition_threshold), float("-inf"))
             self._prompt_cache.update((p, (t, e, m.unsqueeze(0))) for p, t, e, m in zip(todo, tokens, eos, mask))
-        return tuple(torch.stack([self._prompt_cache[p][i] for p in prompts]) for i in range(3))
+        device = self.clip.logit_scale.device  # the cache may predate a move to another device
+        return tuple(torch.stack([self._prompt_cache[p][i] for p in prompts]).to(device) for i in range(3))
 
     def score(self, images: Tensor, prompts: Sequence[str] | None) -> Tensor:
         """MPS per item (N,), at least float32."""
