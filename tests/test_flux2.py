@@ -270,7 +270,7 @@ def test_flux2_klein_flow_edict_reversible_fit_through_the_cli(flux2_models, wri
     twin: the float64 reversible == autograd test above, and the fit on the Euler chain)."""
     tmp = flux2_models["tmp"]
     cli = main(["fit", "--config", _config(write_config, tmp, "edict", flux2_models["klein"], 4, sampler="flow_edict",
-                                           backprop="reversible")])
+                                           backprop="reversible", prompts=[PROMPT], seeds=[0, 1])])
     records = [json.loads(x) for x in (tmp / "edict/lightning_logs/version_0/results.jsonl").read_text().splitlines()]
     assert cli.model.hparams.sampler == "flow_edict" and len(records) == 2
     assert np.mean([r["final_loss"] for r in records]) < np.mean([r["initial_loss"] for r in records])
