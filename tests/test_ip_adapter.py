@@ -101,7 +101,7 @@ def test_ip_adapter_doodl_fit_through_the_cli(world, write_config):
     """A DOODL fit with an IP-Adapter through ``cli.py``: it runs, lowers the loss, and writes its images."""
     tmp = world["tmp"]
     out = tmp / "fit"
-    cfg = write_config(tmp / "fit.yaml", world["sd"], out, steps=3, callbacks=[{"class_path": "callbacks.ResultsWriter"}],
+    cfg = write_config(tmp / "fit.yaml", world["sd"], out, steps=2, callbacks=[{"class_path": "callbacks.ResultsWriter"}],
                        ip_adapter=world["sd-adapter"], ip_adapter_image=world["image"], ip_adapter_scale=0.8,
                        update_rule="adam", lr=0.1, prompts=[PROMPT], seeds=[0])
     data = yaml.safe_load(Path(cfg).read_text())

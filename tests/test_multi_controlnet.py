@@ -91,7 +91,7 @@ def test_multi_controlnet_doodl_fit_through_the_cli(world, write_config):
     """A DOODL fit with two ControlNets through ``cli.py`` (one scale for both): it runs and lowers the loss."""
     tmp = world["tmp"]
     out = tmp / "fit"
-    cfg = write_config(tmp / "fit.yaml", world["sd"], out, steps=3, callbacks=[{"class_path": "callbacks.ResultsWriter"}],
+    cfg = write_config(tmp / "fit.yaml", world["sd"], out, steps=2, callbacks=[{"class_path": "callbacks.ResultsWriter"}],
                        controlnet=world["sd-nets"], control_images=world["images"], controlnet_scale=0.8,
                        update_rule="adam", lr=0.1, prompts=[PROMPT], seeds=[0], height=SIZE[0], width=SIZE[1])
     data = yaml.safe_load(Path(cfg).read_text())

@@ -264,6 +264,8 @@ class PretrainedBackbone(UNetBackbone):
             self.unet.enable_gradient_checkpointing()
             for net in controlnet_nets(self.controlnet):
                 net.enable_gradient_checkpointing()
+        if vae:  # the pipeline kept below holds the VAE in use, not the replaced one (its memory is freed)
+            pipe.vae = autoencoder
         self._pipeline = pipe  # the pipeline it is built from: an IP-Adapter loads onto it (``load_ip_adapter``)
         if ip_adapter is not None or ip_adapter_image is not None:
             self.load_ip_adapter(ip_adapter, ip_adapter_image, ip_adapter_scale)
