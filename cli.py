@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parent  # the repository: configs name the shipp
 # keys under ``model:`` (and ``ckpt_path``) whose values are input files; output directories
 # (default_root_dir, dirpath) stay relative to the working directory, where the user looks for them
 INPUT_PATH_KEYS = {"model", "model_config", "prompt_file", "source_image", "pretrained", "head", "checkpoint",
-                   "controlnet", "control_images", "vae",
+                   "controlnet", "control_images", "vae", "ip_adapter", "ip_adapter_image",
                    "labels", "references", "path", "ckpt_path"}
 UNION_ERROR = "Does not validate against any of the Union subtypes"
 

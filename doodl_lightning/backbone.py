@@ -298,7 +298,7 @@ class Backbone(nn.Module, ABC):
 
     @classmethod
     def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
-                   vae_checkpointing: bool = False, controlnet: str | None = None) -> "Backbone":
+                   vae_checkpointing: bool = False, controlnet: str | list[str] | None = None) -> "Backbone":
         """The ``model: <path or id>`` shortcut for a model registered to this class: ``cls(model, ...)`` with the
         shortcut's options (``controlnet`` only when given; a family without ControlNets overrides this to refuse)."""
         return cls(model, model_config=model_config, local_files_only=local_files_only, vae_checkpointing=vae_checkpointing,

@@ -61,7 +61,7 @@ def backbone_class(model: str, model_config: str | None = None, local_files_only
 
 
 def resolve_backbone(model: Backbone | str, model_config: str | None = None, local_files_only: bool | None = None,
-                     vae_checkpointing: bool = False, controlnet: str | None = None) -> Backbone:
+                     vae_checkpointing: bool = False, controlnet: str | list[str] | None = None) -> Backbone:
     """The module's ``model:`` value as a Backbone: an object as it is, a path or hub id loaded (the shortcut) by the
     class ``REGISTRY`` names for it."""
     if isinstance(model, Backbone):

@@ -7,4 +7,9 @@
 ``memory``         bytes autograd saves for a computation's backward (the memory-claims' measuring stick).
 ``flow_models``    SD3.5-medium / FLUX.1 transformers, VAEs and schedulers (real configs and tiny ones), and saved
                    tiny SD3 / FLUX pipelines (CLIP towers, T5 with an offline tokenizer).
+``sana_models``, ``flux2_models``, ``qwen_image_models``  tiny SANA / SANA-Sprint, FLUX.2 klein and Qwen-Image
+                   pipelines in their released layouts (offline Gemma / Qwen tokenizers).
+``families``       every family's tiny model by name (``TINY_MODELS``) and by pipeline class (``TINY_MODEL_OF``).
+``adapters``       a tiny IP-Adapter (weights in diffusers' key layout + its CLIP image encoder) and standalone
+                   ControlNets for several-at-once tests.
 """
