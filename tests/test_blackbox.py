@@ -295,3 +295,24 @@ def test_blackbox_dno_fits_through_the_cli(tiny_pipeline_dir, tmp_path):
     assert compute["unet_backprop_per_image"] == 0
     rows = [json.loads(line) for line in next(out.rglob("results.jsonl")).read_text().splitlines()]
     assert len(rows) == 2 and all("best_loss" in r for r in rows)
+
+
+def test_blackbox_demo_runs_both_methods_at_equal_unet_evaluations(tmp_path):
+    """The shapes demo on one prompt (2 items), 2-step chains, one DNO step: best-of-N gets N = DNO's chains per
+    image, so both spend the same UNet evaluations; step 0 of both is the seed noise; the JSON has every row."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "blackbox_demo.py"
+    spec = importlib.util.spec_from_file_location("blackbox_demo", script)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "demo.json"
+    assert demo.main(["--prompts", "1", "--chain-steps", "2", "--max-steps", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    unguided, bon, dno = rec["rows"]
+    assert rec["items"] == 2 and bon["method"] == "best-of-5"
+    assert bon["unet_evaluations_per_image"] == dno["unet_evaluations_per_image"] == 5 * 2
+    assert bon["unet_backprop_per_image"] == dno["unet_backprop_per_image"] == 0
+    assert unguided["evaluator_target"] == bon["curve"][0]["evaluator_target"]
+    assert bon["evaluator_target"] >= unguided["evaluator_target"]  # best-of-N keeps its best verdict
