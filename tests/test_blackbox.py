@@ -121,6 +121,7 @@ def test_blackbox_reward_calls_its_callable_and_refuses_bad_output():
     assert BlackBoxReward(lambda x: x.mean(dim=(1, 2, 3)))(images).shape == (3,)  # a callable from Python
     module = BlackBoxReward(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 1), torch.nn.Flatten(0)))
     assert not any(p.requires_grad for p in module.parameters())
+    torch.testing.assert_close(module(images, prompts, gens), -module.reward(images))  # forward(images) only
     holder = torch.nn.ModuleList([module])
     assert holder.state_dict() == {}, "the reward's model stays out of the search's checkpoints"
     with pytest.raises(ValueError, match="has no gradient.*zeroth_order.DNO"):

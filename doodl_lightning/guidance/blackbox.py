@@ -107,6 +107,7 @@ class BlackBoxReward(Guidance):
                              f"function, a class whose instances are callable, or a callable object")
         self.reward = obj  # an nn.Module is registered as a submodule, anything else kept as an attribute
         base = obj.func if isinstance(obj, functools.partial) else obj
+        base = base.forward if isinstance(base, nn.Module) else base  # a module's __call__ takes anything
         self.passes = {k: _accepts(base, k) for k in ("prompts", "generators")}
         self.sign = -1.0 if maximize else 1.0
         self.freeze()
