@@ -113,6 +113,12 @@ def summarise(label: str, rec: Record, verdicts, prompts: list[str], n_items: in
             **{k: sum(v) / n_items for k, v in final.items()}, "per_item": final, "kept_step": pick, "curve": curve}
 
 
+def _shown(path: str) -> str:
+    """A path as the record shows it: relative to the repository when inside it (the committed JSON names no home)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(CONFIG), help="the DNO config (cli.py's YAML)")
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
     write_json(a.out, {"what": "issue 28 item 4: DNO (zeroth order) vs best-of-N at equal UNet evaluations, the "
                                "shapes evaluator's verdict as the only reward; the evaluator is also a judge here, the "
                                "guide classifier's verdict is the independent check",
-                       "config": a.config,
+                       "config": _shown(a.config),
                        "items": n, "prompts": sorted(set(prompts)), "targets": targets,
                        "seeds": sorted({it.seed for it in dno.items}), "chain_steps": chain,
                        "dno": {k: dno.hparams[k] for k in ("directions", "mu", "hybrid_weight", "update_rule", "lr",
