@@ -183,13 +183,15 @@ def budget_points(curve: list[dict], budgets: list[float], key: str) -> dict:
     return out
 
 
-def validate_search(runner, task, plan, choices: dict, log=print) -> tuple[dict, dict]:
+def validate_search(runner, task, plan, choices: dict, log=print, methods=None) -> tuple[dict, dict]:
     """Each search method's knob at the full budget (``plan.n_max`` chains), then its point per budget; returns
-    (choices, runs) to add to ``val.json``."""
+    (choices, runs) to add to ``val.json``. ``methods``: only these (default all of ``METHODS``)."""
     runs, out = {}, {}
     budgets = [b * plan.steps for b in plan.budgets]
     update = {k: v for k, v in choices["doodl_ddim"].items() if k in UPDATE_KEYS}
     for name, method in METHODS.items():
+        if methods is not None and name not in methods:
+            continue
         cfg = choices[method.cfg_from]["cfg"]
         recs = []
         for value in getattr(plan, method.grid):

@@ -494,6 +494,33 @@ def run_parts(a, argv: list[str], variants: tuple) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def validate_search_only(runner, ctx, name: str, exp_dir: Path, plan: Plan, a, meta) -> None:
+    """``--stage val-search``: validate the search methods (``--methods`` among them) on an experiment whose val.json
+    already holds the other methods' frozen choices (DOODL's update and CFG, best-of-N's CFG, which they take), at
+    ``--search-chains`` chains per image, and add their choices and runs to it (rewritten atomically)."""
+    from search_methods import METHODS, validate_search
+
+    path = exp_dir / "val.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing: --stage val-search adds to a finished validation; run --stage val")
+    v = json.loads(path.read_text())
+    chains = a.search_chains or plan.n_max
+    if not 1 <= chains <= plan.n_max:
+        raise SystemExit(f"error: --search-chains must be in [1, {plan.n_max}] (best-of-N's largest N), got {chains}")
+    p = Plan(**{**plan.__dict__, "n_max": chains, "budgets": tuple(b for b in plan.budgets if b <= chains)})
+    methods = [m for m in a.methods if m in METHODS]
+    task = BUILDERS[name](ctx, "val")
+    log(f"== {name} validation of {', '.join(methods)} at {chains} chains per image: {len(task.prompts)} prompts x "
+        f"{len(task.seeds)} seeds", flush=True)
+    t = time.time()
+    more, runs = validate_search(runner, task, p, v["choices"], log, methods)
+    v["choices"].update(more)
+    v["runs"].update(runs)
+    v.setdefault("search_reruns", []).append({**meta(), "methods": methods, "chains": chains,
+                                              "budgets": list(p.budgets), "seconds": round(time.time() - t, 1)})
+    save_json(path, v)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -502,9 +529,12 @@ def main(argv=None) -> int:
     g.add_argument("--tiny", action="store_true", help="minimal sizes for a schema test (with --weights of tiny models)")
     ap.add_argument("--weights", type=Path, default=None, help="shapes-world weights directory (default: the package's)")
     ap.add_argument("--experiments", nargs="*", default=list(EXPERIMENTS), choices=EXPERIMENTS)
-    ap.add_argument("--stage", default="all", choices=["val", "test", "report", "all"],
+    ap.add_argument("--stage", default="all", choices=["val", "val-search", "test", "report", "all"],
                     help="val: choose and freeze the knobs; test: run methods with the frozen choices; report: merge")
     ap.add_argument("--methods", nargs="*", default=list(TEST_METHODS), choices=TEST_METHODS, help="test methods to run")
+    ap.add_argument("--search-chains", type=int, default=None,
+                    help="val-search: the search methods' largest budget in chains per image (default the plan's n_max; "
+                         "the budget table's budgets above it are left out for them)")
     ap.add_argument("--extras-items", type=int, default=None, help="test items of the subset methods (EDICT, cutouts)")
     ap.add_argument("--no-variants", action="store_true",
                     help="skip DOODL-EDICT, cutouts and EDICT at the paper's steps (validation and test)")
@@ -519,6 +549,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.stage == "val-search" and a.jobs > 1:
+        ap.error("--stage val-search runs in one process (it rewrites each val.json): drop --jobs")
     if a.weights is None:
         from doodl_lightning.shapes import weights_dir
 
@@ -562,6 +594,8 @@ def main(argv=None) -> int:
             p = Plan(**{**plan.__dict__, "search": plan.search and name in mode.get("search", EXPERIMENTS)})
             v = validate(runner, task, p, extras=not a.no_variants and name in mode.get("variants", EXPERIMENTS))
             save_json(exp_dir / "val.json", {"task": task_info(task), "meta": {**meta(), "seconds": round(time.time() - t, 1)}, **v})
+        if a.stage == "val-search":  # the search methods added to an existing validation (its choices kept)
+            validate_search_only(runner, ctx, name, exp_dir, plan, a, meta)
         if a.stage in ("test", "all"):
             if not (exp_dir / "val.json").is_file():
                 raise SystemExit(f"error: {exp_dir / 'val.json'} is missing: run --stage val first (the test run uses "
