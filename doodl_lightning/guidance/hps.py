@@ -12,8 +12,9 @@ from torch import Tensor
 from . import loading
 from .augment import normalize
 from .base import Guidance
+from .clip_processor import bicubic_resize
 from .loading import load_into, load_state_dict_file
-from .pickscore import bicubic_resize, need_prompts
+from .pickscore import need_prompts
 from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["HPSGuidance", "resize_longest_side_pad"]

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .augment import normalize
 from .base import Guidance
+from .clip_processor import bicubic_resize
 from .loading import load_state_dict_file, one_line
-from .pickscore import bicubic_resize, need_prompts
+from .pickscore import need_prompts
 from ..precision import at_least_float32
 
 __all__ = ["HPSv3Guidance", "map_hpsv3_keys", "smart_resize", "patchify", "HPSV3_INSTRUCTION", "HPSV3_REWARD_PROMPT"]

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .augment import normalize
 from .base import Guidance
+from .clip_processor import center_crop, resize_shortest_side
 from .loading import load_into, load_state_dict_file, one_line, require_file
-from .pickscore import center_crop, need_prompts, resize_shortest_side
+from .pickscore import need_prompts
 from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["ImageRewardGuidance", "ImageRewardModel", "map_image_reward_keys", "IMAGE_REWARD_MEAN",

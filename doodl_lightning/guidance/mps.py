@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import normalize
 from .base import Guidance
+from .clip_processor import CLIPPreprocess
 from .loading import load_into, load_state_dict_file, one_line
-from .pickscore import bicubic_resize, center_crop, need_prompts, resize_shortest_side
+from .pickscore import need_prompts
 from ..precision import at_least_float32, to_module_dtype
 
 __all__ = ["MPSGuidance", "MPSCrossModel", "map_mps_keys", "MPS_CONDITION"]
@@ -35,8 +35,6 @@ _CROSS_KEYS = {
     "1.fn.attn_out.weight": "attend_image.attn_out.weight", "1.fn.ff_out.1.weight": "attend_image.ff_out.weight",
 }
 _CROSS_KEY = re.compile(r"cross_model\.layers\.(\d+)\.(.+)")
-# PIL resample codes a CLIP processor config stores -> F.interpolate modes (antialiased: PIL's kernels)
-RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
 # transformers 4.x saved CLIP's position_ids as persistent buffers; they are arange and rebuilt by the model
 _STALE = ("model.text_model.embeddings.position_ids", "model.vision_model.embeddings.position_ids")
 
@@ -168,19 +166,6 @@ class MPSCrossModel(nn.Module):
         return image
 
 
-def processor_size(size, owner: str, what: str) -> int | tuple[int, int]:
-    """A CLIP processor's ``size`` / ``crop_size`` -> an int (shortest edge) or (h, w); one-line error otherwise."""
-    get = size.get if isinstance(size, dict) else (lambda k: getattr(size, k, None))
-    if isinstance(size, int):
-        return (size, size) if what == "crop_size" else size
-    if get("shortest_edge") and not get("longest_edge"):
-        return int(get("shortest_edge"))
-    if get("height") and get("width"):
-        return int(get("height")), int(get("width"))
-    raise ValueError(f"{owner}: unsupported image processor {what} {size!r} (expected {{'shortest_edge': s}} or "
-                     "{'height': h, 'width': w})")
-
-
 def _require_dir(path: str | None, what: str) -> Path:
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -231,8 +216,8 @@ class MPSGuidance(Guidance):
     divided by the largest, kept where above ``condition_threshold`` (0.3 in the evaluations); the image tokens
     attend to the kept prompt tokens through ``MPSCrossModel``; its first (CLS) token against the EOS embedding.
     The reference scores one image at a time, so its normalising maximum is each item's own; it is here too.
-    Image side: the CLIP processor rebuilt differentiably (shortest side to 224, bicubic antialiased as PIL,
-    centre crop 224, CLIP mean / std). Prompt-side tensors are cached per prompt.
+    Image side: the CLIP processor rebuilt differentiably (``CLIPPreprocess``, as PickScore's: shortest side to 224,
+    bicubic antialiased as PIL, centre crop 224, CLIP mean / std). Prompt-side tensors are cached per prompt.
     """
 
     default_name = "mps"
@@ -265,36 +250,14 @@ class MPSGuidance(Guidance):
         self.condition = str(condition)
         self.condition_threshold = float(condition_threshold)
         self.max_length = int(self.tokenizer.model_max_length)
-        self._configure_pixels(image_processor, folder)
+        self.pixels = CLIPPreprocess(image_processor, f"MPS processor {folder}",
+                                     int(self.clip.config.vision_config.image_size), model="the CLIP")
         self._prompt_cache: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.freeze()
 
-    def _configure_pixels(self, cfg, folder: Path) -> None:
-        owner = f"MPS processor {folder}"
-        self.resize = processor_size(cfg.size, owner, "size") if getattr(cfg, "do_resize", True) else None
-        self.crop = processor_size(cfg.crop_size, owner, "crop_size") if getattr(cfg, "do_center_crop", True) else None
-        resample = int(getattr(cfg, "resample", 3) or 3)
-        if resample not in RESAMPLE_MODES:
-            raise ValueError(f"{owner}: unsupported resample {resample} (bilinear 2 or bicubic 3)")
-        self.resample = RESAMPLE_MODES[resample]
-        self.mean = tuple(float(v) for v in cfg.image_mean)
-        self.std = tuple(float(v) for v in cfg.image_std)
-        size = int(self.clip.config.vision_config.image_size)
-        out = self.crop if self.crop is not None else self.resize
-        if not isinstance(out, tuple) or out != (size, size):
-            raise ValueError(f"{owner}: its images come out {out} but the CLIP takes {size}x{size}; use the processor "
-                             "folder that belongs to the model")
-
     def preprocess(self, images: Tensor) -> Tensor:
         """images (N, 3, H, W) in [-1, 1] -> the CLIP processor's pixel_values (N, 3, S, S), differentiably."""
-        x = images
-        if isinstance(self.resize, int):
-            x = resize_shortest_side(x, self.resize, self.resample)
-        elif self.resize is not None:
-            x = bicubic_resize(x, self.resize, self.resample)
-        if self.crop is not None:
-            x = center_crop(x, self.crop)
-        return normalize(x, self.mean, self.std)
+        return self.pixels(images)
 
     def _text_tokens(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """(every token's projected final state (B, L, D), the projected EOS state (B, D)), no attention mask."""
