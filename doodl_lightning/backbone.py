@@ -22,8 +22,8 @@ from .objective import decode_latents
 from .precision import at_least_float32, module_dtype, to_module_dtype
 from .sampling import SAMPLERS
 
-__all__ = ["WEIGHT_SUFFIXES", "Backbone", "ModelNotFoundError", "complete_weights", "hub_offline", "load_pipeline",
-           "model_index", "naming_bad_weights", "pipeline_class_name"]
+__all__ = ["WEIGHT_SUFFIXES", "Backbone", "ModelNotFoundError", "complete_weights", "hub_offline", "image_sides",
+           "load_pipeline", "model_index", "naming_bad_weights", "pipeline_class_name", "posterior_latents"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -265,6 +265,37 @@ def load_pipeline(model: str, config: str | None, local_files_only: bool | None,
             ) from None
 
 
+def image_sides(height: int | None, width: int | None, default: int, multiple: int, reason: str,
+                each=None) -> tuple[int, int]:
+    """(height, width) of the image asked for (None: ``default``; one number: a square), each side a positive
+    multiple of ``multiple``, else a one-line error ``"<side> <px> is not a positive multiple of <multiple>:
+    <reason>; use e.g. <px>"``; the side is named "resolution" for a square. ``each(name, px)``, when given, checks
+    a side further (after its multiple, before the next side)."""
+    height = height or default
+    width = width or height
+    sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
+    for name, res in sides:
+        if res <= 0 or res % multiple:
+            raise ValueError(f"{name} {res} is not a positive multiple of {multiple}: {reason}; use e.g. "
+                             f"{max(multiple, res // multiple * multiple)}")
+        if each is not None:
+            each(name, res)
+    return height, width
+
+
+def posterior_latents(mean: Tensor, std: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
+    """A VAE posterior (its ``latent_dist``'s ``mean`` and ``std``) -> float32 latents: the mean, or with
+    ``generators`` (one CPU generator per image) a posterior sample, mean + std N(0, I), as the official editing
+    code (``latent_dist.sample(generator)``). The noise is drawn in float32 whatever the precision."""
+    z = at_least_float32(mean)
+    if generators is not None:
+        if len(generators) != len(z):
+            raise ValueError(f"{len(generators)} generators for {len(z)} images: give one per image")
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators])
+        z = z + std.to(z.dtype) * noise.to(z.device, z.dtype)
+    return z
+
+
 class Backbone(nn.Module, ABC):
     """A frozen text-to-image latent model behind one interface, whatever its family: what the module, the CLI, the
     chain's gradient code and the benchmarks call.
@@ -386,12 +417,7 @@ class Backbone(nn.Module, ABC):
         code (``latent_dist.sample(generator)``). The noise is drawn in float32 whatever the precision."""
         cfg = self.vae.config
         post = self.vae.encode(to_module_dtype(images.to(self.vae.device), self.vae)).latent_dist
-        z = at_least_float32(post.mean)
-        if generators is not None:
-            if len(generators) != len(z):
-                raise ValueError(f"{len(generators)} generators for {len(z)} images: give one per image")
-            noise = torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators])
-            z = z + post.std.to(z.dtype) * noise.to(z.device, z.dtype)
+        z = posterior_latents(post.mean, post.std, generators)
         if getattr(cfg, "shift_factor", None):
             z = z - cfg.shift_factor
         return z * cfg.scaling_factor

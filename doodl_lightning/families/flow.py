@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, load_pipeline, pipeline_class_name
+from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline, pipeline_class_name
 from ..conditioning import Conditioning
 from ..checks import check_finite
 from ..precision import module_dtype
@@ -302,18 +302,16 @@ class FlowBackbone(Backbone):
         """(16, h, w) of a ``height`` x ``width`` image (None: the model's size; one number: a square); the latent
         sides must split into the transformer's patches (SD3 patch_size, FLUX 2x2), within SD3's position table."""
         f, p = self.vae_scale_factor, self.patch
-        height = height or self.default_size
-        width = width or height
-        sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
-        for name, res in sides:
-            if res <= 0 or res % (f * p):
-                how = "packs 2x2 latent patches" if self.kind == "flux" else f"cuts {p}x{p} latent patches"
-                raise ValueError(f"{name} {res} is not a positive multiple of {f * p}: the VAE downsamples by {f} and "
-                                 f"{self.kind.upper()} {how}; use e.g. {max(f * p, res // (f * p) * f * p)}")
+
+        def within_positions(name: str, res: int) -> None:
             limit = self.transformer.config.get("pos_embed_max_size") if self.kind == "sd3" else None
             if limit and res // (f * p) > limit:
                 raise ValueError(f"{name} {res} is larger than this SD3 model's position table allows "
                                  f"({limit} patches = {limit * f * p} px): use at most {limit * f * p}")
+
+        how = "packs 2x2 latent patches" if self.kind == "flux" else f"cuts {p}x{p} latent patches"
+        height, width = image_sides(height, width, self.default_size, f * p,
+                                    f"the VAE downsamples by {f} and {self.kind.upper()} {how}", within_positions)
         channels = self.transformer.config.in_channels // (4 if self.kind == "flux" else 1)
         return channels, height // f, width // f
 

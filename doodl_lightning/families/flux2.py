@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, load_pipeline
+from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline, posterior_latents
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -212,13 +212,8 @@ class Flux2Backbone(FlowBackbone):
         """(128, H/16, W/16) of an H x W image (None: the model's size; one number: a square): the patchified,
         normalised space the pipeline draws its noise in; each side a multiple of the VAE's factor x 2."""
         f = self.vae_scale_factor
-        height = height or self.default_size
-        width = width or height
-        sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
-        for name, res in sides:
-            if res <= 0 or res % f:
-                raise ValueError(f"{name} {res} is not a positive multiple of {f}: the VAE downsamples by "
-                                 f"{self.vae_factor} and FLUX.2 patchifies 2x2 latent patches; use e.g. {max(f, res // f * f)}")
+        height, width = image_sides(height, width, self.default_size, f, f"the VAE downsamples by {self.vae_factor} "
+                                    "and FLUX.2 patchifies 2x2 latent patches")
         return self.transformer.config.in_channels, height // f, width // f
 
     # -- text -------------------------------------------------------------------------------------------
@@ -301,13 +296,7 @@ class Flux2Backbone(FlowBackbone):
         ``generators`` a posterior sample, patchified and normalised by the batch-norm statistics
         (Flux2KleinPipeline._encode_vae_image)."""
         post = self.vae.encode(to_module_dtype(images.to(self.vae.device), self.vae)).latent_dist
-        z = at_least_float32(post.mean)
-        if generators is not None:
-            if len(generators) != len(z):
-                raise ValueError(f"{len(generators)} generators for {len(z)} images: give one per image")
-            noise = torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators])
-            z = z + post.std.to(z.dtype) * noise.to(z.device, z.dtype)
-        x = patchify(z)
+        x = patchify(posterior_latents(post.mean, post.std, generators))
         mean, std = self._bn(x)
         return (x - mean) / std
 

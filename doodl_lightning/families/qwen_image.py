@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, load_pipeline
+from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline, posterior_latents
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -204,13 +204,8 @@ class QwenImageBackbone(FlowBackbone):
         """(16, h, w) of a ``height`` x ``width`` image (None: 1024; one number: a square); each side a multiple of
         twice the VAE factor (the latents are packed 2x2)."""
         f = self.vae_scale_factor
-        height = height or self.default_size
-        width = width or height
-        sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
-        for name, res in sides:
-            if res <= 0 or res % (2 * f):
-                raise ValueError(f"{name} {res} is not a positive multiple of {2 * f}: the VAE downsamples by {f} and "
-                                 f"Qwen-Image packs 2x2 latent patches; use e.g. {max(2 * f, res // (2 * f) * 2 * f)}")
+        height, width = image_sides(height, width, self.default_size, 2 * f,
+                                    f"the VAE downsamples by {f} and Qwen-Image packs 2x2 latent patches")
         return self.transformer.config.in_channels // 4, height // f, width // f
 
     # -- text -------------------------------------------------------------------------------------------
@@ -282,12 +277,7 @@ class QwenImageBackbone(FlowBackbone):
         """VAE-encode images in [-1, 1] (one-frame videos) to normalised float32 latents (z - latents_mean) /
         latents_std, as QwenImageImg2ImgPipeline: the posterior mean, or with ``generators`` a posterior sample."""
         post = self.vae.encode(to_module_dtype(images.to(self.vae.device), self.vae)[:, :, None]).latent_dist
-        z = at_least_float32(post.mean[:, :, 0])
-        if generators is not None:
-            if len(generators) != len(z):
-                raise ValueError(f"{len(generators)} generators for {len(z)} images: give one per image")
-            noise = torch.stack([torch.randn(z.shape[1:], generator=g, dtype=torch.float32) for g in generators])
-            z = z + post.std[:, :, 0].to(z.dtype) * noise.to(z.device, z.dtype)
+        z = posterior_latents(post.mean[:, :, 0], post.std[:, :, 0], generators)
         mean, inv_std = self._latent_stats(z)
         return (z - mean) * inv_std
 

@@ -29,7 +29,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, load_pipeline
+from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -215,13 +215,7 @@ class SanaBackbone(FlowBackbone):
         """(C, h, w) of a ``height`` x ``width`` image (None: the model's size; one number: a square); each side a
         multiple of the AE's factor x the transformer's patch."""
         f, p = self.vae_scale_factor, self.patch
-        height = height or self.default_size
-        width = width or height
-        sides = (("resolution", height),) if height == width else (("height", height), ("width", width))
-        for name, res in sides:
-            if res <= 0 or res % (f * p):
-                raise ValueError(f"{name} {res} is not a positive multiple of {f * p}: the autoencoder downsamples by "
-                                 f"{f}; use e.g. {max(f * p, res // (f * p) * f * p)}")
+        height, width = image_sides(height, width, self.default_size, f * p, f"the autoencoder downsamples by {f}")
         return self.transformer.config.in_channels, height // f, width // f
 
     # -- text -------------------------------------------------------------------------------------------
