@@ -9,6 +9,9 @@
                    tiny SD3 / FLUX pipelines (CLIP towers, T5 with an offline tokenizer).
 ``sana_models``, ``flux2_models``, ``qwen_image_models``  tiny SANA / SANA-Sprint, FLUX.2 klein and Qwen-Image
                    pipelines in their released layouts (offline Gemma / Qwen tokenizers).
+``family_models``  SANA 1600M / SANA-Sprint 1.6B, FLUX.2 klein 4B and Qwen-Image by name (real configs, written in
+                   the three modules above, and tiny ones), built through each family's backbone without a text encoder,
+                   with random conditioning of its encoder's shape (the benchmarks' ``--sd-config``).
 ``families``       every family's tiny model by name (``TINY_MODELS``) and by pipeline class (``TINY_MODEL_OF``).
 ``adapters``       a tiny IP-Adapter (weights in diffusers' key layout + its CLIP image encoder) and standalone
                    ControlNets for several-at-once tests.

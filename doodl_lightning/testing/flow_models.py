@@ -22,7 +22,7 @@ import torch
 
 __all__ = [
     "FLOW_ARCHITECTURES", "FLOW_DEFAULT_RESOLUTION", "build_flow_scheduler", "build_flow_transformer", "build_flow_vae",
-    "flow_parameter_count", "flow_scheduler_config",
+    "creating", "flow_parameter_count", "flow_scheduler_config",
     "flow_transformer_config", "flow_vae_config", "save_tiny_flux_pipeline", "save_tiny_sd3_pipeline", "sd3_velocity",
     "tiny_flux_transformer", "tiny_sd3_transformer", "tiny_t5_tokenizer",
 ]
@@ -163,6 +163,26 @@ def flow_vae_config(name: str) -> dict:
 
 def flow_scheduler_config(name: str) -> dict:
     return copy.deepcopy(_SCHEDULER[_check(name)])
+
+
+class creating:
+    """Modules created inside are created on ``device`` (None: where torch creates them) with their floating-point
+    tensors in ``dtype`` (torch's default dtype, restored on exit): a model whose float32 weights would not fit is made
+    directly in bfloat16 (checked for Qwen-Image: every tensor gets the dtype a float32 build cast with ``.to`` gets)."""
+
+    def __init__(self, device, dtype):
+        self.device = torch.device(device) if device is not None else nullcontext()
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        self.device.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.device.__exit__(*exc)
+        torch.set_default_dtype(self.saved)
 
 
 def _building(device, seed: int):

@@ -11,9 +11,13 @@
                                     the klein base (CFG, ``is_distilled`` false in model_index.json).
 ``FLUX2_KLEIN_4B``                  black-forest-labs/FLUX.2-klein-4B's transformer config, for size and speed
                                     measurements (``build_flux2_transformer``; meta device for counting).
+``build_flux2_backbone``            a ``Flux2Backbone`` without text encoder, random weights: ``flux2-klein`` (the 4B
+                                    transformer + the released VAE) or ``tiny-flux2-klein``; ``layers`` for smoke runs.
 
 The real configs are written as remembered from the published config.json files (not verifiable here without
-the hub); the tiny ones keep their structure: 128 = 32 latent channels x the 2x2 patchify, RoPE axes summing
+the hub; the 4B transformer's numbers are those of diffusers' scripts/convert_flux2_to_diffusers.py, model type
+klein-4b, and the VAE is diffusers' AutoencoderKLFlux2 defaults, what that script converts into); the tiny ones keep
+their structure: 128 = 32 latent channels x the 2x2 patchify, RoPE axes summing
 to the head width, joint width = 3 x the text encoder's hidden size.
 """
 from __future__ import annotations
@@ -23,12 +27,13 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ["FLUX2_KLEIN_4B", "FLUX2_SCHEDULER", "QWEN3_CHAT_TEMPLATE", "build_flux2_transformer",
-           "save_tiny_flux2_klein_pipeline", "tiny_qwen2_tokenizer"]
+__all__ = ["FLUX2_ARCHITECTURES", "FLUX2_KLEIN_4B", "FLUX2_SCHEDULER", "QWEN3_CHAT_TEMPLATE", "build_flux2_backbone",
+           "build_flux2_transformer", "flux2_transformer_config", "save_tiny_flux2_klein_pipeline", "tiny_qwen2_tokenizer"]
 
 # black-forest-labs/FLUX.2-klein-4B transformer/config.json (as remembered): 5 double + 20 single blocks,
 # 24 heads x 128, 128 = 32 VAE channels x 2x2, RoPE axes 4 x 32, joint width 3 x Qwen3-4B's 2560 = 7680,
-# no guidance embedding (klein is guidance-distilled into the weights).
+# no guidance embedding (klein is guidance-distilled into the weights). Every number here equals diffusers'
+# scripts/convert_flux2_to_diffusers.py's "klein-4b" config (checked); the hub file itself is not reachable offline.
 FLUX2_KLEIN_4B = dict(
     patch_size=1, in_channels=128, out_channels=None, num_layers=5, num_single_layers=20, attention_head_dim=128,
     num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
@@ -58,6 +63,54 @@ QWEN3_CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 _QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+# black-forest-labs/FLUX.2-klein-4B vae/config.json: diffusers' AutoencoderKLFlux2 defaults (convert_flux2_to_diffusers.py
+# builds ``AutoencoderKLFlux2()`` and loads the released flux2-vae into it): 128-256-512-512, 2 layers per block, 32
+# latent channels, quant convs, 2x2 patchify with batch norm (eps 1e-4); written out so a diffusers default change
+# shows. The batch norm's running statistics stay at their init (mean 0, var 1): no effect on timings.
+FLUX2_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, act_fn="silu", latent_channels=32, norm_num_groups=32,
+    sample_size=1024, use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=1e-4,
+    batch_norm_momentum=0.1, patch_size=(2, 2),
+)
+FLUX2_ARCHITECTURES = ("tiny-flux2-klein", "flux2-klein")
+
+
+def flux2_transformer_config(name: str, layers: int | None = None) -> dict:
+    """``Flux2Transformer2DModel`` kwargs of ``tiny-flux2-klein`` or ``flux2-klein`` (FLUX.2-klein-4B); ``layers``: a
+    shortened copy for smoke runs, ``layers`` double-stream and 4 x ``layers`` single-stream blocks (klein 4B's 5 : 20)."""
+    configs = {"tiny-flux2-klein": _TINY_FLUX2, "flux2-klein": FLUX2_KLEIN_4B}
+    if name not in configs:
+        raise ValueError(f"unknown FLUX.2 architecture {name!r}; choose one of {', '.join(configs)}")
+    cfg = copy.deepcopy(configs[name])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        cfg.update(num_layers=min(layers, cfg["num_layers"]), num_single_layers=min(4 * layers, cfg["num_single_layers"]))
+    return cfg
+
+
+def build_flux2_backbone(name: str, *, device=None, dtype=torch.float32, seed: int = 0, layers: int | None = None):
+    """A distilled-klein ``Flux2Backbone`` of architecture ``name`` (random weights, no text encoder: conditioning is
+    (N, L, joint_attention_dim) states), its scheduler FLUX.2's; created on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    from ..families.flux2 import Flux2Backbone
+    from .flow_models import creating
+
+    if name == "tiny-flux2-klein":
+        vae = _tiny_vae(seed + 1)
+        if device is not None or dtype != torch.float32:
+            vae = vae.to(device=device, dtype=dtype)
+    with creating(device, dtype):
+        torch.manual_seed(seed)
+        transformer = Flux2Transformer2DModel(**flux2_transformer_config(name, layers))
+        if name != "tiny-flux2-klein":
+            torch.manual_seed(seed + 1)
+            vae = AutoencoderKLFlux2(**FLUX2_VAE)
+    return Flux2Backbone(transformer.eval(), vae.eval(), FlowMatchEulerDiscreteScheduler.from_config(FLUX2_SCHEDULER),
+                         is_distilled=True)
 
 
 def build_flux2_transformer(config: dict | None = None, *, device=None, dtype=torch.float32, seed: int = 0):

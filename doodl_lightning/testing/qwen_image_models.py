@@ -6,7 +6,8 @@
               byte-level BPE ``Qwen2Tokenizer``, a two-level ``AutoencoderKLQwenImage`` (the video-style causal VAE,
               x2 downsampling, the released latents_mean / latents_std) and the released scheduler config.
 ``qwen-image`` Qwen/Qwen-Image's transformer / VAE / scheduler configs (20 B parameters in the transformer alone, and
-              a 7 B text encoder), for the sizes a GPU script needs.
+              a 7 B text encoder), for the sizes a GPU script needs: ``build_qwen_image_backbone`` (no text encoder;
+              ``qwen-image`` or ``tiny-qwen-image``, ``layers`` for smoke runs).
 
 The tiny tokenizer spells every word of the pipeline's prompt template as one token, as the real Qwen2 vocabulary
 does, so the template's system prefix is exactly the 34 tokens ``QwenImagePipeline`` drops
@@ -24,7 +25,8 @@ import copy
 
 import torch
 
-__all__ = ["QWEN_IMAGE_SCHEDULER", "QWEN_TEMPLATE_WORDS", "build_qwen_image_scheduler", "qwen_image_transformer_config",
+__all__ = ["QWEN_IMAGE_ARCHITECTURES", "QWEN_IMAGE_SCHEDULER", "QWEN_TEMPLATE_WORDS", "build_qwen_image_backbone",
+           "build_qwen_image_scheduler", "qwen_image_transformer_config", "qwen_image_vae_config",
            "save_tiny_qwen_image_pipeline", "tiny_qwen_text_encoder", "tiny_qwen_tokenizer"]
 
 # Qwen/Qwen-Image scheduler/scheduler_config.json
@@ -43,6 +45,13 @@ _TINY_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_laye
                          axes_dims_rope=(4, 6, 6))  # sums to attention_head_dim, as 16 + 56 + 56 = 128
 # x2 spatial downsampling (one level), 16 latent channels, the released latents_mean / latents_std (the defaults)
 _TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False])
+# Qwen/Qwen-Image vae/config.json: diffusers 0.42's AutoencoderKLQwenImage defaults written out (the Wan-2.1-style
+# causal video VAE: base_dim 96, dim_mult 1-2-4-4, 2 res blocks, no attention scales, temporal downsampling only in
+# the last two levels, x8 spatially, 16 latent channels); latents_mean / latents_std stay the class defaults. As the
+# module docstring says, the hub file is said to equal the defaults; not verifiable offline.
+_QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                       temperal_downsample=[False, True, True], dropout=0.0)
+QWEN_IMAGE_ARCHITECTURES = ("tiny-qwen-image", "qwen-image")
 
 # the words of QwenImagePipeline.prompt_template_encode (each one token in Qwen's vocabulary), the template's chat
 # roles, and the tests' prompt words; "Ġ" is byte-level BPE's leading space
@@ -52,12 +61,43 @@ _PROMPT_WORDS = "a Ġa Ġred Ġblue Ġgreen Ġcircle Ġsquare Ġtriangle Ġphoto
 _SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def qwen_image_transformer_config(name: str = "tiny") -> dict:
-    """The transformer's config: ``tiny`` or ``qwen-image`` (Qwen/Qwen-Image)."""
-    configs = {"tiny": _TINY_TRANSFORMER, "qwen-image": _QWEN_IMAGE_TRANSFORMER}
+def qwen_image_transformer_config(name: str = "tiny", layers: int | None = None) -> dict:
+    """The transformer's config: ``tiny`` (= ``tiny-qwen-image``) or ``qwen-image`` (Qwen/Qwen-Image); ``layers``: the
+    first ``layers`` double-stream blocks only (smoke runs)."""
+    configs = {"tiny": _TINY_TRANSFORMER, "tiny-qwen-image": _TINY_TRANSFORMER, "qwen-image": _QWEN_IMAGE_TRANSFORMER}
+    if name not in configs:
+        raise ValueError(f"unknown Qwen-Image architecture {name!r}; choose one of {', '.join(configs)}")
+    cfg = copy.deepcopy(configs[name])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        cfg["num_layers"] = min(layers, cfg["num_layers"])
+    return cfg
+
+
+def qwen_image_vae_config(name: str = "tiny") -> dict:
+    """``AutoencoderKLQwenImage`` kwargs: ``tiny`` (= ``tiny-qwen-image``) or ``qwen-image``."""
+    configs = {"tiny": _TINY_VAE, "tiny-qwen-image": _TINY_VAE, "qwen-image": _QWEN_IMAGE_VAE}
     if name not in configs:
         raise ValueError(f"unknown Qwen-Image architecture {name!r}; choose one of {', '.join(configs)}")
     return copy.deepcopy(configs[name])
+
+
+def build_qwen_image_backbone(name: str, *, device=None, dtype=torch.float32, seed: int = 0, layers: int | None = None):
+    """A ``QwenImageBackbone`` of architecture ``name`` (random weights, no text encoder: conditioning is text states
+    with their mask), the released scheduler; created on ``device`` in ``dtype`` (Qwen-Image's 20 B parameters are
+    82 GB in float32: build it in bfloat16 on an 80 GB GPU)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from ..families.qwen_image import QwenImageBackbone
+    from .flow_models import creating
+
+    with creating(device, dtype):
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(**qwen_image_transformer_config(name, layers))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKLQwenImage(**qwen_image_vae_config(name))
+    return QwenImageBackbone(transformer.eval(), vae.eval(), build_qwen_image_scheduler())
 
 
 def build_qwen_image_scheduler():

@@ -11,11 +11,13 @@ a character-level tokenizer built offline. Loading them back goes through exactl
 """
 from __future__ import annotations
 
+import copy
 import string
 
 import torch
 
-__all__ = ["SANA_DPM_SCHEDULER", "save_tiny_sana_pipeline", "save_tiny_sana_sprint_pipeline", "tiny_gemma_tokenizer"]
+__all__ = ["SANA_ARCHITECTURES", "SANA_DPM_SCHEDULER", "build_sana_backbone", "sana_transformer_config",
+           "sana_vae_config", "save_tiny_sana_pipeline", "save_tiny_sana_sprint_pipeline", "tiny_gemma_tokenizer"]
 
 LATENT_CHANNELS = 8
 CAPTION_DIM = 16  # the tiny Gemma-2's hidden size = the transformer's caption_channels
@@ -30,6 +32,103 @@ SANA_DPM_SCHEDULER = dict(
 )
 # Sana_Sprint_1.6B_1024px_diffusers scheduler: SCMScheduler's defaults (TrigFlow, sigma_data 0.5)
 SANA_SCM_SCHEDULER = dict(num_train_timesteps=1000, prediction_type="trigflow", sigma_data=0.5)
+
+# -- the released sizes (random weights for benchmarks) ---------------------------------------------------------------
+
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers transformer/config.json. Sources: diffusers' scripts/
+# convert_sana_to_diffusers.py, model type SanaMS_1600M_P1_D20 at image_size 1024 (70 linear-attention heads x 32 =
+# 2240 wide, 20 blocks, cross-attention 20 heads x 112 = 2240, caption_channels 2304 = Gemma-2-2B's width, mlp_ratio
+# 2.5, sample_size 1024 // 32 = 32, patch 1, 32 channels in and out, no bias in attention, norm without affine,
+# eps 1e-6, interpolation_scale None at 1024 = no position embedding); the same numbers are the defaults (and the
+# docstring) of diffusers 0.42's SanaTransformer2DModel. qk_norm None, timestep_scale 1.0: the defaults (the script
+# sets qk_norm only for SANA-1.5 and SANA-Sprint), not checked against the hub file (offline).
+_SANA_1600M = dict(
+    in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+    mlp_ratio=2.5, attention_bias=False, sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6,
+    interpolation_scale=None,
+)
+# Efficient-Large-Model/Sana_Sprint_1.6B_1024px_diffusers transformer/config.json: SanaSprint_1600M_P1_D20 in the same
+# script = the 1600M transformer + guidance_embeds=True and qk_norm "rms_norm_across_heads" (its q/k norms in both
+# attentions). guidance_embeds_scale 0.1: diffusers' default, which the script does not override and SanaSprintPipeline
+# multiplies the guidance by; not verifiable offline against the hub file.
+_SANA_SPRINT_1600M = dict(_SANA_1600M, guidance_embeds=True, guidance_embeds_scale=0.1, qk_norm="rms_norm_across_heads")
+# mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers (the vae/ of both repos; SANA-Sprint's may be the sana-1.1 decoder
+# fine-tune, the same architecture): diffusers' scripts/convert_dcae_to_diffusers.py, convert_ae(): 6 stages
+# 128-256-512-512-1024-1024, ResBlock x3 then EfficientViTBlock x3 with multi-scale (5) linear attention, encoder
+# 2-2-2-3-3-3 / decoder 3 x 6 layers, conv downsampling, interpolate upsampling, RMS norm + SiLU in the decoder,
+# 32 latent channels, scaling_factor 0.41407, attention_head_dim 32 (the default).
+_SANA_DC_AE = dict(
+    in_channels=3, latent_channels=32, attention_head_dim=32,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024), decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    downsample_block_type="conv", upsample_block_type="interpolate", decoder_norm_types="rms_norm",
+    decoder_act_fns="silu", scaling_factor=0.41407,
+)
+# the tiny ones of the saved test pipelines (4x AE, 8 channels; see _tiny_transformer / _tiny_dc_ae)
+_TINY_SANA = dict(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=8,
+                  num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                  caption_channels=CAPTION_DIM, mlp_ratio=2.5, sample_size=8, patch_size=1)
+_TINY_SANA_SPRINT = dict(_TINY_SANA, guidance_embeds=True, guidance_embeds_scale=0.1, qk_norm="rms_norm_across_heads")
+_TINY_DC_AE = dict(in_channels=3, latent_channels=LATENT_CHANNELS, attention_head_dim=4,
+                   encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                   decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                   encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
+                   encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                   encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+                   decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
+
+# name -> (transformer, autoencoder, sprint)
+_ARCH = {
+    "tiny-sana": (_TINY_SANA, _TINY_DC_AE, False), "tiny-sana-sprint": (_TINY_SANA_SPRINT, _TINY_DC_AE, True),
+    "sana-1600m": (_SANA_1600M, _SANA_DC_AE, False), "sana-sprint": (_SANA_SPRINT_1600M, _SANA_DC_AE, True),
+}
+SANA_ARCHITECTURES = tuple(_ARCH)
+
+
+def _arch(name: str):
+    if name not in _ARCH:
+        raise ValueError(f"unknown SANA architecture {name!r}; choose one of {', '.join(_ARCH)}")
+    return _ARCH[name]
+
+
+def sana_transformer_config(name: str, layers: int | None = None) -> dict:
+    """``SanaTransformer2DModel`` kwargs of architecture ``name``; ``layers``: the first ``layers`` blocks only."""
+    cfg = copy.deepcopy(_arch(name)[0])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        cfg["num_layers"] = min(layers, cfg["num_layers"])
+    return cfg
+
+
+def sana_vae_config(name: str) -> dict:
+    """``AutoencoderDC`` kwargs of architecture ``name``."""
+    return copy.deepcopy(_arch(name)[1])
+
+
+def build_sana_backbone(name: str, *, device=None, dtype=torch.float32, seed: int = 0, layers: int | None = None):
+    """A ``SanaBackbone`` (``SanaSprintBackbone`` for the Sprint architectures) of random weights, without a text
+    encoder, its scheduler the released one (DPM-Solver++ on flow sigmas / SCM); created on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel, SCMScheduler
+
+    from ..families.sana import SanaBackbone, SanaSprintBackbone
+    from .flow_models import creating
+
+    sprint = _arch(name)[2]
+    with creating(device, dtype):
+        torch.manual_seed(seed)
+        transformer = SanaTransformer2DModel(**sana_transformer_config(name, layers))
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderDC(**sana_vae_config(name))
+    if sprint:
+        return SanaSprintBackbone(transformer.eval(), vae.eval(), SCMScheduler(**SANA_SCM_SCHEDULER),
+                                  complex_human_instruction=[])
+    return SanaBackbone(transformer.eval(), vae.eval(), DPMSolverMultistepScheduler(**SANA_DPM_SCHEDULER),
+                        complex_human_instruction=[])
 
 
 def tiny_gemma_tokenizer():
@@ -61,14 +160,7 @@ def _tiny_dc_ae(seed: int):
     from diffusers import AutoencoderDC
 
     torch.manual_seed(seed)
-    ae = AutoencoderDC(in_channels=3, latent_channels=LATENT_CHANNELS, attention_head_dim=4,
-                       encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                       decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-                       encoder_block_out_channels=(8, 8, 16), decoder_block_out_channels=(8, 8, 16),
-                       encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-                       encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-                       decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407)
-    return ae.eval()
+    return AutoencoderDC(**sana_vae_config("tiny-sana")).eval()
 
 
 def _tiny_transformer(seed: int, sprint: bool):
@@ -77,11 +169,7 @@ def _tiny_transformer(seed: int, sprint: bool):
     from diffusers import SanaTransformer2DModel
 
     torch.manual_seed(seed)
-    extra = dict(guidance_embeds=True, guidance_embeds_scale=0.1, qk_norm="rms_norm_across_heads") if sprint else {}
-    return SanaTransformer2DModel(in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2,
-                                  attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
-                                  cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=CAPTION_DIM,
-                                  mlp_ratio=2.5, sample_size=8, patch_size=1, **extra).eval()
+    return SanaTransformer2DModel(**sana_transformer_config("tiny-sana-sprint" if sprint else "tiny-sana")).eval()
 
 
 def save_tiny_sana_pipeline(path, seed: int = 0) -> str:

@@ -14,6 +14,10 @@ is a ``doodl_lightning.backbone.Backbone``: random-weight architectures (``--sd-
     python experiments/benchmarks/backprop.py --sd-config flux-schnell --resolution 64 --steps 1 --json out.json
         # SD3.5-medium / FLUX.1 (sd35-medium, flux-dev, flux-schnell): samplers flow, flow_edict; on a machine
         # without the memory for the full transformer, fewer blocks (--layers N; chosen and noted automatically)
+    python experiments/benchmarks/backprop.py --sd-config sana-sprint --samplers scm --steps 1 2 ...
+        # the newer families through their own backbones (doodl_lightning.testing.family_models): sana-sprint (scm),
+        # sana-1600m (flow_dpm, CFG), flux2-klein (flow), qwen-image (flow, CFG; --build-in-dtype
+        # --transformer-checkpointing on an 80 GB GPU); --tiny: each model's tiny counterpart (CPU checks)
 
 Per record (one sampler x backprop x steps x batch x dtype x options) it reports:
 seconds_per_iteration (median of the timed repeats after the warm-up), saved_bytes (bytes the chain's
@@ -56,12 +60,18 @@ from doodl_lightning.data import Item, initial_noise, step_generator  # noqa: E4
 from doodl_lightning.guidance import SymmetryGuidance  # noqa: E402
 from doodl_lightning.objective import evaluate, weighted_guidance  # noqa: E402
 from doodl_lightning.sampling import BACKPROPS, SAMPLERS, Denoiser, relative_error  # noqa: E402
-from doodl_lightning.testing import architectures, flow_models  # noqa: E402
+from doodl_lightning.testing import architectures, family_models, flow_models  # noqa: E402
 
 from common import (DTYPES, fmt, free, machine_description, peak_rss, quiet_hf, random_conditioning, sync,  # noqa: E402
                     text_table)
 
 ACCELS = ("eager", "graphs", "compile")
+# the transformer models (random weights): SD3.5 / FLUX.1 as FlowBackbone, the newer families through their own class
+FAMILIES = family_models.FAMILY_ARCHITECTURES
+TRANSFORMERS = flow_models.FLOW_ARCHITECTURES + FAMILIES
+DEFAULT_RESOLUTION = {**architectures.DEFAULT_RESOLUTION, **flow_models.FLOW_DEFAULT_RESOLUTION,
+                      **family_models.FAMILY_DEFAULT_RESOLUTION}
+TINY = {"sd35-medium": "tiny-sd3", "flux-dev": "tiny-flux-dev", "flux-schnell": "tiny-flux-schnell", **family_models.TINY}
 JOB_KEYS = ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last", "vae_checkpointing",
             "drift_tolerance", "repeats", "warmup", "budget", "role")
 RECORD_KEYS = (
@@ -90,6 +100,8 @@ class Model:
         quiet_hf()  # diffusers warns on every dtype cast of a model built from a config
         t0 = time.perf_counter()
         self.note = None
+        # --build-in-dtype: the random weights are created in --dtype (no float32 build, no float32 master copy)
+        build_dtype = DTYPES[args.dtype] if getattr(args, "build_in_dtype", False) else torch.float32
         if args.pretrained:
             self.name = args.pretrained
             flow = issubclass(backbone_class(args.pretrained), FlowBackbone)
@@ -108,12 +120,7 @@ class Model:
             layers = args.layers  # resolved by main (flow_layers)
             self.name = f"{args.sd_config} (random weights{'' if layers is None else f', --layers {layers}'})"
             if layers is not None:
-                _, full = flow_models.flow_transformer_config(args.sd_config)
-                _, cut = flow_models.flow_transformer_config(args.sd_config, layers)
-                blocks = ("num_layers", "num_single_layers")
-                self.note = (f"transformer shortened to {' + '.join(f'{cut[k]} of {full[k]}' for k in blocks if k in cut)} "
-                             f"blocks ({flow_models.flow_parameter_count(args.sd_config, layers) / 1e9:.2f} of "
-                             f"{flow_models.flow_parameter_count(args.sd_config) / 1e9:.2f} B parameters)")
+                self.note = _shortened(args.sd_config, layers)
             transformer = flow_models.build_flow_transformer(args.sd_config, device=self.device, seed=args.seed,
                                                              layers=layers)
             self.backbone = FlowBackbone(transformer, flow_models.build_flow_vae(args.sd_config, device=self.device),
@@ -121,6 +128,16 @@ class Model:
             res = args.resolution or flow_models.FLOW_DEFAULT_RESOLUTION[args.sd_config]
             tokens = (77 if self.backbone.family == "sd3" else 0) + self.backbone.max_sequence_length
             cond, uncond = random_conditioning(transformer, args.seed, (res, res), text_tokens=tokens)
+        elif args.sd_config in FAMILIES:
+            # SANA / SANA-Sprint / FLUX.2 klein / Qwen-Image through their own backbone classes, random weights and
+            # unit-normal text states of their encoders' shapes (family_models.random_conditioning)
+            layers = args.layers  # resolved by main (flow_layers)
+            self.name = f"{args.sd_config} (random weights{'' if layers is None else f', --layers {layers}'})"
+            if layers is not None:
+                self.note = _shortened(args.sd_config, layers)
+            self.backbone = family_models.build_family_backbone(args.sd_config, device=self.device, seed=args.seed,
+                                                                layers=layers, dtype=build_dtype)
+            cond, uncond = family_models.random_conditioning(args.sd_config, self.backbone, args.seed)
         else:
             # random weights: a random text encoder would only turn random ids into random embeddings, so draw
             # the (unit-scale) embeddings directly: no transformers import, no 0.5 GB on the GPU
@@ -136,7 +153,13 @@ class Model:
             cond, uncond = random_conditioning(self.backbone.unet, args.seed, (res, res))
         self.cond, self.uncond = cond.to(self.device), uncond.to(self.device)
         self.unet, self.vae, self.scheduler = self.backbone.unet, self.backbone.vae, self.backbone.scheduler
-        self.dtype, self.channels_last, self.master = torch.float32, False, None
+        if getattr(args, "transformer_checkpointing", False):
+            # the network's own gradient checkpointing inside each step's with-grad recomputation (the backbones'
+            # transformer_checkpointing option): only block inputs stay for the VJP
+            self.unet.enable_gradient_checkpointing()
+            self.note = "; ".join(n for n in (self.note, "transformer gradient checkpointing") if n)
+        self.dtype = next(self.unet.parameters()).dtype  # float32, or --dtype with --build-in-dtype
+        self.channels_last, self.master = False, None
         self.graphed: GraphedUNet | None = None
         self.graphs_error: str | None = None  # set once capture failed: later graphs jobs run eager
         self.compiled = None
@@ -172,7 +195,7 @@ class Model:
         """The backbone's CFG denoiser, its UNet swapped for the compiled or graphed one."""
         control = None
         if self.backbone.controlnet is not None:
-            res = self.args.resolution or architectures.DEFAULT_RESOLUTION[self.args.sd_config]
+            res = self.args.resolution or DEFAULT_RESOLUTION[self.args.sd_config]
             control = torch.rand((1, 3, res, res), generator=torch.Generator().manual_seed(self.args.seed)).to(self.device)
         den = self.backbone.denoiser(self.cond, self.uncond, guidance_scale, control_image=control)
         if accel == "compile":
@@ -210,12 +233,26 @@ class Model:
                                  [step_generator(it, 0, stream=1) for it in items])
 
 
+def _parameter_count(name: str, layers: int | None = None) -> int:
+    count = family_models.family_parameter_count if name in FAMILIES else flow_models.flow_parameter_count
+    return count(name, layers)
+
+
+def _shortened(name: str, layers: int) -> str:
+    """The record's note for a transformer built with ``--layers``: blocks and parameters kept of the full model's."""
+    config = family_models.family_transformer_config if name in FAMILIES else flow_models.flow_transformer_config
+    (_, full), (_, cut) = config(name), config(name, layers)
+    blocks = ("num_layers", "num_single_layers")
+    return (f"transformer shortened to {' + '.join(f'{cut[k]} of {full[k]}' for k in blocks if k in cut)} "
+            f"blocks ({_parameter_count(name, layers) / 1e9:.2f} of {_parameter_count(name) / 1e9:.2f} B parameters)")
+
+
 def flow_layers(args) -> int | None:
     """``--layers``, or on CPU the full model when its float32 weights (x 1.5 for the VJP's working memory) fit in
     the available memory, else 1 (printed: the record's model and note say what ran)."""
     if args.layers is not None or torch.device(args.device).type != "cpu":
         return args.layers
-    need = flow_models.flow_parameter_count(args.sd_config) * 4 * 1.5
+    need = _parameter_count(args.sd_config) * 4 * 1.5
     available = _available_memory()
     if available is None or need <= available:
         return None
@@ -267,6 +304,8 @@ def _prepare(model: Model, job: dict, args):
     t_setup = time.perf_counter()
     dtype = DTYPES[job["dtype"]]
     model.configure(dtype, job["channels_last"], job["vae_checkpointing"])
+    if args.sd_config in FAMILIES and not args.pretrained:
+        model.backbone.check_sampler(job["sampler"])  # one line for a sampler the family cannot run
     # the model's own grid: any step count (the official grid needs steps dividing 1000); timings do not
     # depend on which timesteps are visited
     schedule = model.backbone.schedule(job["steps"], "model", (rec["resolution"], rec["resolution"]))
@@ -300,7 +339,7 @@ def _prepare(model: Model, job: dict, args):
 
     loss_fn = model.loss_fn(job["batch"])
     noises = None
-    if job["sampler"] == "lcm":  # LCM's between-step noise, fixed per record
+    if SAMPLERS[job["sampler"]].renoises:  # LCM's / sCM's between-step noise, fixed per record
         gen = torch.Generator().manual_seed(args.seed + 7)
         noises = [torch.randn(z0.shape, generator=gen).to(device) for _ in range(len(schedule) - 1)]
 
@@ -441,7 +480,7 @@ def _base_record(job: dict, args, model: Model | None = None) -> dict:
     rec = {k: None for k in RECORD_KEYS}
     rec.update({k: job[k] for k in ("sampler", "backprop", "steps", "batch", "dtype", "accel", "channels_last",
                                     "vae_checkpointing", "drift_tolerance", "role")})
-    res = args.resolution or {**architectures.DEFAULT_RESOLUTION, **flow_models.FLOW_DEFAULT_RESOLUTION}.get(args.sd_config, 512)
+    res = args.resolution or DEFAULT_RESOLUTION.get(args.sd_config, 512)
     rec.update(resolution=res, device=str(args.device), guidance_scale=args.guidance_scale,
                model=model.name if model is not None else (args.pretrained or f"{args.sd_config} (random weights)"))
     if model is not None and model.note and not rec.get("note"):
@@ -679,13 +718,27 @@ def parse_args(argv=None):
     p.add_argument("--backprops", nargs="+", default=list(BACKPROPS), choices=BACKPROPS)
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="seeds per batch (one record each)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--sd-config", default="tiny", choices=architectures.ARCHITECTURES + flow_models.FLOW_ARCHITECTURES,
+    p.add_argument("--sd-config", default="tiny", choices=architectures.ARCHITECTURES + TRANSFORMERS,
                    help="architecture with random weights (tiny; sd15, sd21, sd-turbo, sdxl, sdxl-turbo, sd35-medium, "
-                        "flux-dev, flux-schnell: the real released configs; tiny-sd3, tiny-flux-*: test sizes)")
+                        "flux-dev, flux-schnell, sana-1600m, sana-sprint, flux2-klein, qwen-image: the real released "
+                        "configs; tiny-sd3, tiny-flux-*, tiny-sana, tiny-sana-sprint, tiny-flux2-klein, tiny-qwen-image: "
+                        "test sizes)")
+    p.add_argument("--tiny", action="store_true",
+                   help="run --sd-config's tiny counterpart instead (sd35-medium -> tiny-sd3, flux-* -> tiny-flux-*, "
+                        "sana-1600m -> tiny-sana, sana-sprint -> tiny-sana-sprint, flux2-klein -> tiny-flux2-klein, "
+                        "qwen-image -> tiny-qwen-image; other names unchanged): the GPU scripts' CPU check")
     p.add_argument("--layers", type=int, default=None,
-                   help="SD3 / FLUX: build the transformer with this many blocks (FLUX: N double-stream + 2N single-"
-                        "stream) for a smoke run; default: the full model, or on CPU, when its weights do not fit in "
-                        "the available memory, 1 (said in the output and the records' note)")
+                   help="transformer models: build the transformer with this many blocks (FLUX.1: N double-stream + 2N "
+                        "single-stream; FLUX.2: N + 4N; SD3, SANA, Qwen-Image: N) for a smoke run; default: the full "
+                        "model, or on CPU, when its weights do not fit in the available memory, 1 (said in the output "
+                        "and the records' note)")
+    p.add_argument("--transformer-checkpointing", action="store_true",
+                   help="the UNet's / transformer's own gradient checkpointing inside each step's recomputation (noted "
+                        "in the records)")
+    p.add_argument("--build-in-dtype", action="store_true",
+                   help="create the random weights directly in --dtype (no float32 build and master copy: a model "
+                        "whose float32 weights do not fit, Qwen-Image's 82 GB; the newer families only: SANA, FLUX.2, Qwen-Image); "
+                        "every record must then run in --dtype")
     p.add_argument("--controlnet", action="store_true", help="add a ControlNet for the --sd-config base (random weights)")
     p.add_argument("--floor", action="store_true",
                    help="also time the iteration's floor: UNet forward, forward with VJP and VAE decode with VJP, each "
@@ -733,10 +786,13 @@ def parse_args(argv=None):
         if args.isolate == "auto":
             args.isolate = "none"
     args.steps = args.steps or [5, 10, 20]
-    flow = args.sd_config in flow_models.FLOW_ARCHITECTURES and not args.pretrained
+    if args.tiny:
+        args.sd_config = TINY.get(args.sd_config, args.sd_config)
+    flow = args.sd_config in TRANSFORMERS and not args.pretrained
     if args.pretrained:
         flow = issubclass(backbone_class(args.pretrained), FlowBackbone)
-    args.samplers = args.samplers or (["flow", "flow_edict"] if flow else ["ddim", "edict"])
+    default = family_models.FAMILY_DEFAULT_SAMPLERS.get(args.sd_config) if not args.pretrained else None
+    args.samplers = args.samplers or default or (["flow", "flow_edict"] if flow else ["ddim", "edict"])
     if args.threads is None and torch.device(args.device).type == "cpu" and args.sd_config == "tiny" and not args.pretrained:
         args.threads = 1
     args.accel = "compile" if args.compile else ("graphs" if args.cuda_graphs else "eager")
@@ -744,6 +800,8 @@ def parse_args(argv=None):
         p.error("--compile and --cuda-graphs are exclusive (use --compile-mode reduce-overhead for compiled graphs)")
     if args.grad_reference is None:
         args.grad_reference = "none" if args.dtype == "float32" else "float32"
+    if args.build_in_dtype and args.dtype != "float32" and (args.grad_reference == "float32" or args.plan):
+        p.error("--build-in-dtype builds the weights in --dtype only: give --grad-reference none and no --plan")
     return args
 
 
@@ -755,7 +813,7 @@ def main(argv=None) -> list[dict]:
     if args.worker is not None:
         worker_main(args.worker)
         return []
-    if args.sd_config in flow_models.FLOW_ARCHITECTURES and not args.pretrained:
+    if args.sd_config in TRANSFORMERS and not args.pretrained:
         args.layers = flow_layers(args)  # once, here: every record (and subprocess) builds the same model
     _setup_torch(args)
     start = time.perf_counter()

@@ -3,19 +3,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
 # Few-step families and real-size guidance on one GPU, at most 8 minutes in all (TOTAL=470 s).
-# Random weights from the real configs (doodl_lightning/testing/architectures.py; the guidance models at their
-# released sizes, see iterations.py), bf16 frozen models, float32 latents. In priority order, the most-asked first
-# (a record that no longer fits is skipped, not started):
+# Random weights from the real configs (doodl_lightning/testing/architectures.py, flow_models.py, and for SANA,
+# FLUX.2 and Qwen-Image family_models.py over sana_models.py / flux2_models.py / qwen_image_models.py; the guidance
+# models at their released sizes, see iterations.py), bf16 frozen models, float32 latents. In priority order, the
+# most-asked first (a record that no longer fits is skipped, not started):
 #   1  iterations.py sd-turbo 512, 1 step, 50 iterations, CLIP ViT-L-14          -> issue 16: <= 5 s, peak <= 8 GiB
 #   2  backprop.py FLUX.1-schnell 1024 at 1 and 4 steps, flow, --floor             -> issue 18: 1 step <= 1.3x floor, <= 60 GiB
 #   3  backprop.py SD3.5-medium 1024, 28 steps, CFG 7, flow, --floor               -> issue 18: <= 1.25x floor
-#   4  iterations.py sd-turbo 512, 1 step, 50 iterations, the 4-reward ensemble   -> issue 17: <= 8 s/image, <= 12 GiB
-#   5  backprop.py SDXL 1024, 50 DDIM steps, checkpoint, --floor, VAE checkpointing -> issue 16: <= 1.25x floor, <= 16 GiB
-#   6  iterations.py record 1 with VAE-decoder checkpointing (what it saves of the peak)
-#   7  backprop.py SDXL-Turbo 512 at 1 and 4 steps, --floor
-#   8  backprop.py SD-Turbo 512 + ControlNet, 1 step, --floor
-#   9  iterations.py record 1 with the UNet as CUDA graphs (what they buy)
-#  10  iterations.py record 1 with 4 images at once (throughput)
+#   4  backprop.py SANA-Sprint 1.6B 1024 at 1 and 2 steps, scm, --floor            -> issue 28: iteration vs floor, peak
+#   5  backprop.py FLUX.2 klein 4B 1024, 4 steps, flow, --floor                    -> issue 28: iteration vs floor, peak
+#   6  backprop.py SANA 1600M 1024, 20 steps, CFG 4.5, flow_dpm, --floor           -> issue 28: iteration vs floor, peak
+#   7  backprop.py Qwen-Image 20B 1024, 4 of its 30 steps, CFG 4, flow, --floor    -> issue 28: iteration vs floor, peak
+#      (weights made in bf16, --build-in-dtype: 41 GB, float32 would be 82; transformer gradient checkpointing; the
+#      checkpoint chain's peak is flat in steps and its time linear, so 30 steps ~ 7.5x the 4-step iteration, which
+#      alone would take minutes here; no VAE checkpointing: AutoencoderKLQwenImage and SANA's AutoencoderDC have none)
+#   8  iterations.py sd-turbo 512, 1 step, 50 iterations, the 4-reward ensemble   -> issue 17: <= 8 s/image, <= 12 GiB
+#   9  backprop.py SDXL 1024, 50 DDIM steps, checkpoint, --floor, VAE checkpointing -> issue 16: <= 1.25x floor, <= 16 GiB
+#  10  iterations.py record 1 with VAE-decoder checkpointing (what it saves of the peak)
+#  11  backprop.py SDXL-Turbo 512 at 1 and 4 steps, --floor
+#  12  backprop.py SD-Turbo 512 + ControlNet, 1 step, --floor
+#  13  iterations.py record 1 with the UNet as CUDA graphs (what they buy)
+#  14  iterations.py record 1 with 4 images at once (throughput)
+# Rows 1-7 at their hard limits already exceed the budget: the rows after them run when the earlier ones end early
+# (each is skipped when less than its minimum is left, so a later, smaller row may still run).
 # Run from the repository root on the device machine, the wheels the image lacks carried in .whl/ (diffusers,
 # open_clip_torch, ftfy, wcwidth):
 #   bash experiments/benchmarks/gpu_families.sh     (writes $OUT/families.json, bp_*.json, families.log, gpu.txt)
@@ -25,7 +35,9 @@ fi
 # CPU check of this script's logic (not a measurement):
 #   PY=.venv/bin/python ITER_ARGS="--tiny --device cpu --dtype float32" \
 #   BP_ARGS="--device cpu --sd-config tiny-sdxl --resolution 32 --dtype float32" \
-#   FLOW_ARGS="--device cpu --sd-config tiny-flux-schnell --resolution 32 --dtype float32" OUT=/tmp/famcheck bash ...
+#   FLOW_ARGS="--device cpu --tiny --resolution 32 --dtype float32" OUT=/tmp/famcheck bash ...
+# (--tiny: every flow row runs its model's tiny counterpart, tiny-flux-schnell, tiny-sd3, tiny-sana-sprint,
+# tiny-flux2-klein, tiny-sana, tiny-qwen-image: the same backbone classes and samplers at toy size)
 set -u
 OUT=${OUT:-/tmp/doodl-bench}
 mkdir -p "$OUT"
@@ -37,7 +49,7 @@ ITER=experiments/benchmarks/iterations.py
 BP=experiments/benchmarks/backprop.py
 ITER_ARGS=${ITER_ARGS:-}
 BP_ARGS=${BP_ARGS:-}
-FLOW_ARGS=${FLOW_ARGS:-}   # the flow-model rows' overrides (the CPU check: a tiny flow model)
+FLOW_ARGS=${FLOW_ARGS:-}   # the flow-model rows' overrides (the CPU check: --tiny, each row's tiny model)
 WEIGHTS=${WEIGHTS:-/tmp/doodl-rand-weights}   # the reward models' random files (reused by a rerun on this machine)
 LOG="$OUT/families.log"
 JSON="$OUT/families.json"
@@ -81,6 +93,14 @@ run flux_schnell_1024_floor 130 70 $FLOW_RUN --sd-config flux-schnell --resoluti
   --repeats 2 --warmup 1 --record-budget 30 --json "$OUT/bp_flux_schnell.json" $FLOW_ARGS
 run sd35_medium_1024_floor 120 70 $FLOW_RUN --sd-config sd35-medium --resolution 1024 --steps 28 --guidance-scale 7.0 \
   --vae-checkpointing --repeats 1 --warmup 1 --record-budget 40 --json "$OUT/bp_sd35_medium.json" $FLOW_ARGS
+run sana_sprint_1024_floor 60 35 $FLOW_RUN --sd-config sana-sprint --samplers scm --resolution 1024 --steps 1 2 \
+  --guidance-scale 4.5 --repeats 3 --warmup 1 --record-budget 10 --json "$OUT/bp_sana_sprint.json" $FLOW_ARGS
+run flux2_klein_1024_floor 80 45 $FLOW_RUN --sd-config flux2-klein --resolution 1024 --steps 4 --guidance-scale 1.0 \
+  --vae-checkpointing --repeats 2 --warmup 1 --record-budget 20 --json "$OUT/bp_flux2_klein.json" $FLOW_ARGS
+run sana_1600m_1024_floor 75 45 $FLOW_RUN --sd-config sana-1600m --samplers flow_dpm --resolution 1024 --steps 20 \
+  --guidance-scale 4.5 --repeats 2 --warmup 1 --record-budget 20 --json "$OUT/bp_sana_1600m.json" $FLOW_ARGS
+run qwen_image_1024_floor 170 120 $FLOW_RUN --sd-config qwen-image --resolution 1024 --steps 4 --guidance-scale 4.0 \
+  --build-in-dtype --transformer-checkpointing --repeats 1 --warmup 1 --json "$OUT/bp_qwen_image.json" $FLOW_ARGS
 run issue17_reward_ensemble 200 90 $ITER_RUN $TURBO --guidance reward-ensemble --vae-checkpointing $ITER_ARGS
 run issue16_sdxl_1024_floor 150 80 $BP_RUN --sd-config sdxl --resolution 1024 --steps 50 --vae-checkpointing \
   --repeats 2 --warmup 1 --record-budget 45 --json "$OUT/bp_sdxl.json" $BP_ARGS
