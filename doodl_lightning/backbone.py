@@ -23,7 +23,7 @@ from .precision import at_least_float32, module_dtype, to_module_dtype
 from .sampling import SAMPLERS
 
 __all__ = ["WEIGHT_SUFFIXES", "Backbone", "ModelNotFoundError", "complete_weights", "hub_offline", "image_sides",
-           "load_pipeline", "model_index", "naming_bad_weights", "pipeline_class_name", "posterior_latents"]
+           "load_dtype_kwargs", "load_pipeline", "model_index", "naming_bad_weights", "pipeline_class_name", "posterior_latents"]
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -283,6 +283,15 @@ def image_sides(height: int | None, width: int | None, default: int, multiple: i
     return height, width
 
 
+def load_dtype_kwargs(load_dtype: str | None) -> dict:
+    """``load_pipeline``'s keywords for a ``load_dtype`` option (``bfloat16``, ``float16``, ``float32``; None: the
+    files' own dtypes), refused in one line otherwise."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if load_dtype is not None and load_dtype not in dtypes:
+        raise ValueError(f"load_dtype must be one of {', '.join(dtypes)} or null, got {load_dtype!r}")
+    return {"torch_dtype": dtypes[load_dtype]} if load_dtype else {}
+
+
 def posterior_latents(mean: Tensor, std: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
     """A VAE posterior (its ``latent_dist``'s ``mean`` and ``std``) -> float32 latents: the mean, or with
     ``generators`` (one CPU generator per image) a posterior sample, mean + std N(0, I), as the official editing
@@ -304,13 +313,15 @@ class Backbone(nn.Module, ABC):
     own), ``unet`` (the denoising network -- a transformer for the flow families -- which the compute meter hooks and
     the resume fingerprint reads), ``text_encoder`` and ``controlnet`` (None where it has none). Class attributes:
     ``schedule_type`` (the schedule its chain runs on: every registered sampler of that schedule type runs on the
-    family, ``samplers``) and ``supports_cuda_graphs`` (whether its denoising network may
-    be replayed as a CUDA graph: the UNets yes, the flow transformers no). The shared parts (the VAE's scale factor,
+    family, ``samplers``), ``supports_cuda_graphs`` (whether its denoising network may
+    be replayed as a CUDA graph: the UNets yes, the flow transformers no) and ``without_controlnet`` (a family
+    with no ControlNet here: its name, in ``from_model``'s refusal of a ``controlnet``). The shared parts (the VAE's scale factor,
     decoding, encoding images, staying frozen) are implemented here; a family implements the rest.
     """
 
     schedule_type: type | None = None
     supports_cuda_graphs: bool = False
+    without_controlnet: str | None = None
 
     @property
     def samplers(self) -> tuple[str, ...]:
@@ -331,7 +342,10 @@ class Backbone(nn.Module, ABC):
     def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
                    vae_checkpointing: bool = False, controlnet: str | list[str] | None = None) -> "Backbone":
         """The ``model: <path or id>`` shortcut for a model registered to this class: ``cls(model, ...)`` with the
-        shortcut's options (``controlnet`` only when given; a family without ControlNets overrides this to refuse)."""
+        shortcut's options (``controlnet`` only when given; refused in one line by a family ``without_controlnet``)."""
+        if controlnet is not None and cls.without_controlnet:
+            raise ValueError(f"controlnet is for the UNet families (SD-1.x/2.x, SDXL); this {cls.without_controlnet} "
+                             "model has none here: drop controlnet")
         return cls(model, model_config=model_config, local_files_only=local_files_only, vae_checkpointing=vae_checkpointing,
                    **({} if controlnet is None else {"controlnet": controlnet}))
 

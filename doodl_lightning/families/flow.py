@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline, pipeline_class_name
+from ..backbone import (Backbone, ModelNotFoundError, image_sides, load_dtype_kwargs, load_pipeline,
+                        pipeline_class_name)
 from ..conditioning import Conditioning
 from ..checks import check_finite
 from ..precision import module_dtype
@@ -444,14 +445,7 @@ class PretrainedFlowBackbone(FlowBackbone):
     ``skip_guidance_layers`` / ``skip_layer_guidance_*`` keys (SD3) as ``FlowBackbone``.
     """
 
-    @classmethod
-    def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
-                   vae_checkpointing: bool = False, controlnet: str | None = None) -> "PretrainedFlowBackbone":
-        if controlnet is not None:
-            raise ValueError("controlnet is for the UNet families (SD-1.x/2.x, SDXL); this SD3 / FLUX model has none "
-                             "here: drop controlnet")
-        return cls(model, model_config=model_config, local_files_only=local_files_only,
-                   vae_checkpointing=vae_checkpointing)
+    without_controlnet = "SD3 / FLUX"
 
     def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
                  transformer_checkpointing: bool = False, vae_checkpointing: bool = False, vae_tiling: bool = False,
@@ -459,10 +453,7 @@ class PretrainedFlowBackbone(FlowBackbone):
                  load_dtype: str | None = None, t5: bool = True, true_cfg_scale: float = 1.0,
                  skip_guidance_layers: list[int] | None = None, skip_layer_guidance_scale: float = 2.8,
                  skip_layer_guidance_start: float = 0.01, skip_layer_guidance_stop: float = 0.2):
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if load_dtype is not None and load_dtype not in dtypes:
-            raise ValueError(f"load_dtype must be one of {', '.join(dtypes)} or null, got {load_dtype!r}")
-        extra = {"torch_dtype": dtypes[load_dtype]} if load_dtype else {}
+        extra = load_dtype_kwargs(load_dtype)
         if not t5:
             if pipeline_class_name(path, model_config, local_files_only) == "FluxPipeline":
                 raise ValueError("t5: false is for SD3 (its T5 is optional); FLUX conditions on T5: drop t5")

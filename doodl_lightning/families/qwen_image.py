@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline, posterior_latents
+from ..backbone import (Backbone, ModelNotFoundError, image_sides, load_dtype_kwargs, load_pipeline,
+                        posterior_latents)
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -293,27 +294,17 @@ class PretrainedQwenImageBackbone(QwenImageBackbone):
     and ``text_encoder_device`` as ``QwenImageBackbone``.
     """
 
-    @classmethod
-    def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
-                   vae_checkpointing: bool = False, controlnet: str | None = None) -> "PretrainedQwenImageBackbone":
-        if controlnet is not None:
-            raise ValueError("controlnet is for the UNet families (SD-1.x/2.x, SDXL); this Qwen-Image model has none "
-                             "here: drop controlnet")
-        return cls(model, model_config=model_config, local_files_only=local_files_only,
-                   vae_checkpointing=vae_checkpointing)
+    without_controlnet = "Qwen-Image"
 
     def __init__(self, path: str, model_config: str | None = None, local_files_only: bool | None = None,
                  transformer_checkpointing: bool = False, vae_checkpointing: bool = False, vae_tiling: bool = False,
                  max_sequence_length: int = 512, text_encoder_device: str | None = None, load_dtype: str | None = None):
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if load_dtype is not None and load_dtype not in dtypes:
-            raise ValueError(f"load_dtype must be one of {', '.join(dtypes)} or null, got {load_dtype!r}")
+        dtype_kwargs = load_dtype_kwargs(load_dtype)
         check_max_sequence_length(max_sequence_length)  # before the (20 B-parameter) load
         if vae_checkpointing:  # before the load, too
             raise ValueError("vae_checkpointing: diffusers' AutoencoderKLQwenImage has no gradient checkpointing: drop "
                              "vae_checkpointing (vae_tiling lowers the decoder's memory instead)")
-        pipe = load_pipeline(path, model_config, local_files_only,
-                             **({"torch_dtype": dtypes[load_dtype]} if load_dtype else {}))
+        pipe = load_pipeline(path, model_config, local_files_only, **dtype_kwargs)
         if type(getattr(pipe, "transformer", None)).__name__ != "QwenImageTransformer2DModel":
             raise ValueError(f"{path} is a {type(pipe).__name__}, not a Qwen-Image model: use model: <path> (the "
                              "registry picks the backbone) or the backbone class of its family")

@@ -29,7 +29,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, image_sides, load_pipeline
+from ..backbone import Backbone, ModelNotFoundError, image_sides, load_dtype_kwargs, load_pipeline
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -309,10 +309,7 @@ class SanaSprintBackbone(SanaBackbone):
 def _load(cls, path: str, model_config: str | None, local_files_only: bool | None, load_dtype: str | None):
     """The diffusers pipeline of a SANA / SANA-Sprint model, refused in one line when it is the other (or another)
     family."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if load_dtype is not None and load_dtype not in dtypes:
-        raise ValueError(f"load_dtype must be one of {', '.join(dtypes)} or null, got {load_dtype!r}")
-    pipe = load_pipeline(path, model_config, local_files_only, **({"torch_dtype": dtypes[load_dtype]} if load_dtype else {}))
+    pipe = load_pipeline(path, model_config, local_files_only, **load_dtype_kwargs(load_dtype))
     name = type(pipe).__name__
     if name != cls.pipeline_class:
         other = {"SanaPipeline": "PretrainedSanaBackbone", "SanaSprintPipeline": "PretrainedSanaSprintBackbone"}
@@ -328,14 +325,7 @@ def _load(cls, path: str, model_config: str | None, local_files_only: bool | Non
 class _Pretrained:
     """The loading options shared by the two SANA families' ``Pretrained*`` classes."""
 
-    @classmethod
-    def from_model(cls, model: str, model_config: str | None = None, local_files_only: bool | None = None,
-                   vae_checkpointing: bool = False, controlnet: str | None = None):
-        if controlnet is not None:
-            raise ValueError("controlnet is for the UNet families (SD-1.x/2.x, SDXL); this SANA model has none here: "
-                             "drop controlnet")
-        return cls(model, model_config=model_config, local_files_only=local_files_only,
-                   vae_checkpointing=vae_checkpointing)
+    without_controlnet = "SANA"
 
     def _finish(self, transformer_checkpointing: bool, vae_checkpointing: bool, vae_tiling: bool, load_dtype) -> None:
         if transformer_checkpointing:
