@@ -751,6 +751,7 @@ def write_report(out: Path, summaries: list[dict], header: list[str], descriptio
                 margin = (f"{METHOD_LABELS.get(b['rival'], b['rival'])}: {_pct(d, k)}, p = "
                           f"{d['sign_test']['p_two_sided']:.2g}") if d else "-"
                 md.append(f"| {b['budget']:g} | " + " | ".join(cells) + f" | {METHOD_LABELS.get(b['best'], b['best'])} | {margin} |")
+            md.append("")  # the table ends before the next experiment's heading
         for kind, xlabel, suffix in (("curves", "UNet evaluations per image (log scale; backprop'd ones counted once)", ""),
                                      ("seconds_curves", "seconds per image (log scale; this run's machine)", "_seconds")):
             cur = s.get(kind)
