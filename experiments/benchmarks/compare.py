@@ -55,6 +55,13 @@ class Task:
     metrics: list[dict]
     binary: bool = True       # the primary measure is a success (0/1) per item
     info: dict = field(default_factory=dict)
+    # a knob grid in this task's guide units, replacing the plan's of that name (``margin_stops``: a guide-loss
+    # threshold means p(target) for the classifier, a spherical distance for CLIP, minus the score for aesthetic)
+    grids: dict = field(default_factory=dict)
+
+    def grid(self, plan, name: str) -> tuple:
+        """The values swept for the knob grid ``name``: this task's own, else the plan's."""
+        return tuple(self.grids.get(name, getattr(plan, name)))
 
     @property
     def items(self) -> list[tuple[str, int]]:

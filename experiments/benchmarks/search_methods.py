@@ -194,7 +194,7 @@ def validate_search(runner, task, plan, choices: dict, log=print, methods=None) 
             continue
         cfg = choices[method.cfg_from]["cfg"]
         recs = []
-        for value in getattr(plan, method.grid):
+        for value in task.grid(plan, method.grid):
             rec = run_search(runner, task, name, cfg, plan.n_max, {method.knob: value, **method.fixed(plan)}, update)
             best = max(range(len(rec["curve"])), key=lambda i: (_mean(rec["curve"][i], task.primary), -i))
             runs[f"{name} {method.knob}{value:g}"] = {k: v for k, v in rec.items()
@@ -204,7 +204,7 @@ def validate_search(runner, task, plan, choices: dict, log=print, methods=None) 
             recs.append((_mean(rec["curve"][best], task.primary), -len(recs), value, rec, best))
         m, _, value, rec, best = max(recs, key=lambda x: x[:2])
         out[name] = {method.knob: value, "setting": {method.knob: value, **method.fixed(plan)}, "cfg": cfg, "chains": plan.n_max, "point": best, "val_mean": m,
-                     "sweep": list(getattr(plan, method.grid)),
+                     "sweep": list(task.grid(plan, method.grid)),
                      **({k: v for k, v in update.items()} if method.gradient else {}),
                      "budget_points": budget_points(rec["curve"], budgets, task.primary),
                      "val_curve": [[p["unet_evaluations_per_image"], round(_mean(p, task.primary), 5)] for p in rec["curve"]]}

@@ -105,6 +105,14 @@ TEST_PARTS = (("doodl_ddim",), ("best_of_n", "one_step"), ("doodl_edict_paper_st
 VARIANTS = ("doodl_edict", "doodl_ddim_cutouts", "doodl_edict_paper_steps")
 SEED_BASE = {"vocab": 10_000, "compositional": 20_000, "aesthetic": 30_000, "personalisation": 40_000}
 VAL_SEED_OFFSET = 5_000  # validation seeds: SEED_BASE + 5000 + i; test seeds: SEED_BASE + i
+# DOODL + margin stop's thresholds in each guide's loss units (the plan's 0.1 / 0.5 are the classifier's -log p*):
+# between the validation's unguided loss and where validated DOODL's items end after 32 iterations (their median
+# and lower quartile: aesthetic -10.7 / -11.4, CLIP text 0.74 / 0.67, CLIP image 0.83 / 0.57), so that within the
+# searches' 8 iterations some items stop and some do not. Aesthetic: score >= 10 / 10.5 (unguided ~9); CLIP: the
+# spherical distance 2 asin(|a - b| / 2)^2: 0.75 / 0.85 is cosine 0.34 / 0.26, 0.6 / 0.9 is cosine 0.46 / 0.23.
+AESTHETIC_MARGIN_STOPS = (-10.0, -10.5)
+CLIP_TEXT_MARGIN_STOPS = (0.75, 0.85)
+CLIP_IMAGE_MARGIN_STOPS = (0.6, 0.9)
 
 log = print
 
@@ -292,7 +300,7 @@ def build_compositional(ctx: Ctx, split: str) -> Task:
                                all_correct="everything right"), judges={"guide_prefers_prompt": "guide"})
     return Task("compositional", split, list(specs), seeds_of("compositional", split, ctx.size("compositional", split)[1]),
                 guidance, verdict, "object_acc", "guide_prefers_prompt", metrics, binary=True,
-                info={"specs": specs})
+                info={"specs": specs}, grids={"margin_stops": CLIP_TEXT_MARGIN_STOPS})
 
 
 def build_aesthetic(ctx: Ctx, split: str) -> Task:
@@ -338,7 +346,8 @@ def build_aesthetic(ctx: Ctx, split: str) -> Task:
                           not_rates=("evaluator_quality", "guide_score", "pixel_drift"))
     return Task("aesthetic", split, list(want), seeds_of("aesthetic", split, ctx.size("aesthetic", split)[1]), guidance,
                 verdict, "evaluator_quality", "guide_score", metrics, binary=False,
-                info={"prompt_attributes": {p: list(v) for p, v in want.items()}})
+                info={"prompt_attributes": {p: list(v) for p, v in want.items()}},
+                grids={"margin_stops": AESTHETIC_MARGIN_STOPS})
 
 
 def build_personalisation(ctx: Ctx, split: str) -> Task:
@@ -398,7 +407,8 @@ def build_personalisation(ctx: Ctx, split: str) -> Task:
                           judges={"guide_nearest_set": "guide"})
     return Task("personalisation", split, list(sets), seeds_of("personalisation", split, ctx.size("personalisation", split)[1]),
                 guidance, verdict, "agreement", "guide_nearest_set", metrics,
-                info={"sets": {p: {"colour": w[0], "background": w[1]} for p, w in want.items()}})
+                info={"sets": {p: {"colour": w[0], "background": w[1]} for p, w in want.items()}},
+                grids={"margin_stops": CLIP_IMAGE_MARGIN_STOPS})
 
 
 BUILDERS = {"vocab": build_vocab, "compositional": build_compositional, "aesthetic": build_aesthetic,
@@ -514,6 +524,8 @@ def validate_search_only(runner, ctx, name: str, exp_dir: Path, plan: Plan, a, m
         f"{len(task.seeds)} seeds", flush=True)
     t = time.time()
     more, runs = validate_search(runner, task, p, v["choices"], log, methods)
+    # a method validated again replaces its earlier runs (another grid may have other run names)
+    v["runs"] = {k: r for k, r in v["runs"].items() if k.split(" ")[0] not in methods}
     v["choices"].update(more)
     v["runs"].update(runs)
     v.setdefault("search_reruns", []).append({**meta(), "methods": methods, "chains": chains,
