@@ -281,7 +281,12 @@ def test_committed_results_hold_the_protocol_and_the_readme_table_is_generated_f
     """Issue 14's verification: >= 256 vocabulary test items, paired intervals, frozen validation choices, and
     the README's table equal to what the report stage generates from the committed results."""
     sys.path.insert(0, str(SCRIPT.parent))
-    from compare import readme_budget_table, readme_table
+    from compare import Plan, readme_budget_table, readme_table
+    from shapes_eval import AESTHETIC_MARGIN_STOPS, CLIP_IMAGE_MARGIN_STOPS, CLIP_TEXT_MARGIN_STOPS
+
+    SEARCH = ("fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot", "doodl_margin")
+    margin_grid = {"vocab": Plan().margin_stops, "aesthetic": AESTHETIC_MARGIN_STOPS,
+                   "compositional": CLIP_TEXT_MARGIN_STOPS, "personalisation": CLIP_IMAGE_MARGIN_STOPS}
 
     res = json.loads((COMMITTED / "results.json").read_text())
     by = {e["name"]: e for e in res["experiments"]}
@@ -303,6 +308,18 @@ def test_committed_results_hold_the_protocol_and_the_readme_table_is_generated_f
         bon = json.loads((COMMITTED / e["name"] / "test" / "best_of_n.json").read_text())["record"]
         assert bon["params"]["n_max"] >= 64 and len(bon["curve"]) == bon["params"]["n_max"]
         assert not set(val["task"]["seeds"]) & set(e["task"]["seeds"])
+        # issue 27: the six search methods hold rows, each validated at its grid and run on test at its frozen
+        # point; DOODL + margin stop's thresholds in this guide's units (a threshold every item meets at once, as
+        # the classifier's -log p* = 0.1 is for the aesthetic guide's -score, stops the fit after its first step)
+        keys = {r["key"] for r in e["rows"]}
+        assert set(SEARCH) <= keys and set(SEARCH) <= set(val["choices"]), (e["name"], keys)
+        margin = val["choices"]["doodl_margin"]
+        assert margin["sweep"] == list(margin_grid[e["name"]]), (e["name"], margin["sweep"])
+        runs = [r for k, r in val["runs"].items() if k.startswith("doodl_margin ")]
+        assert len(runs) == len(margin["sweep"]) and all(len(r["curve"]) > 1 for r in runs), e["name"]
+        for m in SEARCH:
+            rec = json.loads((COMMITTED / e["name"] / "test" / f"{m}.json").read_text())["record"]
+            assert rec["params"]["cfg"] == val["choices"][m]["cfg"], (e["name"], m)
     source = "experiments/benchmarks/results/shapes/heldout/results.md"
     readme = (ROOT / "README.md").read_text()
     assert readme_table(res["experiments"], source) in readme
