@@ -672,7 +672,7 @@ def budget_rows(val: dict, bon: dict, dd: dict, one: dict, searches: dict, prim:
         for m, rec in searches.items():
             j = rec.get("budget_points", {}).get(f"{budget:g}")
             if j is not None and j < len(rec["curve"]):
-                cands[m] = (f"{j + 1} steps", rec["curve"][j]["per_item"][prim])
+                cands[m] = (f"{j + 1} step{'s' if j else ''}", rec["curve"][j]["per_item"][prim])
         if not cands:
             continue
         stats = {k: {"label": lab, **mean_ci(v)} for k, (lab, v) in cands.items()}
