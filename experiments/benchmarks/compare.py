@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -428,8 +428,7 @@ def validate(runner: Runner, task: Task, plan: Plan, extras: bool = True) -> dic
 def subset(task: Task, n_items: int) -> Task:
     """The first seeds of every prompt, about ``n_items`` items (the expensive variants' test subset)."""
     k = max(1, math.ceil(n_items / len(task.prompts)))
-    return Task(task.name, task.split, task.prompts, task.seeds[:k], task.guidance, task.verdict, task.primary,
-                task.guide_metric, task.metrics, task.binary, task.info)
+    return replace(task, seeds=task.seeds[:k])
 
 
 SEARCH_METHODS = ("fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot", "doodl_margin")  # search_methods.py
