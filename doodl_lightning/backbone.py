@@ -292,6 +292,25 @@ def load_dtype_kwargs(load_dtype: str | None) -> dict:
     return {"torch_dtype": dtypes[load_dtype]} if load_dtype else {}
 
 
+def apply_memory_options(backbone: torch.nn.Module, transformer_checkpointing: bool = False,
+                         vae_checkpointing: bool = False, vae_tiling: bool = False,
+                         load_dtype: str | None = None) -> None:
+    """A loaded transformer family's memory options (its ``transformer`` and ``vae``): gradient checkpointing of
+    either, VAE tiling; without ``load_dtype`` the weights are kept in float32 (the module's precision casts them
+    later). A VAE without gradient checkpointing in this diffusers is refused in one line."""
+    if transformer_checkpointing:
+        backbone.transformer.enable_gradient_checkpointing()
+    if vae_checkpointing:
+        if not getattr(backbone.vae, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"vae_checkpointing: diffusers' {type(backbone.vae).__name__} has no gradient "
+                             "checkpointing: drop vae_checkpointing (vae_tiling lowers the decoder's memory instead)")
+        backbone.vae.enable_gradient_checkpointing()
+    if vae_tiling:
+        backbone.vae.enable_tiling()
+    if not load_dtype:
+        backbone.float()
+
+
 def posterior_latents(mean: Tensor, std: Tensor, generators: list[torch.Generator] | None = None) -> Tensor:
     """A VAE posterior (its ``latent_dist``'s ``mean`` and ``std``) -> float32 latents: the mean, or with
     ``generators`` (one CPU generator per image) a posterior sample, mean + std N(0, I), as the official editing

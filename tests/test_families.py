@@ -460,3 +460,30 @@ def test_sdxl_unet_and_vae_gradient_checkpointing_leave_the_gradient_unchanged(m
     ckpt, bb = grad(unet_checkpointing=True, vae_checkpointing=True)
     assert bb.unet.is_gradient_checkpointing and bb.vae.decoder.gradient_checkpointing
     assert torch.allclose(ckpt, ref, rtol=1e-10, atol=1e-14)
+
+
+def test_apply_memory_options_keeps_float32_unless_load_dtype_and_refuses_a_vae_without_checkpointing():
+    """The transformer families' shared loading tail: weights read without ``load_dtype`` are kept in float32 (the
+    module's precision casts them later), with it they stay as read; ``vae_checkpointing`` on a VAE this diffusers
+    cannot checkpoint is one line naming it and the fix."""
+    import torch
+
+    from doodl_lightning.backbone import apply_memory_options
+
+    class NoCheckpointing(torch.nn.Module):
+        _supports_gradient_checkpointing = False
+
+    def backbone():
+        bb = torch.nn.Module()
+        bb.transformer, bb.vae = torch.nn.Linear(2, 2).to(torch.bfloat16), NoCheckpointing()
+        return bb
+
+    bb = backbone()
+    apply_memory_options(bb)
+    assert bb.transformer.weight.dtype == torch.float32
+    bb = backbone()
+    apply_memory_options(bb, load_dtype="bfloat16")
+    assert bb.transformer.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"^vae_checkpointing: diffusers' NoCheckpointing has no gradient checkpointing: "
+                                         r"drop vae_checkpointing \(vae_tiling lowers the decoder's memory instead\)$"):
+        apply_memory_options(backbone(), vae_checkpointing=True)

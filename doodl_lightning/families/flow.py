@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backbone import (Backbone, ModelNotFoundError, image_sides, load_dtype_kwargs, load_pipeline,
-                        pipeline_class_name)
+from ..backbone import (Backbone, ModelNotFoundError, apply_memory_options, image_sides, load_dtype_kwargs,
+                        load_pipeline, pipeline_class_name)
 from ..conditioning import Conditioning
 from ..checks import check_finite
 from ..precision import module_dtype
@@ -473,11 +473,4 @@ class PretrainedFlowBackbone(FlowBackbone):
                          skip_guidance_layers=skip_guidance_layers, skip_layer_guidance_scale=skip_layer_guidance_scale,
                          skip_layer_guidance_start=skip_layer_guidance_start,
                          skip_layer_guidance_stop=skip_layer_guidance_stop, **kw)
-        if transformer_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        if vae_checkpointing:
-            self.vae.enable_gradient_checkpointing()
-        if vae_tiling:
-            self.vae.enable_tiling()
-        if not load_dtype:
-            self.float()  # the module's precision casts it later; loading keeps full precision
+        apply_memory_options(self, transformer_checkpointing, vae_checkpointing, vae_tiling, load_dtype)

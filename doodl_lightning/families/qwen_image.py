@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..backbone import (Backbone, ModelNotFoundError, image_sides, load_dtype_kwargs, load_pipeline,
-                        posterior_latents)
+from ..backbone import (Backbone, ModelNotFoundError, apply_memory_options, image_sides, load_dtype_kwargs,
+                        load_pipeline, posterior_latents)
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -313,9 +313,4 @@ class PretrainedQwenImageBackbone(QwenImageBackbone):
         super().__init__(pipe.transformer, pipe.vae, pipe.scheduler, text_encoder=pipe.text_encoder,
                          tokenizer=pipe.tokenizer, max_sequence_length=max_sequence_length,
                          text_encoder_device=text_encoder_device)
-        if transformer_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        if vae_tiling:
-            self.vae.enable_tiling()
-        if not load_dtype:
-            self.float()  # the module's precision casts it later; loading keeps full precision
+        apply_memory_options(self, transformer_checkpointing, False, vae_tiling, load_dtype)

@@ -29,7 +29,8 @@ import inspect
 import torch
 from torch import Tensor
 
-from ..backbone import Backbone, ModelNotFoundError, image_sides, load_dtype_kwargs, load_pipeline
+from ..backbone import (Backbone, ModelNotFoundError, apply_memory_options, image_sides, load_dtype_kwargs,
+                        load_pipeline)
 from ..conditioning import Conditioning
 from ..precision import at_least_float32, module_dtype, to_module_dtype
 from ..sampling import FlowSchedule, check_guidance_scale
@@ -323,22 +324,9 @@ def _load(cls, path: str, model_config: str | None, local_files_only: bool | Non
 
 
 class _Pretrained:
-    """The loading options shared by the two SANA families' ``Pretrained*`` classes."""
+    """What the two SANA families' ``Pretrained*`` classes share (their memory options: ``apply_memory_options``)."""
 
     without_controlnet = "SANA"
-
-    def _finish(self, transformer_checkpointing: bool, vae_checkpointing: bool, vae_tiling: bool, load_dtype) -> None:
-        if transformer_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
-        if vae_checkpointing:
-            if not getattr(self.vae, "_supports_gradient_checkpointing", False):
-                raise ValueError("vae_checkpointing: this diffusers' AutoencoderDC has no gradient checkpointing; drop "
-                                 "vae_checkpointing (or use vae_tiling)")
-            self.vae.enable_gradient_checkpointing()
-        if vae_tiling:
-            self.vae.enable_tiling()
-        if not load_dtype:
-            self.float()  # the module's precision casts it later; loading keeps full precision
 
 
 class PretrainedSanaBackbone(_Pretrained, SanaBackbone):
@@ -358,7 +346,7 @@ class PretrainedSanaBackbone(_Pretrained, SanaBackbone):
         pipe = _load(type(self), path, model_config, local_files_only, load_dtype)
         SanaBackbone.__init__(self, pipe.transformer, pipe.vae, pipe.scheduler, pipe.text_encoder, pipe.tokenizer,
                               max_sequence_length, complex_human_instruction, text_encoder_device)
-        self._finish(transformer_checkpointing, vae_checkpointing, vae_tiling, load_dtype)
+        apply_memory_options(self, transformer_checkpointing, vae_checkpointing, vae_tiling, load_dtype)
 
 
 class PretrainedSanaSprintBackbone(_Pretrained, SanaSprintBackbone):
@@ -372,4 +360,4 @@ class PretrainedSanaSprintBackbone(_Pretrained, SanaSprintBackbone):
         pipe = _load(type(self), path, model_config, local_files_only, load_dtype)
         SanaSprintBackbone.__init__(self, pipe.transformer, pipe.vae, pipe.scheduler, pipe.text_encoder, pipe.tokenizer,
                                     max_sequence_length, complex_human_instruction, text_encoder_device)
-        self._finish(transformer_checkpointing, vae_checkpointing, vae_tiling, load_dtype)
+        apply_memory_options(self, transformer_checkpointing, vae_checkpointing, vae_tiling, load_dtype)
