@@ -281,10 +281,10 @@ def test_committed_results_hold_the_protocol_and_the_readme_table_is_generated_f
     """Issue 14's verification: >= 256 vocabulary test items, paired intervals, frozen validation choices, and
     the README's table equal to what the report stage generates from the committed results."""
     sys.path.insert(0, str(SCRIPT.parent))
+    from compare import SEARCH_METHODS as SEARCH
     from compare import Plan, readme_budget_table, readme_table
     from shapes_eval import AESTHETIC_MARGIN_STOPS, CLIP_IMAGE_MARGIN_STOPS, CLIP_TEXT_MARGIN_STOPS
 
-    SEARCH = ("fk_steering", "zero_order", "search_refine", "population_doodl", "doodl_eot", "doodl_margin")
     margin_grid = {"vocab": Plan().margin_stops, "aesthetic": AESTHETIC_MARGIN_STOPS,
                    "compositional": CLIP_TEXT_MARGIN_STOPS, "personalisation": CLIP_IMAGE_MARGIN_STOPS}
 

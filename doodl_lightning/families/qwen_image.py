@@ -313,4 +313,5 @@ class PretrainedQwenImageBackbone(QwenImageBackbone):
         super().__init__(pipe.transformer, pipe.vae, pipe.scheduler, text_encoder=pipe.text_encoder,
                          tokenizer=pipe.tokenizer, max_sequence_length=max_sequence_length,
                          text_encoder_device=text_encoder_device)
-        apply_memory_options(self, transformer_checkpointing, False, vae_tiling, load_dtype)
+        apply_memory_options(self, transformer_checkpointing=transformer_checkpointing, vae_tiling=vae_tiling,
+                             load_dtype=load_dtype)  # vae_checkpointing was refused before the load
